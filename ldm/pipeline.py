@@ -1,0 +1,487 @@
+"""`LatentPipeline`: text → image with a latent diffusion model, in the diffusers layout.
+
+A call reads as its phases (Rombach et al. 2022, §3–4):
+  1. encode the prompts c and the negative/empty prompts c_∅ with the text encoder;
+  2. draw the initial latent noise on the CPU, one generator per image, from the image's seed, so
+     an image depends only on its seed and settings, never on the device or the batch it is in;
+  3. denoise with classifier-free guidance, ε̂ = ε_∅ + w(ε_c − ε_∅), both halves in one U-Net call;
+  4. decode ẑ_0 with the VAE decoder, D(ẑ_0 / s), s being the VAE config's own `scaling_factor`;
+  5. convert to PIL images.
+The keyword names are those of diffusers' StableDiffusionPipeline, so one can swap for the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ldm.models import PipelineInfo, inspect_pipeline, load_component, resolve_model
+from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
+from ldm.text import LdmWarning, PromptEncoder
+
+# The embedded default model (trained by this project on the shapes world) lives here once shipped.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+MAX_SEED = 2**63 - 1
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None → the first CUDA GPU if there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto"/None → fp32 on the CPU; on a GPU bf16 where supported (fp32's range: no overflow), else fp16."""
+    if dtype is None or dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype in DTYPES:
+        resolved = DTYPES[dtype]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
+    if resolved == torch.float16 and device.type == "cpu":
+        raise ValueError("fp16 is not supported on the CPU (slow and inexact there); use fp32 or bf16")
+    return resolved
+
+
+def check_generation_args(
+    *,
+    latent_factor: int,
+    height: int,
+    width: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    sampler: str,
+    guidance_rescale: float = 0.0,
+    eta: float = 0.0,
+    num_images_per_prompt: int = 1,
+    batch_size: int | None = None,
+    dynamic_threshold: float | None = None,
+    threshold_bound: float = 1.0,
+    num_train_timesteps: int | None = None,
+) -> None:
+    """Validate generation settings before any work; a ValueError names the first bad one."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < latent_factor:
+            raise ValueError(f"{name} must be a whole number of pixels ≥ {latent_factor}, got {value!r}")
+        if value % latent_factor:
+            lo = value // latent_factor * latent_factor
+            options = f"{lo} or {lo + latent_factor}" if lo >= latent_factor else f"{lo + latent_factor}"
+            raise ValueError(f"{name} {value} is not a multiple of {latent_factor} (the model's latent factor); use {options}")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps!r}")
+    if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+        raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} training timesteps")
+    if not _finite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance scale (cfg) must be a number ≥ 0, got {guidance_scale!r}")
+    check_sampler(sampler)
+    if not _finite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+    if not _finite(eta) or eta < 0:
+        raise ValueError(f"eta must be a number ≥ 0, got {eta!r}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only (sampler is {sampler})")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
+    if dynamic_threshold is not None and (not _finite(dynamic_threshold) or not 0 < dynamic_threshold <= 1):
+        raise ValueError(f"dynamic_threshold is a percentile in (0, 1], got {dynamic_threshold!r}")
+    if not _finite(threshold_bound) or threshold_bound <= 0:
+        raise ValueError(f"threshold_bound must be > 0, got {threshold_bound!r}")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_prompts(prompt, negative_prompt=None) -> tuple[list[str], list[str]]:
+    """(prompts, negative prompts) as equal-length lists of strings, or a ValueError."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a list of strings")
+    if not prompts:
+        raise ValueError("the prompt list is empty")
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
+        negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one, or one per prompt")
+    else:
+        raise ValueError("negative_prompt must be a string or a list of strings")
+    return list(prompts), negatives
+
+
+def check_seeds(seed, n: int) -> list[int]:
+    """Per-image seeds: an int s gives s, s+1, …; a list gives one per image; None draws one."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    if isinstance(seed, (list, tuple)):
+        seeds = list(seed)
+        if len(seeds) != n:
+            raise ValueError(f"got {len(seeds)} seeds for {n} images; pass one seed, or one per image")
+    else:
+        seeds = [seed + i if isinstance(seed, int) and not isinstance(seed, bool) else seed for i in range(n)]
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {s!r}")
+    return seeds
+
+
+def infotext(prompt: str, negative_prompt: str, settings: dict) -> str:
+    """The `parameters` text other SD tools read (AUTOMATIC1111's format): prompt, negative, settings."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    return "\n".join(lines)
+
+
+@dataclass
+class LatentPipelineOutput:
+    """What a call returns: images, and for each image the seed and settings that reproduce it."""
+
+    images: list | np.ndarray | torch.Tensor
+    seeds: list[int | None]
+    prompts: list[str]
+    negative_prompts: list[str]
+    parameters: list[str] = field(default_factory=list)  # one infotext per image
+
+    def save(self, outdir: str | os.PathLike) -> list[Path]:
+        """Write each PIL image to `outdir` as NNNNN-SEED.png with its `parameters` text chunk.
+
+        Never overwrites: numbering continues after the highest index already in the folder, and
+        a file that appears meanwhile is skipped over (exclusive create).
+        """
+        from PIL import PngImagePlugin
+
+        if not self.images or not hasattr(self.images[0], "save"):
+            raise ValueError("save() needs PIL images; call the pipeline with output_type='pil'")
+        outdir = Path(outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name[:5]) for p in outdir.glob("*.png") if p.name[:5].isdigit()]
+        index = max(taken, default=-1) + 1
+        paths = []
+        for image, seed, text in zip(self.images, self.seeds, self.parameters):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", text)
+            while True:
+                path = outdir / f"{index:05d}-{seed if seed is not None else 'nogen'}.png"
+                index += 1
+                try:
+                    with open(path, "xb") as f:
+                        image.save(f, format="PNG", pnginfo=info)
+                    break
+                except FileExistsError:
+                    continue
+            paths.append(path)
+        return paths
+
+
+class LatentPipeline:
+    """Text-to-image with a latent diffusion model: U-Net, KL autoencoder, text encoder, scheduler."""
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name_or_path: str = ""):
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.scheduler = scheduler  # the training scheduler: samplers are built from its config
+        self.name_or_path = str(name_or_path)
+        self.prompt_encoder = PromptEncoder(text_encoder, tokenizer)
+
+    # ---- loading and saving ------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        attention: str = "sdpa",
+    ) -> "LatentPipeline":
+        """Load a diffusers-layout pipeline folder (any SD 1.x/2.x folder), or a hub id if reachable or cached.
+
+        With no argument, loads the embedded default model. `device` and `dtype` default to "auto"
+        (the GPU in bf16/fp16 if there is one, else the CPU in fp32); `attention` is "sdpa" (torch's
+        scaled-dot-product attention) or "xformers".
+        """
+        if pretrained_model_name_or_path is None:
+            if not DEFAULT_MODEL.is_dir():
+                raise FileNotFoundError(
+                    "no default model is installed yet; pass a diffusers pipeline folder, e.g. "
+                    "LatentPipeline.from_pretrained('path/to/pipeline') or ldm-txt2img --model PATH"
+                )
+            pretrained_model_name_or_path = DEFAULT_MODEL
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        if attention == "xformers":
+            _check_xformers(device)
+        info = inspect_pipeline(resolve_model(pretrained_model_name_or_path))
+        parts = {c: load_component(info.path, c, info.classes[c], dtype if c in ("unet", "vae", "text_encoder") else None) for c in info.classes}
+        pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
+        pipe.to(device, dtype)
+        pipe.set_attention(attention)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the diffusers Stable Diffusion layout (safetensors), loadable by diffusers too.
+
+        The folder is assembled beside the target and renamed into place, so an interrupted save
+        never leaves a half-written pipeline where a complete one is expected.
+        """
+        import diffusers
+
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            for name in ("unet", "vae", "text_encoder"):
+                getattr(self, name).save_pretrained(tmp / name, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            index = {
+                "_class_name": "StableDiffusionPipeline",  # so diffusers.DiffusionPipeline loads it as SD
+                "_diffusers_version": diffusers.__version__,
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+            }
+            for name in ("scheduler", "text_encoder", "tokenizer", "unet", "vae"):
+                obj = getattr(self, name)
+                index[name] = ["diffusers" if type(obj).__module__.startswith("diffusers") else "transformers", type(obj).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            inspect_pipeline(tmp)  # what we wrote must be what we load
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                os.replace(target, old / "pipeline")
+                os.replace(tmp, target)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return target
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentPipeline":
+        """Move to `device`; cast the networks to `dtype`. In fp16 the VAE stays in fp32 when its
+        config says it overflows there (`force_upcast`, true for SD's VAE): no NaN black images."""
+        device = resolve_device(device) if device is not None else self.device
+        dtype = dtype or self.dtype
+        vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast", True) else dtype
+        for module, module_dtype in ((self.unet, dtype), (self.text_encoder, dtype), (self.vae, vae_dtype)):
+            # Cast only when needed: diffusers warns on every dtype cast, even a no-op one.
+            module.to(device) if module.dtype == module_dtype else module.to(device, module_dtype)
+        return self
+
+    def set_attention(self, backend: str = "sdpa") -> None:
+        """Choose the attention kernels: torch's SDPA (default; flash/memory-efficient where the
+        device has them) or xformers' memory-efficient attention."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        if backend == "xformers":
+            _check_xformers(self.device)
+            self.unet.enable_xformers_memory_efficient_attention()
+            self.vae.enable_xformers_memory_efficient_attention()
+        elif backend == "sdpa":
+            self.unet.set_attn_processor(AttnProcessor2_0())
+            self.vae.set_attn_processor(AttnProcessor2_0())
+        else:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell: 8 for SD's VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        sample_size = self.unet.config.sample_size
+        return (sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size) * self.latent_factor
+
+    # ---- the phases of a call ----------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (B, L, D), each distinct prompt encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        embeds = self.prompt_encoder.encode(unique)  # (U, L, D)
+        return embeds[[unique.index(p) for p in prompts]]
+
+    def initial_noise(self, generator, batch: int, height: int, width: int) -> torch.Tensor:
+        """Standard normal latents drawn on the CPU (per-image generators), then moved to the device."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        f = self.latent_factor
+        shape = (batch, self.unet.config.in_channels, height // f, width // f)  # (B, C, H/f, W/f)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """x = D(z / s + shift): images in [−1, 1], (B, 3, H, W). s and shift from the VAE config."""
+        config = self.vae.config
+        z = latents.to(self.vae.dtype) / config.scaling_factor
+        if config.get("shift_factor") is not None:
+            z = z + config.shift_factor
+        image = self.vae.decode(z, return_dict=False)[0]
+        if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
+            warnings.warn(f"the VAE overflowed in {self.vae.dtype}; decoding this batch in fp32 instead", LdmWarning, stacklevel=2)
+            self.vae.to(torch.float32)
+            try:
+                image = self.vae.decode(z.float(), return_dict=False)[0]
+            finally:
+                self.vae.to(self.dtype)
+        if not torch.isfinite(image).all():
+            raise FloatingPointError("the VAE decoder returned NaN/inf even in fp32; the latents are not finite (diverged sampling?)")
+        return image
+
+    @staticmethod
+    def to_images(image: torch.Tensor, output_type: str):
+        """[−1, 1] tensors → PIL images, a float array in [0, 1] (B, H, W, 3), or a tensor in [0, 1]."""
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return image
+        array = image.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+        if output_type == "np":
+            return array
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in (array * 255).round().astype("uint8")]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = DEFAULT_STEPS,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | list[int] | None = None,
+        sampler: str = DEFAULT_SAMPLER,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        dynamic_threshold: float | None = None,
+        threshold_bound: float = 1.0,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> LatentPipelineOutput:
+        """Generate images. Keyword names follow diffusers' StableDiffusionPipeline.
+
+        seed: an int s gives image i the seed s + i (images are numbered prompt by prompt); a list
+        gives each image its own; None draws one. Image i equals a run of that image alone with its
+        seed. `generator` (diffusers' way) is the alternative: one torch.Generator, or one per image.
+        guidance_scale: w in ε̂ = ε_∅ + w(ε_c − ε_∅); 0 samples the unconditional model, 1 the
+        conditional one without guidance (unlike diffusers, which skips guidance for any w ≤ 1).
+        guidance_rescale: φ of Lin et al. (2023), 0.7 suggested with zero-terminal-SNR models.
+        dynamic_threshold / threshold_bound: Imagen's dynamic thresholding of ẑ_0 (off by default).
+        batch_size: images per U-Net batch (default: all at once); does not change the images.
+        """
+        prompts, negatives = check_prompts(prompt, negative_prompt)
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        check_generation_args(
+            latent_factor=self.latent_factor, height=height, width=width, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, sampler=sampler, guidance_rescale=guidance_rescale, eta=eta,
+            num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, dynamic_threshold=dynamic_threshold,
+            threshold_bound=threshold_bound, num_train_timesteps=self.scheduler.config.num_train_timesteps,
+        )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # image order: prompt by prompt
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        n = len(prompts)
+        if generator is not None and seed is not None:
+            raise ValueError("pass seed or generator, not both")
+        if generator is None:
+            seeds: list[int | None] = check_seeds(seed, n)
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        elif isinstance(generator, list):
+            if len(generator) != n:
+                raise ValueError(f"got {len(generator)} generators for {n} images; pass one, or one per image")
+            seeds, generators = [None] * n, generator
+        else:
+            seeds, generators = [None] * n, None  # one shared generator: images depend on the batch
+
+        self.prompt_encoder.warn_if_truncated(prompts)
+        guidance = Guidance(guidance_scale, guidance_rescale, dynamic_threshold, threshold_bound)
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        batch_size = batch_size or n
+        outputs = []
+        for start in range(0, n, batch_size):
+            chunk = slice(start, start + batch_size)
+            chunk_generator = generators[chunk] if generators is not None else generator
+            cond = self.encode_prompts(prompts[chunk]) if guidance.needs_cond else None
+            uncond = self.encode_prompts(negatives[chunk]) if guidance.needs_uncond else None
+            noise = self.initial_noise(chunk_generator, len(prompts[chunk]), height, width)
+            scheduler = make_scheduler(sampler, self.scheduler.config)
+            denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod)
+            latents = denoise(denoiser, scheduler, noise, num_inference_steps, chunk_generator, eta if sampler == "ddim" else None, progress)
+            outputs.append(latents if output_type == "latent" else self.decode_latents(latents))
+        result = torch.cat(outputs)
+        images = result if output_type == "latent" else self.to_images(result, output_type)
+
+        settings = {"Steps": num_inference_steps, "Sampler": sampler, "CFG scale": guidance_scale}
+        if guidance_rescale:
+            settings["Guidance rescale"] = guidance_rescale
+        if eta:
+            settings["Eta"] = eta
+        if dynamic_threshold is not None:
+            settings["Dynamic threshold"] = f"{dynamic_threshold}/{threshold_bound}"
+        parameters = [
+            infotext(p, neg, {**settings, "Seed": s if s is not None else "generator", "Size": f"{width}x{height}", "Model": self.name_or_path or "unnamed"})
+            for p, neg, s in zip(prompts, negatives, seeds)
+        ]
+        return LatentPipelineOutput(images, seeds, prompts, negatives, parameters)
+
+
+def _check_xformers(device: torch.device) -> None:
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        raise ValueError("the xformers attention backend needs xformers: pip install 'ldm[xformers]' (GPU machines only)") from None
+    if device.type != "cuda":
+        raise ValueError("the xformers attention backend needs a CUDA device; use attention='sdpa' on the CPU")
