@@ -1,0 +1,143 @@
+"""ldm-txt2img: text → PNG files with a latent diffusion pipeline folder.
+
+Prints the path of each PNG it writes on stdout, one per line; progress and warnings go to stderr.
+Every setting is checked before any weights load, so a typo costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from ldm.cli.common import ArgumentParser, fail, run
+from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="ldm-txt2img",
+        description="Generate images from text prompts with a latent diffusion model (classifier-free guidance).",
+        epilog="Example: ldm-txt2img \"a red circle to the left of a blue square\" --cfg 7.5 --seed 1",
+    )
+    p.add_argument("prompt", nargs="*", help="one or more prompts (quote each one)")
+    p.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--negative", default="", help="negative prompt: what the image should not show (the unconditional half of guidance)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale w; 0 = unconditional, 1 = no guidance")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="number of denoising steps")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), metavar="NAME", help=f"sampler: {', '.join(SAMPLERS)}")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random, printed in each PNG's metadata)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's latent factor (default: the model's size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch (memory vs speed; the images do not change)")
+    p.add_argument("--model", help="a diffusers pipeline folder (SD 1.x/2.x or one trained with ldm) or a hub id (default: the embedded default model)")
+    p.add_argument("--outdir", type=Path, default=Path("outputs"), help="folder for the PNGs (never overwritten; numbering continues)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp32 on the CPU, bf16/fp16 on a GPU (the VAE decodes in a dtype that cannot overflow)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale φ (Lin et al. 2023), 0-1; 0.7 suits zero-terminal-SNR models")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's η (ddim sampler only): 0 deterministic, 1 DDPM-like")
+    p.add_argument("--dynamic-threshold", type=float, metavar="P", help="Imagen dynamic thresholding of the predicted latent at percentile P (e.g. 0.995); off by default")
+    p.add_argument("--threshold-bound", type=float, default=1.0, help="the range dynamic thresholding pulls the predicted latent into")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention kernels: torch SDPA, or xformers where installed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompts file not found: {args.prompts_file}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read prompts file {args.prompts_file}: {e}") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given: pass PROMPT arguments or --prompts-file FILE with one prompt per line")
+    return prompts
+
+
+def check_outdir(outdir: Path) -> None:
+    """The output folder must exist or be creatable, and be writable, before any work is done."""
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"--outdir {outdir} exists and is not a folder")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --outdir {outdir}: {e.strerror}") from None
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise ValueError(f"--outdir {outdir} is not writable")
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from ldm.models import inspect_pipeline, resolve_model
+    from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, check_generation_args, resolve_device, resolve_dtype
+
+    # 1. Everything that can be checked without weights.
+    prompts = read_prompts(args)
+    device = resolve_device(args.device)
+    resolve_dtype(args.dtype, device)
+    if args.model is None and not DEFAULT_MODEL.is_dir():
+        raise ValueError("no default model is installed yet; pass --model PATH with a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    model = args.model or str(DEFAULT_MODEL)
+    info = inspect_pipeline(resolve_model(model))
+    height = args.height if args.height is not None else info.default_size
+    width = args.width if args.width is not None else info.default_size
+    check_generation_args(
+        latent_factor=info.latent_factor, height=height, width=width, num_inference_steps=args.steps,
+        guidance_scale=args.cfg, sampler=args.sampler, guidance_rescale=args.guidance_rescale, eta=args.eta,
+        num_images_per_prompt=args.num_images, batch_size=args.batch_size, dynamic_threshold=args.dynamic_threshold,
+        threshold_bound=args.threshold_bound, num_train_timesteps=info.scheduler_config.get("num_train_timesteps"),
+    )
+    if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
+        raise ValueError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    check_outdir(args.outdir)
+
+    # 2. Load, then generate batch by batch, writing each batch's PNGs as soon as they exist.
+    pipe = LatentPipeline.from_pretrained(info.path, device=device, dtype=args.dtype, attention=args.attention)
+    pipe.name_or_path = model
+    jobs = [p for p in prompts for _ in range(args.num_images)]
+    import random
+
+    first_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start : start + args.batch_size]
+        out = pipe(
+            batch, negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,
+            height=height, width=width, seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
+            guidance_rescale=args.guidance_rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
+            threshold_bound=args.threshold_bound, progress=not args.quiet,
+        )
+        for path in out.save(args.outdir):
+            print(path, flush=True)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (loading bars, cast notices) is noise on a command line; our warnings are one line."""
+    import logging
+
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dl
+        from transformers.utils import logging as tl
+
+        dl.disable_progress_bar()
+        tl.disable_progress_bar()
+    except ImportError:
+        pass
+    warnings.formatwarning = lambda message, category, *a, **k: f"ldm-txt2img: warning: {message}\n"
+
+
+def main(argv=None) -> int:
+    return run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
