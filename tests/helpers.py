@@ -1,0 +1,131 @@
+"""Tiny random Stable-Diffusion-style components for tests: built in code, no network.
+
+The shapes follow diffusers' own pipeline tests (two-level U-Net and VAE, 32-wide), small enough
+that a 64 px generation takes a fraction of a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's byte → printable-character table (Radford et al. 2019), for a byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+TINY_MERGES = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "b l", "bl u", "blu e</w>", "a</w>"]
+
+
+def tiny_clip_tokenizer(workdir: Path, model_max_length: int = 16):
+    """A real CLIP BPE tokenizer over a tiny vocabulary: every byte, a few merges, the specials."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [m for m in TINY_MERGES if " " in m]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "vocab.json").write_text(json.dumps(vocab))
+    (workdir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(vocab=str(workdir / "vocab.json"), merges=str(workdir / "merges.txt"), model_max_length=model_max_length)
+
+
+def tiny_components(seed: int = 0, prediction_type: str = "epsilon", workdir: Path | None = None, model_max_length: int = 16):
+    """(unet, vae, text_encoder, tokenizer, scheduler) with random weights drawn from `seed`."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+        scaling_factor=0.5,  # deliberately not SD's 0.18215: the pipeline must read it from the config
+    )
+    text_config = CLIPTextConfig(
+        bos_token_id=514,
+        eos_token_id=515,
+        pad_token_id=515,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=528,
+        max_position_embeddings=model_max_length,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    tokenizer = tiny_clip_tokenizer(Path(workdir or tempfile.mkdtemp()) / "tokenizer-src", model_max_length)
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    for m in (unet, vae, text_encoder):
+        m.eval()
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def make_tiny_pipeline(path: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny random SD-style pipeline folder with diffusers itself (the reference layout)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    unet, vae, text_encoder, tokenizer, scheduler = tiny_components(seed, prediction_type, workdir=path.parent)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,186 @@
+"""Seeds, batching, saving and loading, and the Python API's errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ldm import LatentPipeline
+from ldm.text import LdmWarning
+
+PROMPTS = ["a red circle", "a blue square", "a red circle to the left of a blue square"]
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "euler_a"])  # deterministic, and one drawing noise every step
+def test_image_i_of_a_batch_equals_a_single_run_with_its_seed(tiny_pipe, sampler):
+    batch = tiny_pipe(PROMPTS, seed=100, sampler=sampler, num_inference_steps=6, output_type="np", progress=False)
+    assert batch.seeds == [100, 101, 102]
+    for i, prompt in enumerate(PROMPTS):
+        single = tiny_pipe(prompt, seed=100 + i, sampler=sampler, num_inference_steps=6, output_type="np", progress=False)
+        assert single.seeds == [100 + i]
+        assert np.abs(batch.images[i] - single.images[0]).max() <= 1e-4
+    chunked = tiny_pipe(PROMPTS, seed=100, sampler=sampler, num_inference_steps=6, output_type="np", progress=False, batch_size=2)
+    assert np.abs(chunked.images - batch.images).max() <= 1e-4
+
+
+def test_num_images_per_prompt_orders_prompt_by_prompt(tiny_pipe):
+    out = tiny_pipe(["a red circle", "a blue square"], num_images_per_prompt=2, seed=5, num_inference_steps=3, progress=False)
+    assert out.prompts == ["a red circle", "a red circle", "a blue square", "a blue square"]
+    assert out.seeds == [5, 6, 7, 8]
+    assert len(out.images) == 4 and out.images[0].size == (64, 64)
+    assert "Seed: 7" in out.parameters[2] and out.parameters[2].startswith("a blue square\n")
+
+
+def test_generator_list_equals_seeds(tiny_pipe):
+    by_seed = tiny_pipe(PROMPTS[:2], seed=[3, 9], num_inference_steps=4, output_type="np", progress=False)
+    by_gen = tiny_pipe(PROMPTS[:2], generator=[torch.Generator().manual_seed(s) for s in (3, 9)], num_inference_steps=4, output_type="np", progress=False)
+    assert np.array_equal(by_seed.images, by_gen.images)
+
+
+def test_different_seeds_give_different_images_and_no_seed_reports_one(tiny_pipe):
+    out = tiny_pipe(["a red circle"] * 2, num_inference_steps=3, output_type="np", progress=False)
+    assert all(isinstance(s, int) for s in out.seeds) and out.seeds[1] == out.seeds[0] + 1
+    assert np.abs(out.images[0] - out.images[1]).max() > 0.05
+
+
+def test_guidance_scale_one_and_zero_are_the_conditional_and_unconditional_models(tiny_pipe):
+    kw = dict(seed=1, num_inference_steps=4, output_type="np", progress=False)
+    cond = tiny_pipe("a red circle", guidance_scale=1.0, **kw).images
+    uncond = tiny_pipe("", guidance_scale=1.0, **kw).images  # the empty prompt, conditionally
+    assert np.abs(tiny_pipe("a red circle", guidance_scale=0.0, **kw).images - uncond).max() <= 1e-5
+    assert np.abs(cond - uncond).max() > 1e-3
+    neg = tiny_pipe("a red circle", guidance_scale=0.0, negative_prompt="a blue square", **kw).images
+    assert np.abs(neg - tiny_pipe("a blue square", guidance_scale=1.0, **kw).images).max() <= 1e-5
+
+
+def test_dynamic_threshold_with_a_bound_above_every_value_changes_nothing(tiny_pipe):
+    kw = dict(seed=2, num_inference_steps=4, output_type="np", progress=False)
+    plain = tiny_pipe("a red circle", **kw).images
+    loose = tiny_pipe("a red circle", dynamic_threshold=0.99, threshold_bound=1e6, **kw).images
+    tight = tiny_pipe("a red circle", dynamic_threshold=0.9, threshold_bound=0.5, **kw).images
+    assert np.abs(loose - plain).max() <= 1e-5
+    assert np.abs(tight - plain).max() > 1e-3
+
+
+def test_save_load_round_trip_and_diffusers_loads_our_folder(tiny_pipe, tmp_path):
+    kw = dict(seed=11, num_inference_steps=5, output_type="np", progress=False)
+    before = tiny_pipe(PROMPTS[:2], **kw).images
+    saved = tiny_pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert not [p for p in saved.rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
+    again = LatentPipeline.from_pretrained(saved, device="cpu")
+    assert np.array_equal(again(PROMPTS[:2], **kw).images, before)
+
+    ref = StableDiffusionPipeline.from_pretrained(saved)
+    ref.set_progress_bar_config(disable=True)
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    theirs = ref(PROMPTS[:2], num_inference_steps=5, generator=[torch.Generator().manual_seed(s) for s in (11, 12)], output_type="np").images
+    assert np.abs(theirs - before).max() <= 1e-3
+
+    # Saving over an existing folder replaces it whole.
+    (saved / "stale.txt").write_text("old")
+    tiny_pipe.save_pretrained(saved)
+    assert not (saved / "stale.txt").exists() and (saved / "model_index.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_long_prompt_warns_with_the_number_of_dropped_tokens(tiny_pipe):
+    long_prompt = " ".join(["red"] * 20)  # 20 words + BOS + EOS = 22 tokens, context 16
+    with pytest.warns(LdmWarning, match=r"the last 6 tokens were dropped") as record:
+        tiny_pipe(long_prompt, num_inference_steps=1, progress=False)
+    assert record[0].filename == __file__  # attributed to the caller's line, not to ldm's internals
+
+
+def test_output_save_writes_parameters_and_never_overwrites(tiny_pipe, tmp_path):
+    from PIL import Image
+
+    out = tiny_pipe(["a red circle"], negative_prompt="blue", seed=4, num_inference_steps=2, guidance_scale=3.0, progress=False)
+    first = out.save(tmp_path)
+    second = out.save(tmp_path)
+    assert [p.name for p in first + second] == ["00000-4.png", "00001-4.png"]
+    text = Image.open(first[0]).info["parameters"]
+    assert text.splitlines()[0] == "a red circle" and text.splitlines()[1] == "Negative prompt: blue"
+    for part in ("Steps: 2", "Sampler: dpm++2m", "CFG scale: 3.0", "Seed: 4", "Size: 64x64", "Model: "):
+        assert part in text
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=100), r"height 100 is not a multiple of 8 .* use 96 or 104"),
+        (dict(width=60), r"width 60 is not a multiple of 8 .* use 56 or 64"),
+        (dict(num_inference_steps=0), r"num_inference_steps must be an integer ≥ 1"),
+        (dict(num_inference_steps=5000), r"exceeds the model's 1000 training timesteps"),
+        (dict(guidance_scale=-1.0), r"guidance scale \(cfg\) must be a number ≥ 0"),
+        (dict(guidance_scale=float("nan")), r"guidance scale"),
+        (dict(sampler="k_lms"), r"unknown sampler 'k_lms'; choose one of: ddpm, ddim"),
+        (dict(eta=0.5), r"eta applies to the ddim sampler only"),
+        (dict(guidance_rescale=2.0), r"guidance_rescale must be in \[0, 1\]"),
+        (dict(seed=-1), r"seed must be an integer"),
+        (dict(seed=[1, 2]), r"got 2 seeds for 1 images"),
+        (dict(seed=1, generator=torch.Generator()), r"pass seed or generator, not both"),
+        (dict(negative_prompt=["a", "b"]), r"got 2 negative prompts for 1 prompts"),
+        (dict(output_type="jpeg"), r"output_type must be one of"),
+        (dict(dynamic_threshold=1.5), r"dynamic_threshold is a percentile"),
+        (dict(num_images_per_prompt=0), r"num_images_per_prompt must be an integer ≥ 1"),
+    ],
+)
+def test_bad_call_arguments_raise_value_error(tiny_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe("a red circle", progress=False, **kwargs)
+
+
+def test_empty_prompt_list_is_an_error(tiny_pipe):
+    with pytest.raises(ValueError, match="the prompt list is empty"):
+        tiny_pipe([])
+
+
+def test_bad_folders(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        LatentPipeline.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="missing model_index.json"):
+        LatentPipeline.from_pretrained(tmp_path / "empty")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"unet: missing diffusion_pytorch_model.safetensors"):
+        LatentPipeline.from_pretrained(broken)
+    (broken / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 pretend pickle")
+    with pytest.raises(ValueError, match=r"pickle-format weights are refused"):
+        LatentPipeline.from_pretrained(broken)
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_pipeline_dir, foreign)
+    index = json.loads((foreign / "model_index.json").read_text())
+    index["unet"] = ["my_module", "EvilUNet"]
+    (foreign / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"unet is my_module.EvilUNet, which ldm does not load"):
+        LatentPipeline.from_pretrained(foreign)
+    (foreign / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model_index.json: not a readable JSON file"):
+        LatentPipeline.from_pretrained(foreign)
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
+    import ldm.pipeline
+
+    monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="no default model is installed yet"):
+        LatentPipeline.from_pretrained()
+
+
+def test_dtype_and_device_errors(tiny_pipeline_dir):
+    with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
+        LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu", dtype="fp16")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu", dtype="fp8")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        LatentPipeline.from_pretrained(tiny_pipeline_dir, attention="flash")
