@@ -25,9 +25,10 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 def alpha_cumprod_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | float | int) -> torch.Tensor:
     """ᾱ at a possibly fractional timestep `t`.
 
-    Integer t reads the table. Fractional t (Euler-type samplers with Karras sigmas use them)
-    interpolates σ linearly between neighbouring timesteps, as diffusers' Euler schedulers do when
-    they build their σ grid, then returns ᾱ = 1 / (1 + σ²). Returns a float64 0-d tensor.
+    Integer t reads the table. Fractional t (Euler-type samplers on Karras σ spacing produce them)
+    interpolates log σ linearly between neighbouring timesteps: the exact inverse of how diffusers
+    maps such a σ to its timestep (`_sigma_to_t`), so ᾱ is the one the sampler is at.
+    Returns ᾱ = 1 / (1 + σ²) as a float64 0-d tensor.
     """
     table = alphas_cumprod.detach().to("cpu", torch.float64)
     t = torch.as_tensor(t, dtype=torch.float64).cpu().reshape(())
@@ -36,8 +37,8 @@ def alpha_cumprod_at(alphas_cumprod: torch.Tensor, t: torch.Tensor | float | int
     lo = int(torch.floor(t))
     hi = min(lo + 1, len(table) - 1)
     frac = t - lo
-    sigmas = sigmas_from_alphas_cumprod(table[[lo, hi]])
-    sigma = sigmas[0] + frac * (sigmas[1] - sigmas[0])
+    log_sigmas = sigmas_from_alphas_cumprod(table[[lo, hi]]).log()
+    sigma = (log_sigmas[0] + frac * (log_sigmas[1] - log_sigmas[0])).exp()
     return 1 / (1 + sigma**2)
 
 

@@ -35,15 +35,18 @@ def fail(message: str, prog: str | None = None) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
-def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)`, turning the API's user errors into one line and exit status 2."""
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Call `main(argv)`, turning the API's user errors into one line and exit status 2.
+
+    `prog` names the command in messages (default: the running script's name).
+    """
     try:
         return int(main(argv) or 0)
     except USER_ERRORS as e:
         message = e.strerror + f": {e.filename}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-        fail(message)
+        fail(message, prog=prog)
     except KeyboardInterrupt:
-        print(f"{_prog()}: interrupted", file=sys.stderr)
+        print(f"{prog or _prog()}: interrupted", file=sys.stderr)
         return 130
 
 

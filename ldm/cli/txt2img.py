@@ -99,8 +99,7 @@ def _main(argv=None) -> int:
     check_outdir(args.outdir)
 
     # 2. Load, then generate batch by batch, writing each batch's PNGs as soon as they exist.
-    pipe = LatentPipeline.from_pretrained(info.path, device=device, dtype=args.dtype, attention=args.attention)
-    pipe.name_or_path = model
+    pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention)
     jobs = [p for p in prompts for _ in range(args.num_images)]
     import random
 
@@ -136,7 +135,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    return run(_main, argv)
+    return run(_main, argv, prog="ldm-txt2img")
 
 
 if __name__ == "__main__":
