@@ -35,9 +35,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec("DDPMScheduler", {}, True, "ancestral DDPM (Ho et al. 2020, Alg. 2); needs many steps"),
     "ddim": SamplerSpec("DDIMScheduler", {}, False, "DDIM (Song et al. 2021); eta > 0 adds noise (eta = 1 is DDPM-like)"),
     "plms": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}, False, "pseudo linear multistep (Liu et al. 2022), SD's original default"),
-    "euler": SamplerSpec("EulerDiscreteScheduler", {"use_karras_sigmas": False}, False, "Euler on the probability-flow ODE (Karras et al. 2022, Alg. 1)"),
+    "euler": SamplerSpec("EulerDiscreteScheduler", {"use_karras_sigmas": False}, False, "Euler steps on the probability-flow ODE (Karras et al. 2022, Alg. 1 without its 2nd-order correction)"),
     "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", {}, True, "Euler ancestral (k-diffusion); stochastic"),
-    "heun": SamplerSpec("HeunDiscreteScheduler", {"use_karras_sigmas": False}, False, "Heun 2nd order (Karras et al. 2022, Alg. 1); two U-Net calls per step"),
+    "heun": SamplerSpec("HeunDiscreteScheduler", {"use_karras_sigmas": False}, False, "Heun's 2nd-order method (Karras et al. 2022, Alg. 1); two U-Net calls per step"),
     "dpm++2m": SamplerSpec(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},

@@ -129,3 +129,18 @@ def make_tiny_pipeline(path: Path, seed: int = 0, prediction_type: str = "epsilo
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def make_tiny_t5_pipeline(path: Path, seed: int = 0) -> Path:
+    """A tiny pipeline whose text encoder is a T5 encoder (with a tiny Unigram vocabulary)."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    from ldm import LatentPipeline
+
+    unet, vae, _, _, scheduler = tiny_components(seed, workdir=Path(path).parent)
+    words = ["▁a", "▁red", "▁blue", "▁circle", "▁square", "▁", "a", "b", "c", "d", "e", "l", "q", "r", "s", "u"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(w, -float(i)) for i, w in enumerate(words)]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=12)
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    return LatentPipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(path)
