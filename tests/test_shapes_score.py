@@ -1,0 +1,105 @@
+"""The scorer's accuracy claims: >= 99% on fresh ground truth, clean, blurred (sigma 1.5) and noisy;
+<= 5% when every image is scored against another image's caption."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from ldm.data.shapes import KINDS, make_scene, render, write_dataset
+from ldm.data.shapes_score import analyze, format_report, score_folder, score_image
+
+N = 300
+SEED = 2024  # not a seed any other test uses: these scenes are fresh
+SCENES = [make_scene(SEED, i) for i in range(N)]
+IMAGES = [render(s) for s in SCENES]
+
+
+def add_noise(image: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:
+    noisy = np.asarray(image).astype(np.float32) + rng.normal(0, sigma, (image.height, image.width, 3))
+    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
+
+
+def pass_rate(images, captions) -> float:
+    return float(np.mean([score_image(im, c).passed for im, c in zip(images, captions)]))
+
+
+CAPTIONS = [s.caption for s in SCENES]
+rng = np.random.default_rng(0)
+VARIANTS = {
+    "clean": lambda im: im,
+    "blur": lambda im: im.filter(ImageFilter.GaussianBlur(1.5)),
+    "noise": lambda im: add_noise(im, 5.0, rng),
+    "blur+noise": lambda im: add_noise(im.filter(ImageFilter.GaussianBlur(1.5)), 5.0, rng),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_ground_truth_passes(variant):
+    images = [VARIANTS[variant](im) for im in IMAGES]
+    assert pass_rate(images, CAPTIONS) >= 0.99
+
+
+def test_someone_elses_caption_fails():
+    shifted = CAPTIONS[1:] + CAPTIONS[:1]
+    assert pass_rate(IMAGES, shifted) <= 0.05
+    blurred = [VARIANTS["blur"](im) for im in IMAGES]
+    assert pass_rate(blurred, shifted) <= 0.05
+
+
+def test_analysis_recovers_the_scene():
+    for scene, image in zip(SCENES[:60], IMAGES[:60]):
+        a = analyze(image)
+        assert a.background == scene.background
+        found = sorted((d.color, d.shape, d.size) for d in a.objects)
+        assert found == sorted((o.color, o.shape, o.size) for o in scene.objects)
+        for o in scene.objects:  # every object's centre within a pixel
+            assert min(abs(d.cx - o.cx) + abs(d.cy - o.cy) for d in a.objects) < 1.5
+
+
+def test_single_changes_are_caught():
+    # A "left of" scene; each caption below differs from the truth in one detail and must fail.
+    i = next(i for i, c in enumerate(CAPTIONS) if " to the left of " in c and " background" not in c)
+    image, truth = IMAGES[i], CAPTIONS[i]
+    a, b = truth.split(" to the left of ")
+    assert score_image(image, truth).passed
+    assert score_image(image, f"{a} and {b}").passed  # "and" states no relation
+    assert not score_image(image, f"{a} to the right of {b}").passed
+    assert not score_image(image, f"{b} to the left of {a}").passed
+    assert not score_image(image, a).passed  # an object the caption does not name
+    wrong_bg = next(bg for bg in ("white", "gray", "black") if bg != SCENES[i].background)
+    assert not score_image(image, f"{truth} on a {wrong_bg} background").passed
+    assert score_image(image, f"{truth} on a {SCENES[i].background} background").passed
+
+
+def test_missing_and_extra_objects_fail():
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    assert not score_image(blank, "a red circle").passed
+    result = score_image(blank, "a red circle on a gray background")
+    assert not result.passed and "0 objects" in result.reason
+    two = render(make_scene(SEED, 1))  # kind "two": two objects
+    assert len(analyze(two).objects) == 2
+
+
+def test_score_folder_report(tmp_path):
+    write_dataset(tmp_path, 36, seed=SEED + 1)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    # spoil two images: a blank one, and one scored against a caption that is not its own
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / rows[0]["file_name"])
+    rows[1]["text"] = rows[7]["text"]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = score_folder(tmp_path)
+    kinds = report["kinds"]
+    assert set(kinds) == set(KINDS) | {"overall"}
+    assert kinds["overall"]["n"] == 36 and kinds["overall"]["passed"] == 34
+    assert kinds["single"]["passed"] == kinds["single"]["n"] - 1  # row 0 is kind "single"
+    assert sum(kinds[k]["n"] for k in KINDS) == 36
+    assert {f["file_name"] for f in report["failures"]} == {rows[0]["file_name"], rows[1]["file_name"]}
+    table = format_report(report)
+    assert "overall" in table and "94.4%" in table
+
+    rows[2]["text"] = "a red hexagon"
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="hexagon"):
+        score_folder(tmp_path)
