@@ -254,6 +254,64 @@ class LatentPipeline:
         pipe.set_attention(attention)
         return pipe
 
+    @classmethod
+    def from_single_file(
+        cls,
+        checkpoint: str | os.PathLike,
+        *,
+        config: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        attention: str = "sdpa",
+    ) -> "LatentPipeline":
+        """Load an original-format (CompVis / A1111) single-file `.safetensors` checkpoint.
+
+        The conversion is diffusers' (`from_single_file`), run offline: `config` is a diffusers
+        pipeline folder of the same architecture, whose component configs, scheduler and tokenizer
+        are used; without one, diffusers looks the architecture up in the local Hugging Face cache.
+        Pickle checkpoints (`.ckpt`) are refused. `save_pretrained` then writes the folder layout.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        from ldm.models import PICKLE_SUFFIXES
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(f"{path}: pickle checkpoints are refused (loading a pickle can run code); use the .safetensors release of the model")
+        if path.suffix.lower() != ".safetensors":
+            raise ValueError(f"{path}: expected a .safetensors checkpoint")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if not any(k.startswith("model.diffusion_model.") for k in keys):
+            raise ValueError(f"{path}: not an original-format Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
+        if config is not None:
+            config = inspect_pipeline(resolve_model(config)).path
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+
+        from diffusers import StableDiffusionPipeline
+
+        try:
+            sd = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config) if config else None, local_files_only=True, torch_dtype=dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        except Exception as e:  # diffusers raises many kinds; all mean "could not convert offline"
+            hint = "" if config else "; pass config=<a diffusers pipeline folder of the same architecture> (--config)"
+            reason = " ".join(str(e).split())  # diffusers' messages span lines; ours are one
+            raise ValueError(f"{path}: diffusers could not convert this checkpoint offline ({type(e).__name__}: {reason}){hint}") from None
+        pipe = cls(sd.vae, sd.text_encoder, sd.tokenizer, sd.unet, sd.scheduler, name_or_path=str(path))
+        pipe.to(device, dtype)
+        pipe.set_attention(attention)
+        return pipe
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the diffusers Stable Diffusion layout (safetensors), loadable by diffusers too.
 

@@ -144,3 +144,108 @@ def make_tiny_t5_pipeline(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
     return LatentPipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(path)
+
+
+def to_original_format(pipe) -> dict[str, torch.Tensor]:
+    """A pipeline's weights under the original CompVis/LDM names (what SD's single-file checkpoints use).
+
+    Written from the LDM module structure, for tests of single-file loading: each diffusers down
+    block i with L resnets is LDM's input_blocks 1 + i(L+1) … ; up blocks have L + 1 resnets; the
+    VAE's decoder blocks are numbered in reverse; its mid attention uses 1×1 convolutions.
+    """
+    unet_cfg, vae_cfg = pipe.unet.config, pipe.vae.config
+    L = unet_cfg.layers_per_block
+    out: dict[str, torch.Tensor] = {}
+
+    def rename_resnet(k: str) -> str:
+        for new, old in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                         ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")):
+            k = k.replace(old, new)
+        return k
+
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0",
+             "conv_norm_out": "out.0", "conv_out": "out.2"}
+    for k, v in pipe.unet.state_dict().items():
+        head, _, rest = k.partition(".")
+        parts = k.split(".")
+        if ".".join(parts[:-1]) in fixed:
+            name = fixed[".".join(parts[:-1])] + "." + parts[-1]
+        elif head == "down_blocks":
+            i, kind, j = int(parts[1]), parts[2], int(parts[3])
+            tail = ".".join(parts[4:])
+            if kind == "resnets":
+                name = f"input_blocks.{1 + i * (L + 1) + j}.0.{rename_resnet(tail)}"
+            elif kind == "attentions":
+                name = f"input_blocks.{1 + i * (L + 1) + j}.1.{tail}"
+            else:  # downsamplers.0.conv.*
+                name = f"input_blocks.{(i + 1) * (L + 1)}.0.op.{'.'.join(parts[5:])}"
+        elif head == "mid_block":
+            kind, j, tail = parts[1], int(parts[2]), ".".join(parts[3:])
+            name = f"middle_block.{2 * j}.{rename_resnet(tail)}" if kind == "resnets" else f"middle_block.1.{tail}"
+        elif head == "up_blocks":
+            i, kind, j = int(parts[1]), parts[2], int(parts[3])
+            tail = ".".join(parts[4:])
+            if kind == "resnets":
+                name = f"output_blocks.{i * (L + 1) + j}.0.{rename_resnet(tail)}"
+            elif kind == "attentions":
+                name = f"output_blocks.{i * (L + 1) + j}.1.{tail}"
+            else:  # upsamplers.0.conv.*: after the block's last resnet (and its attention, if any)
+                has_attention = "CrossAttn" in unet_cfg.up_block_types[i]
+                name = f"output_blocks.{i * (L + 1) + L}.{2 if has_attention else 1}.{'.'.join(parts[4:])}"
+        else:
+            raise KeyError(k)
+        out["model.diffusion_model." + name] = v
+
+    n = len(vae_cfg.block_out_channels)
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for k, v in pipe.vae.state_dict().items():
+        parts = k.split(".")
+        coder = parts[0]
+        if coder in ("quant_conv", "post_quant_conv"):
+            name = k
+        elif parts[1] in ("down_blocks", "up_blocks"):
+            i = int(parts[2])
+            idx = i if parts[1] == "down_blocks" else n - 1 - i
+            side = "down" if parts[1] == "down_blocks" else "up"
+            if parts[3] == "resnets":
+                name = f"{coder}.{side}.{idx}.block.{parts[4]}.{'.'.join(parts[5:])}".replace("conv_shortcut", "nin_shortcut")
+            else:  # downsamplers/upsamplers.0.conv.*
+                name = f"{coder}.{side}.{idx}.{'downsample' if side == 'down' else 'upsample'}.conv.{parts[-1]}"
+        elif parts[1] == "mid_block":
+            if parts[2] == "resnets":
+                name = f"{coder}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}".replace("conv_shortcut", "nin_shortcut")
+            else:
+                sub = ".".join(parts[4:-1])
+                name = f"{coder}.mid.attn_1.{attn[sub]}.{parts[-1]}"
+                if sub != "group_norm" and parts[-1] == "weight":
+                    v = v.reshape(*v.shape, 1, 1)  # linear → 1×1 convolution
+        else:  # conv_in, conv_out, conv_norm_out
+            name = k.replace("conv_norm_out", "norm_out")
+        out["first_stage_model." + name] = v
+
+    for k, v in pipe.text_encoder.state_dict().items():
+        # SD 1.x checkpoints hold transformers' CLIPTextModel as it was then: under `text_model.`
+        # (transformers ≥ 5.6 flattened that level away).
+        out["cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k] = v
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def tiny_sd_topology_pipeline(path: Path, seed: int = 0):
+    """A tiny pipeline with SD 1.x's block structure (4 levels, 2 resnets each, attention in the first 3)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ldm import LatentPipeline
+
+    _, _, text_encoder, tokenizer, scheduler = tiny_components(seed, workdir=Path(path).parent)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2, sample_size=8, cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32), layers_per_block=2, latent_channels=4, norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.5,
+    ).eval()
+    return LatentPipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(path)

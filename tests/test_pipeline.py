@@ -184,3 +184,22 @@ def test_dtype_and_device_errors(tiny_pipeline_dir):
         LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu", dtype="fp8")
     with pytest.raises(ValueError, match="unknown attention backend"):
         LatentPipeline.from_pretrained(tiny_pipeline_dir, attention="flash")
+
+
+def test_hub_id_loads_from_the_local_cache_and_fails_cleanly_when_absent(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from ldm.models import resolve_model
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someorg--tiny-sd"
+    shutil.copytree(tiny_pipeline_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model("someorg/tiny-sd") == repo / "snapshots" / ("0" * 40)
+    pipe = LatentPipeline.from_pretrained("someorg/tiny-sd", device="cpu")
+    assert pipe.name_or_path == "someorg/tiny-sd"
+    with pytest.raises(FileNotFoundError, match="not a local folder, and no hub copy is reachable or cached"):
+        LatentPipeline.from_pretrained("someorg/absent")

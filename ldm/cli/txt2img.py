@@ -33,6 +33,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch (memory vs speed; the images do not change)")
     p.add_argument("--model", help="a diffusers pipeline folder (SD 1.x/2.x or one trained with ldm) or a hub id (default: the embedded default model)")
+    p.add_argument("--config", help="with a single-file original-format .safetensors --model: a diffusers pipeline folder of the same architecture (configs, tokenizer, scheduler)")
     p.add_argument("--outdir", type=Path, default=Path("outputs"), help="folder for the PNGs (never overwritten; numbering continues)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp32 on the CPU, bf16/fp16 on a GPU (the VAE decodes in a dtype that cannot overflow)")
@@ -85,7 +86,18 @@ def _main(argv=None) -> int:
     if args.model is None and not DEFAULT_MODEL.is_dir():
         raise ValueError("no default model is installed yet; pass --model PATH with a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     model = args.model or str(DEFAULT_MODEL)
-    info = inspect_pipeline(resolve_model(model))
+    from ldm.models import PICKLE_SUFFIXES
+
+    if model.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"--model {model}: pickle checkpoints are refused (loading a pickle can run code); use the model's .safetensors release")
+    single_file = model.lower().endswith(".safetensors")
+    if single_file and not args.config:
+        raise ValueError(f"--model {model} is a single-file checkpoint: pass --config with a diffusers pipeline folder of the same architecture")
+    if args.config and not single_file:
+        raise ValueError("--config applies only to a single-file .safetensors --model")
+    if single_file and not Path(model).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {model}")
+    info = inspect_pipeline(resolve_model(args.config if single_file else model))
     height = args.height if args.height is not None else info.default_size
     width = args.width if args.width is not None else info.default_size
     check_generation_args(
@@ -99,7 +111,10 @@ def _main(argv=None) -> int:
     check_outdir(args.outdir)
 
     # 2. Load, then generate batch by batch, writing each batch's PNGs as soon as they exist.
-    pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention)
+    if single_file:
+        pipe = LatentPipeline.from_single_file(model, config=info.path, device=device, dtype=args.dtype, attention=args.attention)
+    else:
+        pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention)
     jobs = [p for p in prompts for _ in range(args.num_images)]
     import random
 
