@@ -1,0 +1,92 @@
+"""ldm-shapes: make a shapes-world dataset, score a folder of images against its captions, or
+evaluate a model (generate for held-out prompts, then score). See docs/data.md for the grammar."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ldm.cli.common import ArgumentParser, run
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="ldm-shapes", description="The shapes world: a procedural text-to-image world with an exact grammar.",
+                       epilog="Example: ldm-shapes make --out data/shapes --num 50000 --seed 0 && ldm-shapes score data/shapes")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("make", help="write PNGs + metadata.jsonl (deterministic for a seed)",
+                       description="Write N scenes as PNGs + metadata.jsonl (file_name, text, and the ground truth).")
+    m.add_argument("--out", required=True, help="output folder (created; must not hold a metadata.jsonl)")
+    m.add_argument("--num", type=int, required=True, help="number of images")
+    m.add_argument("--size", type=int, default=64, help="canvas size S in pixels")
+    m.add_argument("--seed", type=int, default=0, help="dataset seed: image i is scene (seed, i) of the training stream")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
+
+    s = sub.add_parser("score", help="score a folder of images against their captions",
+                       description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")
+    s.add_argument("folder", help="folder with metadata.jsonl (or .csv) and the images it names")
+    s.add_argument("--json", metavar="PATH", help="also write the full report (with failures) to PATH")
+
+    e = sub.add_parser("eval", help="generate images for held-out prompts with a model, then score them",
+                       description="Draw prompts from the evaluation seed stream (never used for training data), "
+                                   "generate with the model, write images + metadata.jsonl + report.json, and score.")
+    e.add_argument("--model", required=True, help="a pipeline folder (diffusers layout) trained in the shapes world")
+    e.add_argument("--num-prompts", type=int, default=600, help="number of prompts (balanced over the six caption kinds)")
+    e.add_argument("--seed", type=int, default=0, help="evaluation seed: picks the prompts; image i is generated with seed + i")
+    e.add_argument("--sampler", default=None, help="sampler name (default: the project's default sampler)")
+    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the project's default)")
+    e.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    e.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    e.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
+    e.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    e.add_argument("--outdir", default="outputs/shapes-eval", help="folder for images, metadata.jsonl and report.json")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --outdir")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make":
+        from ldm.data.shapes import write_dataset
+
+        if args.num < 1:
+            raise ValueError(f"--num must be at least 1, got {args.num}")
+        if args.size < 16:
+            raise ValueError(f"--size must be at least 16, got {args.size}")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be non-negative, got {args.seed}")
+        start = time.time()
+        written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite)
+        seconds = time.time() - start
+        print(f"wrote {args.num} images ({written / 2**20:.1f} MiB) and metadata.jsonl to {args.out} "
+              f"in {seconds:.1f} s ({args.num / max(seconds, 1e-9):.0f} images/s)")
+        return 0
+
+    from ldm.data.shapes_score import format_report, score_folder, write_report
+
+    if args.command == "score":
+        report = score_folder(args.folder)
+        print(format_report(report))
+        if args.json:
+            write_report(report, args.json)
+        return 0
+
+    from ldm.data.shapes_eval import evaluate
+
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    report = evaluate(args.model, args.outdir, num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler,
+                      steps=args.steps, cfg=args.cfg, batch_size=args.batch_size, size=args.size, device=args.device,
+                      overwrite=args.overwrite, progress=not args.quiet)
+    print(format_report(report))
+    print(f"images, metadata.jsonl and report.json in {args.outdir}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(_main, argv, prog="ldm-shapes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""ldm-shapes make / score / eval, run in-process through their main(argv)."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from ldm.cli.shapes import main
+from ldm.data.shapes import EVAL_DOMAIN, make_scene
+from ldm.data.shapes_score import score_folder
+
+
+def test_make_is_deterministic_and_scores_perfectly(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["make", "--out", str(a), "--num", "24", "--seed", "5"]) == 0
+    assert "wrote 24 images" in capsys.readouterr().out
+    assert main(["make", "--out", str(b), "--num", "24", "--seed", "5"]) == 0
+    assert (a / "metadata.jsonl").read_bytes() == (b / "metadata.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (a / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and rows[3]["text"] == make_scene(5, 3).caption
+    for row in rows[:6]:
+        assert (a / row["file_name"]).read_bytes() == (b / row["file_name"]).read_bytes()
+        assert Image.open(a / row["file_name"]).size == (64, 64)
+    capsys.readouterr()
+    assert main(["score", str(a), "--json", str(tmp_path / "r.json")]) == 0
+    table = capsys.readouterr().out
+    assert "overall" in table and "100.0%" in table
+    assert json.loads((tmp_path / "r.json").read_text())["kinds"]["overall"]["passed"] == 24
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["make", "--out", "{tmp}/x", "--num", "0"], "--num"),
+    (["make", "--out", "{tmp}/x", "--num", "3", "--size", "8"], "--size"),
+    (["make", "--num", "3"], "--out"),
+    (["score", "{tmp}/nothing"], "nothing"),
+    (["eval", "--model", "{tmp}/no-model", "--num-prompts", "2"], "no-model"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ldm-shapes") and ": error: " in err and message in err
+
+
+def test_make_refuses_to_overwrite(tmp_path, capsys):
+    assert main(["make", "--out", str(tmp_path), "--num", "2"]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["make", "--out", str(tmp_path), "--num", "2"])
+    assert e.value.code == 2 and "exists" in capsys.readouterr().err
+    assert main(["make", "--out", str(tmp_path), "--num", "3", "--overwrite"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore:prompt")  # the tiny test tokenizer keeps 16 tokens only
+def test_eval_plumbing_with_a_tiny_random_model(tmp_path, tiny_pipeline_dir, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_pipeline_dir), "--num-prompts", "7", "--seed", "3", "--steps", "2",
+            "--batch-size", "4", "--outdir", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 7
+    # prompts come from the evaluation stream, image i generated with seed + i
+    assert [r["text"] for r in rows] == [make_scene(3, i, domain=EVAL_DOMAIN).caption for i in range(7)]
+    assert [r["seed"] for r in rows] == list(range(3, 10))
+    assert all((out / r["file_name"]).is_file() for r in rows)
+    report = json.loads((out / "report.json").read_text())
+    rescored = score_folder(out)
+    assert report["kinds"] == json.loads(json.dumps(rescored["kinds"]))
+    assert report["kinds"]["overall"]["n"] == 7 and report["settings"]["steps"] == 2
+    assert "overall" in printed
+    with pytest.raises(SystemExit):  # a second run into the same folder is refused
+        main(argv)
