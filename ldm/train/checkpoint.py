@@ -1,0 +1,310 @@
+"""Training checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+A checkpoint is a folder `OUTPUT/checkpoints/step-NNNNNNN/` holding
+    model-NAME.safetensors                 weights of each trained network
+    optimizer-NAME.safetensors / .json     optimizer state tensors / param groups and scalars
+    scheduler-NAME.json                    LR scheduler state
+    ema-NAME.safetensors / .json           EMA shadow weights / decay state
+    scaler.json                            the fp16 grad scaler, when there is one
+    rng-RANK.safetensors / .json           every process's torch, CUDA, numpy and Python RNG state
+    state.json                             the loop's own state (step, data position, ...)
+    manifest.json                          SHA-256 of every file above; written last
+It is assembled in a hidden temporary folder and renamed into place once complete, so a crash
+or a full disk during a save never damages the previous checkpoint; a folder without a valid
+manifest is incomplete and `latest_checkpoint` passes over it, saying so. Old checkpoints are
+deleted only after a newer one is complete, keeping the last `keep_last`.
+
+Multi-process runs (accelerate, DDP) share one output folder on a shared filesystem: every
+process writes its own RNG file, the main process writes the rest. Sharded training states
+(FSDP, DeepSpeed ZeRO) are not supported by this format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d{7,})$")
+log = logging.getLogger("ldm.train")
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(output_dir) / f"step-{step:07d}"
+
+
+# ---- flattening state dicts into tensors + JSON -------------------------------------------------
+
+
+def _split_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested structure by {"__tensor__": key}, collecting it in `tensors`."""
+    if torch.is_tensor(state):
+        tensors[prefix] = state.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(state, dict):
+        if not all(isinstance(k, (str, int)) for k in state):
+            raise TypeError(f"cannot store a dict with keys of type {[type(k).__name__ for k in state]}")
+        # JSON keys are strings: remember which were ints (optimizer state is keyed by param index).
+        return {"__dict__": [[k, _split_state(v, f"{prefix}.{k}", tensors)] for k, v in state.items()]}
+    if isinstance(state, (list, tuple)):
+        items = [_split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(state)]
+        return {"__tuple__": items} if isinstance(state, tuple) else items
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    if isinstance(state, np.generic):
+        return state.item()
+    raise TypeError(f"cannot store a value of type {type(state).__name__} at {prefix} without pickle")
+
+
+def _join_state(meta: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(meta, dict):
+        if "__tensor__" in meta:
+            return tensors[meta["__tensor__"]]
+        if "__dict__" in meta:
+            return {k: _join_state(v, tensors) for k, v in meta["__dict__"]}
+        if "__tuple__" in meta:
+            return tuple(_join_state(v, tensors) for v in meta["__tuple__"])
+    if isinstance(meta, list):
+        return [_join_state(v, tensors) for v in meta]
+    return meta
+
+
+def save_state(state: Any, folder: Path, name: str) -> None:
+    """Write any nested dict/list of tensors and plain values as NAME.safetensors + NAME.json."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = _split_state(state, "t", tensors)
+    if tensors:
+        save_file(tensors, folder / f"{name}.safetensors")
+    (folder / f"{name}.json").write_text(json.dumps(meta))
+
+
+def load_state(folder: Path, name: str) -> Any:
+    meta = json.loads((folder / f"{name}.json").read_text())
+    tensor_file = folder / f"{name}.safetensors"
+    tensors = load_file(tensor_file) if tensor_file.exists() else {}
+    return _join_state(meta, tensors)
+
+
+# ---- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """The RNG states that decide a run's randomness: Python, NumPy, torch CPU, and every CUDA device."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- checksums and the manifest -------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None if `folder` is a complete, intact checkpoint; otherwise what is wrong with it."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"missing {name}"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under OUTPUT/checkpoints, skipping (and reporting) broken ones."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: int(STEP_DIR.match(p.name)[1]), reverse=True)
+    for folder in candidates:
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """`--resume latest` → the newest intact checkpoint (None if there is none yet); a folder → itself, checked."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--resume: checkpoint folder not found: {folder}")
+    problem = verify_checkpoint(folder)
+    if problem:
+        raise ValueError(f"--resume {folder}: not a usable checkpoint: {problem}")
+    return folder
+
+
+# ---- save and load -------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    schedulers: dict[str, Any] | None = None,
+    emas: dict[str, Any] | None = None,
+    scaler: Any | None = None,
+    state: dict | None = None,
+    accelerator: Any | None = None,
+    keep_last: int = 3,
+    protect: Path | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically; every process of a multi-process run must call it.
+
+    `models` are unwrapped with `accelerator.unwrap_model` when one is given. `state` is the loop's
+    own JSON-able state. `protect` is a checkpoint never deleted by keep-last pruning (the one the
+    run resumed from, until a newer one exists).
+    """
+    is_main = accelerator is None or accelerator.is_main_process
+    rank = accelerator.process_index if accelerator is not None else 0
+    final = step_dir(output_dir, step)
+    tmp = final.parent / f".tmp-{final.name}"
+
+    def barrier():
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that crashed
+        tmp.mkdir(parents=True)
+    barrier()
+    save_state(rng_state(), tmp, f"rng-{rank}")
+    barrier()
+    if is_main:
+        unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
+        for name, model in models.items():
+            save_model(unwrap(model), str(tmp / f"model-{name}.safetensors"))
+        for name, optimizer in (optimizers or {}).items():
+            save_state(optimizer.state_dict(), tmp, f"optimizer-{name}")
+        for name, scheduler in (schedulers or {}).items():
+            save_state(scheduler.state_dict(), tmp, f"scheduler-{name}")
+        for name, ema in (emas or {}).items():
+            save_state(ema.state_dict(), tmp, f"ema-{name}")
+        if scaler is not None:
+            save_state(scaler.state_dict(), tmp, "scaler")
+        num_processes = accelerator.num_processes if accelerator is not None else 1
+        (tmp / "state.json").write_text(json.dumps({"step": step, "num_processes": num_processes, **(state or {})}, indent=1))
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run re-reaching it): replace whole
+            old = final.parent / f".old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _prune(output_dir, keep_last, keep={final, protect})
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    folder: str | Path,
+    *,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    schedulers: dict[str, Any] | None = None,
+    emas: dict[str, Any] | None = None,
+    scaler: Any | None = None,
+    accelerator: Any | None = None,
+) -> dict:
+    """Restore everything `save_checkpoint` wrote, in place; returns the loop's `state` dict.
+
+    Each process restores its own RNG state, so the run continues exactly as if never stopped.
+    """
+    folder = Path(folder)
+    problem = verify_checkpoint(folder)
+    if problem:
+        raise ValueError(f"checkpoint {folder} is not usable: {problem}")
+    state = json.loads((folder / "state.json").read_text())
+    num_processes = accelerator.num_processes if accelerator is not None else 1
+    if state.get("num_processes", 1) != num_processes:
+        raise ValueError(f"checkpoint {folder} was written by {state['num_processes']} processes; resume it with the same number (this run has {num_processes})")
+    unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
+    for name, model in models.items():
+        missing, unexpected = load_model(unwrap(model), str(folder / f"model-{name}.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {folder}: model-{name} does not fit this model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    for name, optimizer in (optimizers or {}).items():
+        optimizer.load_state_dict(load_state(folder, f"optimizer-{name}"))
+    for name, scheduler in (schedulers or {}).items():
+        scheduler.load_state_dict(load_state(folder, f"scheduler-{name}"))
+    for name, ema in (emas or {}).items():
+        ema.load_state_dict(load_state(folder, f"ema-{name}"))
+    if scaler is not None and (folder / "scaler.json").exists():
+        scaler.load_state_dict(load_state(folder, "scaler"))
+    rank = accelerator.process_index if accelerator is not None else 0
+    set_rng_state(load_state(folder, f"rng-{rank}"))
+    return state
+
+
+def _prune(output_dir: str | Path, keep_last: int, keep: set) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last`, never one in `keep`."""
+    if keep_last <= 0:
+        return
+    root = checkpoint_root(output_dir)
+    steps = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: int(STEP_DIR.match(p.name)[1]), reverse=True)
+    for folder in steps[keep_last:]:
+        if folder not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush the files of `folder` to disk before the rename makes them the checkpoint."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())

@@ -1,0 +1,233 @@
+"""What both training stages share: the accelerator, seeding, data order, optimizer and LR schedule,
+EMA, metric logging, image grids. Each stage's loop (`ldm.train.vae`, `ldm.train.unet`) reads top to
+bottom and calls these; nothing here owns a loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from ldm.config import EMAConfig, OptimConfig, RunConfig
+
+
+def make_accelerator(run: RunConfig, cpu: bool = False):
+    """An accelerate Accelerator for this run: devices, processes, mixed precision, accumulation.
+
+    `accelerate launch --num_processes K ...` (or torchrun) makes it multi-process; plain
+    `python`/console-script starts make it one process. The data loader and the LR scheduler are
+    deliberately not passed to `accelerator.prepare`: the loader is split by `ResumableSampler`
+    (exact resume, and the same samples whatever the process count) and the scheduler is stepped
+    once per optimizer update (accelerate would step it once per process).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    if run.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    return Accelerator(
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=run.grad_accum,
+        cpu=cpu,
+        dataloader_config=DataLoaderConfiguration(split_batches=False),
+    )
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; each process gets its own stream (seed + rank)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+class ResumableSampler(Sampler[int]):
+    """Indices of a map-style dataset for one process: a seeded permutation per epoch, split by rank.
+
+    Epoch e shuffles with seed + e; the permutation is cut to a whole number of global batches
+    (batch_size × world_size), and process r takes positions r, r + W, r + 2W, … so that one
+    optimizer step of W processes with batch B sees exactly the samples a single process with batch
+    W·B would. `start` skips the first `start` indices of this process's epoch: resuming mid-epoch
+    needs no replaying of the data.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        per_step = batch_size * world_size
+        if dataset_len < per_step:
+            raise ValueError(f"the dataset has {dataset_len} samples, fewer than one global batch ({batch_size} × {world_size} processes)")
+        self.dataset_len, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch, self.start = 0, 0
+        self.per_process = dataset_len // per_step * batch_size  # indices per process per epoch
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_process - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.dataset_len, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.dataset_len)
+        mine = order[: self.per_process * self.world_size][self.rank :: self.world_size]
+        return iter(mine[self.start :].tolist())
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
+    """A DataLoader over this process's share; map-style datasets get a `ResumableSampler`.
+
+    Iterable datasets (tar shards) split themselves across processes and workers (see
+    `ldm.data.ShardDataset`).
+    """
+    common = dict(batch_size=batch_size, num_workers=num_workers, drop_last=True, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, **common)
+    sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world_size)
+    return DataLoader(dataset, sampler=sampler, **common)
+
+
+class DataPosition:
+    """Where the loop is in the data: (epoch, batches into the epoch), saved with checkpoints.
+
+    `batches()` yields batches forever, moving to the next epoch (a fresh permutation) when one
+    ends; after `load(state)` it continues from the same batch. For iterable datasets the
+    position is restored by skipping that many batches of the epoch (they are read, not trained on).
+    """
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.epoch = 0
+        self.batch = 0  # batches already taken from the current epoch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def batches(self) -> Iterator[dict]:
+        while True:
+            sampler, dataset = self.loader.sampler, self.loader.dataset
+            if hasattr(dataset, "set_epoch"):  # per-epoch random crops/flips/captions
+                dataset.set_epoch(self.epoch)
+            skip = 0
+            if isinstance(sampler, ResumableSampler):
+                sampler.set_epoch(self.epoch, start=self.batch * self.loader.batch_size)
+            else:
+                skip = self.batch
+            for i, batch in enumerate(self.loader):
+                if i < skip:
+                    continue
+                self.batch += 1
+                yield batch
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps)
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """The LR multiplier at optimizer step `step`: linear warm-up to 1, then constant or a cosine
+    decay (Loshchilov & Hutter 2017, eq. 5, without restarts) down to `min_lr_ratio` at the end."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int):
+    """A LambdaLR following `lr_factor`; step it once per optimizer update."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, max_steps))
+
+
+def make_ema(model: torch.nn.Module, ema: EMAConfig):
+    """diffusers' EMAModel over `model`'s parameters, or None when EMA is off.
+
+    With warm-up the decay at update k is 1 − (1 + k / inv_gamma)^(−power), capped at `decay`, so
+    early weights (mostly noise) are forgotten fast.
+    """
+    if not ema.enabled:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(
+        model.parameters(), decay=ema.decay, update_after_step=ema.update_after_step, use_ema_warmup=ema.warmup,
+        inv_gamma=ema.inv_gamma, power=ema.power,
+    )
+
+
+class MetricsLog:
+    """Scalars to `OUTPUT/metrics.jsonl` always, and to TensorBoard when the `tensorboard` package
+    is installed (`pip install tensorboard`; `tensorboard --logdir OUTPUT/tensorboard`)."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if not enabled:
+            return
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Save a (B, 3, H, W) batch in [−1, 1] as one PNG grid (2 px white gutters)."""
+    from PIL import Image
+
+    images = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    b, c, h, w = images.shape
+    nrow = min(nrow, b)
+    rows = math.ceil(b / nrow)
+    grid = torch.full((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), 255, dtype=torch.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = images[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm on stderr, for the main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr, dynamic_ncols=True, unit="step")
