@@ -207,3 +207,26 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(ValueError, match="not a dataset"):
         open_dataset(tmp_path / "notes.md", resolution=8)
+
+
+def test_hugging_face_datasets_object_and_saved_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")  # the optional extra: pip install 'ldm[datasets]'
+    image_paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(png_bytes(COLORS[i]))
+        image_paths.append(str(path))
+    (tmp_path / "2.png").write_bytes(b"junk")
+    ds = datasets.Dataset.from_dict({"image": image_paths, "caption": ["zero", "one", "two"]})
+    ds = ds.cast_column("image", datasets.Image())
+    opened = open_dataset(ds, resolution=8, caption_column="caption")
+    # the Image feature is read with decode=False so that our decoder sees the bytes
+    assert pixel(opened[1]) == COLORS[1] and opened[1]["caption"] == "one"
+    assert opened[2]["skipped"] == 1 and opened.report.bad == {"unreadable_image": 1}
+    saved = tmp_path / "saved"
+    ds.save_to_disk(str(saved))
+    assert detect_format(saved) == "hf"
+    again = open_dataset(saved, resolution=8, caption_column="caption")
+    assert pixel(again[0]) == COLORS[0] and again[0]["caption"] == "zero"
+    with pytest.raises(ValueError, match="no column 'text'"):
+        open_dataset(saved, resolution=8)
