@@ -203,3 +203,18 @@ def test_hub_id_loads_from_the_local_cache_and_fails_cleanly_when_absent(tiny_pi
     assert pipe.name_or_path == "someorg/tiny-sd"
     with pytest.raises(FileNotFoundError, match="not a local folder, and no hub copy is reachable or cached"):
         LatentPipeline.from_pretrained("someorg/absent")
+
+
+def test_a_vae_that_overflows_in_half_precision_is_decoded_in_fp32_with_a_warning(tiny_pipeline_dir):
+    """SD's VAE overflows fp16 (values > 65504 inside the decoder): the pipeline must never return
+    NaN/black images silently. Here a weight is scaled so that fp16 really overflows."""
+    pipe = LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.weight.mul_(100)  # still representable in fp16 (|w| < 65504) ...
+    z = 1000 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # ... but activations ~1e6 are not
+    reference = pipe.decode_latents(z)
+    assert torch.isfinite(reference).all()
+    pipe.vae.to(torch.float16)
+    with pytest.warns(LdmWarning, match="the VAE overflowed in torch.float16; decoding this batch in fp32"):
+        image = pipe.decode_latents(z)
+    assert torch.isfinite(image).all() and torch.allclose(image, reference, atol=2e-3)  # weights went through fp16
