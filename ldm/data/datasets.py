@@ -6,7 +6,6 @@ import os
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from .images import DEFAULT_MAX_PIXELS, BadSample
