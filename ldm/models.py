@@ -69,9 +69,52 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on a header's size
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ValueError naming `path` unless it looks like a whole safetensors file.
+
+    Reads only the 8-byte length and the JSON header, so a multi-GB file costs nothing: this
+    catches git-lfs pointer files (a clone without `git lfs pull`), truncated downloads, garbage,
+    and headers claiming absurd sizes, before any loader sees them.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"version "):
+                raise ValueError(f"{path}: a git-lfs pointer file, not weights; run `git lfs pull` in the model's repository")
+            if len(head) < 8:
+                raise ValueError(f"{path}: truncated safetensors file ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER or 8 + n > size:
+                raise ValueError(f"{path}: not a valid safetensors file (header of {n} bytes in a {size}-byte file; truncated or corrupt)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: not a valid safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a valid safetensors file (header is not a JSON object)")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: not a valid safetensors file (malformed entry for {str(key)[:40]!r})")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes, the header describes {8 + n + end})")
+
+
 def _check_weights(folder: Path, component: str) -> None:
-    files = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+    files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    weights = [f for f in files if f.endswith(".safetensors")]
+    if weights or any(f.endswith(".safetensors.index.json") for f in files):
+        for name in weights:
+            check_safetensors(folder / name)
         return
     pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickled:
