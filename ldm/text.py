@@ -50,10 +50,19 @@ class PromptEncoder:
                     stacklevel=4,  # warn_if_truncated ← __call__ ← torch.no_grad's wrapper ← the caller
                 )
 
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), each (B, L): padded to the full context, truncated beyond it."""
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The last hidden state of tokenized prompts, (B, L, D); with gradients (training a text
+        encoder jointly uses this). The mask is passed only to encoders trained with one (T5)."""
+        device = self.text_encoder.device
+        mask = attention_mask.to(device) if self.use_attention_mask else None
+        return self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
+
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """The last hidden state for each prompt, padded to the full context: (B, L, D)."""
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
-        device = self.text_encoder.device
-        mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
-        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return self.embed(*self.tokenize(prompts))
