@@ -1,0 +1,556 @@
+"""Stage 2: a text-conditioned U-Net trained to denoise the latents of a frozen stage-1 VAE.
+
+    z_0 = s · (E(x) − shift)                 latents of the frozen AutoencoderKL (s, shift: its config)
+    c   = τ(caption), or τ("") w.p. p_uncond  condition dropout: the same net is the unconditional model
+    z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε            the forward process (Ho et al. 2020, eq. 4)
+    L   = w(t) · ‖f_θ(z_t, t, c) − y‖²        y = ε (Ho et al. eq. 14) or v (Salimans & Ho 2022),
+                                              w = 1 or min-SNR-γ (Hang et al. 2023)
+(Rombach et al. 2022, eq. 2; classifier-free guidance needs the dropout: Ho & Salimans 2022, §3.)
+
+The config (`UNetTrainConfig`, YAML files in configs/unet/) is at the top; then building the parts;
+then the objective; then `train`, the loop, readable top to bottom. Run it with `ldm-train-unet`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ldm import schedule
+from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
+from ldm.text import LdmWarning, PromptEncoder
+
+log = logging.getLogger("ldm.train")
+CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "assets" / "clip-tokenizer"  # vocab.json + merges.txt
+
+
+# ---- config --------------------------------------------------------------------------------------
+
+
+@dataclass
+class UNetModelConfig:
+    """diffusers' UNet2DConditionModel. Its latent channels come from the VAE, its cross-attention
+    width from the text encoder and its sample size from data.resolution: they are not set here."""
+
+    pretrained: str | None = None  # a U-Net folder (config.json + safetensors), or a pipeline folder's; replaces the fields below
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    attention_head_dim: int = 8  # diffusers' (historical) name for the number of heads
+    norm_num_groups: int = 32
+
+
+@dataclass
+class TextEncoderConfig:
+    """frozen: a pretrained CLIPTextModel / T5EncoderModel from `path`, never updated.
+    joint: a new CLIPTextModel of the size below, trained together with the U-Net (worlds with no
+    pretrained encoder at hand, like the shapes world), tokenized with CLIP's BPE."""
+
+    mode: Literal["frozen", "joint"] = "joint"
+    path: str | None = None  # frozen: a pipeline folder (text_encoder/ + tokenizer/) or a text-encoder folder
+    tokenizer: str | None = None  # a tokenizer folder; default: the encoder's own (frozen) or assets/clip-tokenizer (joint)
+    max_length: int = 77  # joint: context length in tokens (position embeddings)
+    hidden_size: int = 256  # joint: width = the U-Net's cross-attention width
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+
+
+@dataclass
+class ObjectiveConfig:
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    zero_terminal_snr: bool = False  # Lin et al. 2023: rescale β so SNR(T) = 0; needs v_prediction
+    p_uncond: float = 0.1  # probability of replacing the caption by "" (classifier-free guidance needs > 0)
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    snr_gamma: float = 5.0  # γ of min-SNR-γ
+    offset_noise: float = 0.0  # strength of offset noise (0: off; ~0.1 typical)
+
+
+@dataclass
+class SampleConfig:
+    """Grids written to OUTPUT/samples/ every run.sample_every steps, from the EMA weights."""
+
+    prompts: tuple[str, ...] = ("a red circle", "a blue square to the left of a green triangle", "two yellow circles", "a large purple triangle on a black background")
+    seed: int = 0  # image i of the grid uses seed + i, the same at every step
+    guidance_scale: float = 5.0
+    steps: int = 25
+    sampler: str = "dpm++2m"
+
+
+@dataclass
+class CacheConfig:
+    dir: str | None = None  # where latent caches live; default OUTPUT/cache
+    batch_size: int = 32  # images per VAE call while building
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage precision (float16 halves the file)
+
+
+@dataclass
+class UNetTrainConfig:
+    vae: str | None = None  # an AutoencoderKL folder (or a pipeline folder with vae/); --vae overrides
+    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(enabled=True))
+    run: RunConfig = field(default_factory=RunConfig)
+    samples: SampleConfig = field(default_factory=SampleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def check_config(config: UNetTrainConfig) -> None:
+    """Cross-field checks, before anything loads; a ValueError names the key. Warns when p_uncond is 0."""
+    obj, run = config.objective, config.run
+    if config.vae is None:
+        raise ValueError("no VAE given: pass --vae DIR (an AutoencoderKL folder) or set vae in the config")
+    if not 0 <= obj.p_uncond < 1:
+        raise ValueError(f"objective.p_uncond must be in [0, 1), got {obj.p_uncond}")
+    if obj.p_uncond == 0:
+        warnings.warn("objective.p_uncond is 0: the model never learns the unconditional prediction, so classifier-free guidance will not work", LdmWarning, stacklevel=2)
+    if obj.zero_terminal_snr and obj.prediction_type != "v_prediction":
+        raise ValueError("objective.zero_terminal_snr needs objective.prediction_type=v_prediction (at SNR 0 an ε prediction says nothing about z_0)")
+    if obj.num_train_timesteps < 2:
+        raise ValueError(f"objective.num_train_timesteps must be ≥ 2, got {obj.num_train_timesteps}")
+    if not 0 < obj.beta_start < obj.beta_end < 1:
+        raise ValueError(f"objective.beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, got {obj.beta_start}, {obj.beta_end}")
+    if obj.snr_gamma <= 0 or obj.offset_noise < 0:
+        raise ValueError("objective.snr_gamma must be > 0 and objective.offset_noise ≥ 0")
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(run, key) < 1:
+            raise ValueError(f"run.{key} must be ≥ 1, got {getattr(run, key)}")
+    for key in ("checkpoint_every", "sample_every", "keep_last"):
+        if getattr(run, key) < 0:
+            raise ValueError(f"run.{key} must be ≥ 0, got {getattr(run, key)}")
+    te = config.text_encoder
+    if te.mode == "frozen" and not te.path:
+        raise ValueError("text_encoder.mode=frozen needs text_encoder.path (a pipeline or text-encoder folder)")
+    if te.mode == "joint" and (te.hidden_size % te.num_heads or te.max_length < 2):
+        raise ValueError(f"text_encoder.hidden_size {te.hidden_size} must be a multiple of num_heads {te.num_heads}, and max_length ≥ 2")
+    m = config.model
+    if m.pretrained is None and (len(m.down_block_types) != len(m.block_out_channels) or len(m.up_block_types) != len(m.block_out_channels)):
+        raise ValueError("model.down_block_types and model.up_block_types need one entry per model.block_out_channels")
+    if m.pretrained is None and any(c % m.norm_num_groups for c in m.block_out_channels):
+        raise ValueError(f"model.block_out_channels {list(m.block_out_channels)} must be multiples of model.norm_num_groups {m.norm_num_groups}")
+    if config.samples.steps < 1 or config.samples.guidance_scale < 0 or not config.samples.prompts:
+        raise ValueError("samples: steps must be ≥ 1, guidance_scale ≥ 0, and prompts not empty")
+    from ldm.sampling import check_sampler
+
+    check_sampler(config.samples.sampler)
+
+
+# ---- building the parts --------------------------------------------------------------------------
+
+
+def load_vae(path: str | Path):
+    """The frozen AutoencoderKL of `path` (or `path/vae`), in eval mode. Its config must carry a
+    `scaling_factor` (stage 1 writes it): the latent scale is the model's, never a literal here."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    if (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"VAE folder not found or without config.json: {path}")
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"{path}: expected an AutoencoderKL, found {raw.get('_class_name')}")
+    if "scaling_factor" not in raw:
+        raise ValueError(f"{path}/config.json has no scaling_factor (the latent scale s); stage 1 (ldm-train-vae) writes it")
+    try:
+        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
+    except (OSError, EnvironmentError) as e:
+        raise ValueError(f"{path}: cannot load the VAE ({' '.join(str(e).split())[:200]})") from None
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_encoder(config: TextEncoderConfig):
+    """(text_encoder, tokenizer). Frozen: loaded from config.path, eval mode, no gradients.
+    Joint: a new CLIPTextModel over CLIP's BPE vocabulary, in train mode."""
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.models import REGISTRY
+
+    if config.mode == "joint":
+        tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else CLIP_TOKENIZER, config.max_length)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, max_position_embeddings=config.max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        return CLIPTextModel(text_config).train(), tokenizer
+
+    path = Path(config.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"text_encoder.path not found: {path}")
+    encoder_dir, tokenizer_dir = (path / "text_encoder", path / "tokenizer") if (path / "text_encoder").is_dir() else (path, path)
+    if config.tokenizer:
+        tokenizer_dir = Path(config.tokenizer)
+    raw = json.loads((encoder_dir / "config.json").read_text()) if (encoder_dir / "config.json").is_file() else {}
+    class_name = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel"}.get(raw.get("model_type"))
+    if class_name is None:
+        raise ValueError(f"{encoder_dir}: expected a CLIPTextModel or T5EncoderModel config.json (model_type clip_text_model or t5)")
+    try:
+        encoder = getattr(transformers, class_name).from_pretrained(encoder_dir, use_safetensors=True, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise ValueError(f"cannot load the text encoder from {path} ({' '.join(str(e).split())[:200]})") from None
+    if type(tokenizer).__name__ not in REGISTRY["tokenizer"]:
+        raise ValueError(f"{tokenizer_dir}: tokenizer {type(tokenizer).__name__} is not one ldm loads ({', '.join(REGISTRY['tokenizer'])})")
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+def _load_tokenizer(folder: Path, max_length: int):
+    from transformers import CLIPTokenizer
+
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise FileNotFoundError(f"CLIP tokenizer files (vocab.json, merges.txt) not found in {folder}")
+    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def build_unet(config: UNetModelConfig, *, latent_channels: int, cross_attention_dim: int, sample_size: int):
+    """A new UNet2DConditionModel from the preset fields, or the one in `config.pretrained`;
+    either way its channels and cross-attention width must fit the VAE and the text encoder."""
+    from diffusers import UNet2DConditionModel
+
+    if config.pretrained:
+        path = Path(config.pretrained)
+        if (path / "unet" / "config.json").is_file():
+            path = path / "unet"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.pretrained: no U-Net config.json in {path}")
+        unet = UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
+    else:
+        try:
+            unet = UNet2DConditionModel(
+                sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+                block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
+                down_block_types=config.down_block_types, up_block_types=config.up_block_types,
+                cross_attention_dim=cross_attention_dim, attention_head_dim=config.attention_head_dim,
+                norm_num_groups=config.norm_num_groups,
+            )
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"model: diffusers cannot build this U-Net ({' '.join(str(e).split())[:200]})") from None
+    c = unet.config
+    if c.in_channels != latent_channels or c.out_channels != latent_channels:
+        raise ValueError(f"the U-Net has {c.in_channels}→{c.out_channels} channels but the VAE's latents have {latent_channels}")
+    if c.cross_attention_dim != cross_attention_dim:
+        raise ValueError(f"the U-Net's cross_attention_dim {c.cross_attention_dim} differs from the text encoder's width {cross_attention_dim}")
+    return unet.train()
+
+
+def make_training_scheduler(obj: ObjectiveConfig):
+    """The diffusers DDPMScheduler that describes this training run's noise schedule; saved with the
+    pipeline, so every sampler of `ldm-txt2img` is built from the same β, prediction type and
+    spacing ("trailing" with zero terminal SNR, so sampling starts at t = T: Lin et al. 2023, §3.3)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=obj.num_train_timesteps, beta_start=obj.beta_start, beta_end=obj.beta_end,
+        beta_schedule=schedule.DIFFUSERS_BETA_SCHEDULES[obj.beta_schedule], prediction_type=obj.prediction_type,
+        rescale_betas_zero_snr=obj.zero_terminal_snr, timestep_spacing="trailing" if obj.zero_terminal_snr else "leading",
+        steps_offset=0 if obj.zero_terminal_snr else 1, clip_sample=False,
+    )
+
+
+def training_alphas_cumprod(obj: ObjectiveConfig) -> torch.Tensor:
+    """ᾱ_t (float64) of the objective's schedule, from `ldm.schedule` (tested equal to diffusers')."""
+    betas = schedule.make_betas(obj.beta_schedule, obj.num_train_timesteps, obj.beta_start, obj.beta_end)
+    if obj.zero_terminal_snr:
+        betas = schedule.rescale_zero_terminal_snr(betas)
+    return schedule.alphas_cumprod_from_betas(betas)
+
+
+# ---- the objective -------------------------------------------------------------------------------
+
+
+@dataclass
+class Draws:
+    """The random choices of one micro-batch, one row per sample."""
+
+    uncond: torch.Tensor  # (B,) bool: caption replaced by ""
+    timesteps: torch.Tensor  # (B,) int64 in [0, T)
+    noise: torch.Tensor  # (B, C, h, w) ε
+    offset: torch.Tensor  # (B, C, 1, 1) offset-noise δ
+    posterior: torch.Tensor  # (B, C, h, w) ξ of z = mean + std · ξ, the VAE posterior draw
+
+
+def draw_randomness(seed: int, step: int, global_indices: list[int], *, p_uncond: float, num_train_timesteps: int, latent_shape: tuple[int, int, int]) -> Draws:
+    """Every random choice of the objective, per sample, from a generator seeded by
+    (seed, step, global sample index).
+
+    Why not the processes' global RNG streams: with K processes each would draw its own stream, so
+    a 2-process run with batch B would drop different captions and add different noise than a
+    1-process run with batch 2B on the same samples, and the two could never agree. Keyed by the
+    sample's position in the run's global sample stream, the draws depend only on which sample it
+    is and when, not on how the batch is split, nor on resuming (the key is known at any step).
+    Drawn on the CPU, so the device does not change them either.
+    """
+    C, h, w = latent_shape
+    rows = []
+    for g in global_indices:
+        key = np.random.SeedSequence([seed, step, g]).generate_state(2, np.uint32)
+        gen = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
+        rows.append((
+            torch.rand((), generator=gen) < p_uncond,
+            torch.randint(num_train_timesteps, (), generator=gen),
+            torch.randn((C, h, w), generator=gen),
+            torch.randn((C, 1, 1), generator=gen),
+            torch.randn((C, h, w), generator=gen),
+        ))
+    return Draws(*(torch.stack(column) for column in zip(*rows)))
+
+
+def encode_latents(batch: dict, vae, posterior_noise: torch.Tensor) -> torch.Tensor:
+    """z_0 = s · (z − shift), z = mean + std · ξ drawn from the VAE posterior q(z | x) (Kingma & Welling
+    2014; Rombach et al. 2022, §3), from the cache's stored posterior or by running the encoder."""
+    config = vae.config
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()  # (B, C, h, w)
+    z = mean + std * posterior_noise.to(mean.device)
+    if config.get("shift_factor") is not None:
+        z = z - config.shift_factor
+    return z * config.scaling_factor
+
+
+def text_conditioning(batch: dict, uncond: torch.Tensor, prompt_encoder: PromptEncoder, empty_embed: torch.Tensor | None, trainable: bool) -> torch.Tensor:
+    """c for each sample, (B, L, D): the caption's embedding, or the empty prompt's where `uncond`
+    (condition dropout, Ho & Salimans 2022, §3.2). Token ids and embeddings are computed exactly as
+    `PromptEncoder.encode` computes them at sampling time."""
+    if "text_embeds" in batch:  # frozen encoder, cached embeddings
+        embeds = batch["text_embeds"].clone()
+        embeds[uncond] = empty_embed.to(embeds.dtype)
+        return embeds
+    if "input_ids" in batch:  # cached token ids
+        empty_ids, empty_mask = prompt_encoder.tokenize([""])
+        input_ids = torch.where(uncond[:, None], empty_ids, batch["input_ids"])
+        attention_mask = torch.where(uncond[:, None], empty_mask, batch["attention_mask"])
+    else:
+        input_ids, attention_mask = prompt_encoder.tokenize(["" if drop else caption for caption, drop in zip(batch["caption"], uncond.tolist())])
+    with torch.set_grad_enabled(trainable):
+        return prompt_encoder.embed(input_ids, attention_mask)
+
+
+def diffusion_loss(unet, z0: torch.Tensor, cond: torch.Tensor, draws: Draws, alphas_cumprod: torch.Tensor, obj: ObjectiveConfig) -> torch.Tensor:
+    """The weighted denoising loss of one micro-batch (Ho et al. 2020, eq. 14; Salimans & Ho 2022, §4;
+    Hang et al. 2023, eq. 7), averaged over samples."""
+    device = z0.device
+    t = draws.timesteps.to(device)
+    alpha_cumprod = alphas_cumprod[draws.timesteps].to(device)  # (B,) float64
+    noise = schedule.offset_noise(draws.noise, draws.offset, obj.offset_noise).to(device)
+    z_t = schedule.q_sample(z0, noise, alpha_cumprod)
+    target = schedule.training_target(z0, noise, alpha_cumprod, obj.prediction_type)
+    prediction = unet(z_t, t, encoder_hidden_states=cond).sample
+    per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
+    if obj.loss_weighting == "min_snr":
+        per_sample = per_sample * schedule.min_snr_weights(schedule.snr(alpha_cumprod), obj.snr_gamma, obj.prediction_type).float()
+    return per_sample.mean()
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: bool = False) -> Path:
+    """Train per `config`; returns OUTPUT/final (or, with `build_cache_only`, the cache file)."""
+    from ldm.data import open_dataset
+    from ldm.pipeline import LatentPipeline
+    from ldm.train import cache as latent_cache
+    from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+    from ldm.train.common import (DataPosition, MetricsLog, make_accelerator, make_ema, make_loader, make_lr_scheduler,
+                                  make_optimizer, progress_bar, save_grid, seed_everything)
+
+    check_config(config)
+    run, obj = config.run, config.objective
+    if config.data.path is None:
+        raise ValueError("no training data: pass --data PATH or set data.path in the config")
+    output_dir = Path(run.output_dir)
+    resume_from = resolve_resume(resume, output_dir)  # checked before any weights load
+    accelerator = make_accelerator(run)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+    seed_everything(run.seed, rank)
+
+    # -- the parts: frozen VAE, text encoder (frozen or joint), U-Net, training scheduler
+    vae = load_vae(config.vae).to(accelerator.device)
+    text_encoder, tokenizer = load_text_encoder(config.text_encoder)
+    text_encoder.to(accelerator.device)
+    joint = config.text_encoder.mode == "joint"
+    prompt_encoder = PromptEncoder(text_encoder, tokenizer)
+    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if config.data.resolution % latent_factor:
+        raise ValueError(f"data.resolution {config.data.resolution} is not a multiple of the VAE's latent factor {latent_factor}")
+    latent_shape = (vae.config.latent_channels, config.data.resolution // latent_factor, config.data.resolution // latent_factor)
+    width = text_encoder.config.hidden_size if hasattr(text_encoder.config, "hidden_size") else text_encoder.config.d_model
+    unet = build_unet(config.model, latent_channels=latent_shape[0], cross_attention_dim=width, sample_size=latent_shape[1])
+    if run.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if joint:
+            text_encoder.gradient_checkpointing_enable()
+    noise_scheduler = make_training_scheduler(obj)
+    alphas_cumprod = training_alphas_cumprod(obj)  # (T,) float64, on the CPU
+    if is_main:
+        log.info("U-Net %.2fM parameters, text encoder %.2fM (%s)", count_parameters(unet) / 1e6, count_parameters(text_encoder) / 1e6, config.text_encoder.mode)
+
+    # -- the data: the latent cache when one exists for these weights and this preprocessing
+    dataset = open_dataset(config.data.path, resolution=config.data.resolution, crop=config.data.crop,
+                           random_flip=config.data.random_flip, seed=run.seed, rank=rank, world_size=world)
+    cache_dir = Path(config.cache.dir) if config.cache.dir else output_dir / "cache"
+    key = cache = None
+    if not isinstance(dataset, torch.utils.data.IterableDataset) and config.data.crop == "center" and not config.data.random_flip:
+        key = latent_cache.cache_key(vae=vae, tokenizer=tokenizer, max_length=prompt_encoder.max_length, text_encoder=None if joint else text_encoder,
+                                     data={"path": str(Path(config.data.path).resolve()), "num_samples": len(dataset), "resolution": config.data.resolution, "crop": "center"})
+        cache = latent_cache.find_cache(cache_dir, key)
+    if build_cache_only:
+        latent_cache.check_cacheable(dataset, config.data.crop, config.data.random_flip)
+        if cache is None and is_main:
+            cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae, prompt_encoder=prompt_encoder, frozen_text=not joint,
+                                             batch_size=config.cache.batch_size, num_workers=config.data.num_workers, dtype=config.cache.dtype)
+        accelerator.wait_for_everyone()
+        return latent_cache.cache_file(cache_dir, key)
+    empty_embed = None
+    if cache is not None:
+        dataset = latent_cache.LatentCache(cache)  # row i = dataset item i: the same samples, the VAE encoder never runs
+        empty_embed = dataset.empty_embed
+        if is_main:
+            log.info("using the latent cache %s", cache)
+    elif not joint:
+        empty_embed = prompt_encoder.encode([""]).cpu()
+    loader = make_loader(dataset, run.batch_size, run.seed, rank, world, config.data.num_workers)
+    position = DataPosition(loader)
+
+    # -- optimisation: AdamW over the U-Net (and a joint text encoder), EMA of each, under accelerate
+    trained = {"unet": unet, **({"text_encoder": text_encoder} if joint else {})}
+    params = [p for m in trained.values() for p in m.parameters()]
+    optimizer = make_optimizer(params, config.optim)
+    lr_scheduler = make_lr_scheduler(optimizer, config.optim, run.max_steps)
+    emas = {name: ema for name, m in trained.items() if (ema := make_ema(m, config.ema)) is not None}
+    for ema in emas.values():
+        ema.to(accelerator.device)
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    trained, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
+    unet = trained["unet"]
+    prompt_encoder.text_encoder = trained.get("text_encoder", text_encoder)
+
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, models=trained, optimizers={"main": optimizer}, schedulers={"lr": lr_scheduler}, emas=emas,
+                                scaler=accelerator.scaler, accelerator=accelerator)
+        step = state["step"]
+        position.load(state["data"])
+        if is_main:
+            log.info("resumed from %s at step %d", resume_from, step)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.yaml")
+    metrics = MetricsLog(output_dir, enabled=is_main)
+
+    def save(step_now: int) -> None:
+        save_checkpoint(output_dir, step_now, models=trained, optimizers={"main": optimizer}, schedulers={"lr": lr_scheduler}, emas=emas,
+                        scaler=accelerator.scaler, state={"data": position.state()}, accelerator=accelerator, keep_last=run.keep_last, protect=resume_from)
+
+    def ema_pipeline():
+        """A LatentPipeline over the EMA weights (copied into the networks; call restore_weights after)."""
+        for name, ema in emas.items():
+            ema.store(trained[name].parameters())
+            ema.copy_to(trained[name].parameters())
+        models = {name: accelerator.unwrap_model(m).eval() for name, m in trained.items()}
+        return LatentPipeline(vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"], noise_scheduler)
+
+    def restore_weights() -> None:
+        for name, ema in emas.items():
+            ema.restore(trained[name].parameters())
+        for m in trained.values():
+            m.train()
+
+    def sample_grid(step_now: int) -> None:
+        if is_main:
+            s = config.samples
+            images = ema_pipeline()(list(s.prompts), seed=s.seed, guidance_scale=s.guidance_scale, num_inference_steps=s.steps,
+                                    sampler=s.sampler, output_type="pt", progress=False).images  # (N, 3, H, W) in [0, 1]
+            restore_weights()
+            save_grid(images * 2 - 1, output_dir / "samples" / f"step-{step_now:07d}.png", nrow=len(s.prompts))
+        accelerator.wait_for_everyone()
+
+    # -- the loop: one optimizer update per iteration, run.grad_accum micro-batches each
+    batches = position.batches()
+    global_batch = run.batch_size * world
+    bar = progress_bar(run.max_steps, step, is_main)
+    t0, images_seen = time.time(), 0
+    while step < run.max_steps:
+        for micro in range(run.grad_accum):
+            batch = next(batches)
+            # sample i of this process is at position i·W + rank of the global batch (ResumableSampler's split)
+            first = micro * global_batch
+            draws = draw_randomness(run.seed, step, [first + i * world + rank for i in range(run.batch_size)],
+                                    p_uncond=obj.p_uncond, num_train_timesteps=obj.num_train_timesteps, latent_shape=latent_shape)
+            with accelerator.accumulate(*trained.values()):
+                z0 = encode_latents(batch, vae, draws.posterior).to(accelerator.device)  # (B, C, h, w)
+                with accelerator.autocast():
+                    cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed, trainable=joint).to(accelerator.device)  # (B, L, D)
+                    loss = diffusion_loss(unet, z0, cond, draws, alphas_cumprod, obj)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and config.optim.max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        for name, ema in emas.items():
+            ema.step(trained[name].parameters())
+        step += 1
+        images_seen += global_batch * run.grad_accum
+        bar.update(1)
+
+        if step % run.log_every == 0 or step == run.max_steps:
+            mean_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+            rate = images_seen / (time.time() - t0)
+            values = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": rate}
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            metrics.log(step, values)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
+        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
+            save(step)
+        if run.sample_every and step % run.sample_every == 0:
+            sample_grid(step)
+    bar.close()
+
+    # -- the end: a last checkpoint, and OUTPUT/final: the pipeline with the EMA weights
+    save(step)
+    final = output_dir / "final"
+    if is_main:
+        ema_pipeline().save_pretrained(final)
+        restore_weights()
+        log.info("wrote %s (%d steps, %.1f images/s)", final, step, images_seen / max(time.time() - t0, 1e-9))
+    accelerator.wait_for_everyone()
+    metrics.close()
+    accelerator.end_training()
+    return final
+
+
+__all__ = [
+    "UNetTrainConfig", "UNetModelConfig", "TextEncoderConfig", "ObjectiveConfig", "SampleConfig", "CacheConfig", "check_config",
+    "load_vae", "load_text_encoder", "build_unet", "make_training_scheduler", "training_alphas_cumprod", "Draws", "draw_randomness",
+    "encode_latents", "text_conditioning", "diffusion_loss", "train",
+]

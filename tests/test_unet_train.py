@@ -1,0 +1,156 @@
+"""ldm-train-unet end to end with a tiny U-Net: learning, resume, the final folder, the cache, errors."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from unet_fixtures import make_shapes_data, make_vae_dir, write_config
+
+from ldm.cli.train_unet import main
+from ldm.config import load_config
+from ldm.train.unet import UNetTrainConfig, check_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unet")
+    return {"vae": make_vae_dir(root / "vae"), "data": make_shapes_data(root / "data", 16), "root": root}
+
+
+def run_cli(setup, tmp_path, name, *extra, config=None, **sections):
+    config = config or write_config(tmp_path / f"{name}.yaml", **sections)
+    out = tmp_path / name
+    code = main(["--config", str(config), "--vae", str(setup["vae"]), "--data", str(setup["data"]), "--output-dir", str(out), *extra])
+    assert code == 0
+    return out
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_a_tiny_run(setup, tmp_path):
+    out = run_cli(setup, tmp_path, "fall", "--max-steps", "40", objective={"p_uncond": 0.1}, optim={"lr": 2e-3})
+    curve = losses(out)
+    assert len(curve) == 40
+    first, last = sum(curve[:8]) / 8, sum(curve[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path):
+    straight = run_cli(setup, tmp_path, "straight", "--max-steps", "4")
+    split = run_cli(setup, tmp_path, "split", "--max-steps", "2")
+    split = run_cli(setup, tmp_path, "split", "--max-steps", "4", "--resume", "latest")
+    a, b = straight / "checkpoints" / "step-0000004", split / "checkpoints" / "step-0000004"
+    for name in ("model-unet", "model-text_encoder", "ema-unet", "optimizer-main"):
+        ta, tb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{name}/{k}"
+    assert json.loads((b / "state.json").read_text())["data"] == json.loads((a / "state.json").read_text())["data"]
+    assert losses(split)[2:] == losses(straight)[2:]
+
+
+def test_final_folder_is_a_pipeline_that_ldm_txt2img_samples(setup, tmp_path, capsys):
+    out = run_cli(setup, tmp_path, "final", "--max-steps", "2", run={"sample_every": 2},
+                  objective={"prediction_type": "v_prediction", "zero_terminal_snr": True, "loss_weighting": "min_snr"})
+    final = out / "final"
+    assert (out / "samples" / "step-0000002.png").is_file()
+    scheduler = json.loads((final / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    assert scheduler["timestep_spacing"] == "trailing" and scheduler["beta_schedule"] == "scaled_linear"
+    # the EMA weights, not the raw ones, are in final/
+    raw = load_file(out / "checkpoints" / "step-0000002" / "model-unet.safetensors")
+    saved = load_file(final / "unet" / "diffusion_pytorch_model.safetensors")
+    name = sorted(raw)[0]
+    from ldm import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(final, device="cpu")
+    assert pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]  # CLIP's BPE, shipped
+    assert pipe.vae.config.scaling_factor == 0.5
+    params = dict(pipe.unet.named_parameters())
+    assert torch.equal(params[name], saved[name]) and not torch.equal(saved[name], raw[name])
+    from ldm.cli.txt2img import main as txt2img
+
+    capsys.readouterr()
+    assert txt2img(["a red circle", "--model", str(final), "--steps", "2", "--seed", "1", "--outdir", str(tmp_path / "png"), "--quiet"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 1 and printed[0].endswith("-1.png")
+
+
+def test_cache_is_used_and_invalidated_by_new_vae_weights(setup, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    config = write_config(tmp_path / "c.yaml")
+    cache_dir = tmp_path / "cache"
+    out = run_cli(setup, tmp_path, "build", "--build-cache", f"cache.dir={cache_dir}", config=config)
+    files = list(cache_dir.glob("latents-*.safetensors"))
+    assert len(files) == 1 and not (out / "final").exists()
+    uncached = run_cli(setup, tmp_path, "uncached", "--max-steps", "2", f"cache.dir={tmp_path / 'empty'}", config=config)
+
+    calls = []
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    cached = run_cli(setup, tmp_path, "cached", "--max-steps", "2", f"cache.dir={cache_dir}", config=config)
+    assert calls == []  # the VAE encoder never ran
+    # the cache stores the posterior, so the run matches the uncached one on the same samples and draws
+    assert losses(cached) == pytest.approx(losses(uncached), rel=1e-4, abs=1e-5)
+
+    # new VAE weights: a different key, so the old cache is not used
+    other_vae = make_vae_dir(tmp_path / "vae2", seed=1)
+    main(["--config", str(config), "--vae", str(other_vae), "--data", str(setup["data"]), "--output-dir", str(tmp_path / "v2"), "--max-steps", "1", f"cache.dir={cache_dir}"])
+    assert calls, "the stale cache was used"
+
+
+def test_frozen_text_encoder_with_cached_embeddings(setup, tmp_path, tiny_pipeline_dir, monkeypatch):
+    """A frozen pretrained CLIP (the tiny pipeline's) with its own tokenizer: embeddings cached once."""
+    config = write_config(tmp_path / "f.yaml", text_encoder={"mode": "frozen", "path": str(tiny_pipeline_dir)}, run={"max_steps": 2})
+    cache_dir = tmp_path / "cache"
+    run_cli(setup, tmp_path, "b", "--build-cache", f"cache.dir={cache_dir}", config=config)
+    from ldm.train.cache import LatentCache
+
+    cache = LatentCache(next(cache_dir.glob("*.safetensors")))
+    assert cache.frozen_text and cache[0]["text_embeds"].shape == (16, 32)  # tiny CLIP: 16 tokens × 32 wide
+    from transformers import CLIPTextModel
+
+    monkeypatch.setattr(CLIPTextModel, "forward", lambda *a, **k: pytest.fail("the frozen encoder ran despite the cache"))
+    out = run_cli(setup, tmp_path, "t", f"cache.dir={cache_dir}", config=config)
+    assert len(losses(out)) == 2
+    before = load_file(tiny_pipeline_dir / "text_encoder" / "model.safetensors")
+    after = load_file(out / "final" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # frozen means frozen
+
+
+def test_config_errors_are_one_line_exit_2(setup, tmp_path, capsys):
+    def fails(*args, config=None, **sections):
+        config = config or write_config(tmp_path / "e.yaml", **sections)
+        with pytest.raises(SystemExit) as e:
+            main(["--config", str(config), "--vae", str(setup["vae"]), "--data", str(setup["data"]), "--output-dir", str(tmp_path / "e"), *args])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and err.startswith("ldm-train-unet: error:")
+        return err
+
+    assert "unknown config key objective.p_uncnd" in fails("objective.p_uncnd=0.2")
+    assert "needs objective.prediction_type=v_prediction" in fails(objective={"zero_terminal_snr": True})
+    assert "p_uncond must be in [0, 1)" in fails("objective.p_uncond=1.5")
+    assert "is not one of epsilon, v_prediction" in fails("objective.prediction_type=x0")
+    assert "--max-steps must be at least 1" in fails("--max-steps", "0")
+    assert "config file not found" in fails(config=tmp_path / "missing.yaml")
+    assert "not a multiple of the VAE's latent factor 8" in fails("data.resolution=36")
+    bad_vae = tmp_path / "novae"
+    make_vae_dir(bad_vae)
+    raw = json.loads((bad_vae / "config.json").read_text())
+    del raw["scaling_factor"]
+    (bad_vae / "config.json").write_text(json.dumps(raw))
+    assert "has no scaling_factor" in fails("vae=" + str(bad_vae), "--vae", str(bad_vae))
+    assert "--resume" in fails("--resume", str(tmp_path / "nowhere"))
+
+
+def test_p_uncond_zero_warns(setup):
+    config = load_config(UNetTrainConfig, None, ["objective.p_uncond=0", f"vae={setup['vae']}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_config(config)
+    assert any("classifier-free guidance will not work" in str(w.message) for w in caught)
