@@ -386,7 +386,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
         raise ValueError("no training data: pass --data PATH or set data.path in the config")
     output_dir = Path(run.output_dir)
     resume_from = resolve_resume(resume, output_dir)  # checked before any weights load
-    accelerator = make_accelerator(run)
+    # cpu=True on machines without a GPU: accelerate then runs torchrun / `accelerate launch` processes over gloo
+    accelerator = make_accelerator(run, cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     seed_everything(run.seed, rank)
