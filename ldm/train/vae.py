@@ -1,0 +1,388 @@
+"""Stage 1: train the KL-regularised autoencoder (`ldm-train-vae`).
+
+The model is diffusers' `AutoencoderKL`, built from a preset (`configs/vae/*.yaml`) or loaded from
+an existing AutoencoderKL folder to fine-tune; the losses are LDM's (see `ldm.train.vae_losses`).
+One optimizer update, in order:
+
+    for each of grad_accum micro-batches x:
+        x̂, μ, log σ² = D(z), z ~ q(z|x) = N(μ, σ²)
+        autoencoder: NLL(x, x̂) + w_KL·KL + λ·w_D·(−D(x̂))      (GAN term from loss.disc_start on)
+        discriminator: hinge(D(x), D(x̂.detach()))              (from loss.disc_start on)
+    step both optimizers, the LR schedule and the EMA; log, validate, checkpoint
+
+At the end the latents' scale is measured and stored as `scaling_factor` in the VAE config, and
+OUTPUT/final/ is written as an AutoencoderKL folder (safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
+from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.common import (
+    DataPosition, MetricsLog, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
+    progress_bar, save_grid, seed_everything,
+)
+from ldm.train.metrics import psnr, ssim
+from ldm.train.vae_losses import LPIPS, AutoencoderLoss
+
+log = logging.getLogger("ldm.train")
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEModelConfig:
+    """The autoencoder: a preset architecture, or `pretrained` (an AutoencoderKL folder) to fine-tune.
+
+    One encoder/decoder block per entry of `block_out_channels`; every block but the last halves
+    the resolution, so the downsampling factor is f = 2^(len − 1) (8 for SD's four blocks).
+    """
+
+    pretrained: str | None = None  # an AutoencoderKL folder (safetensors); the fields below are then ignored
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+
+
+@dataclass
+class VAELossConfig:
+    """Weights of the LDM autoencoder loss (see `ldm.train.vae_losses`)."""
+
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0  # LPIPS weight; used only when lpips_path is given
+    lpips_path: str | None = None  # local LPIPS-VGG .safetensors (see docs/train-vae.md); None: L1 only
+    disc_weight: float = 0.5  # 0 turns the GAN off
+    disc_start: int = 50001  # optimizer step at which the discriminator and its loss begin
+    disc_channels: int = 64
+    disc_layers: int = 3
+    logvar_init: float = 0.0
+
+
+@dataclass
+class VAETrainConfig:
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4.5e-6, betas=(0.5, 0.9), max_grad_norm=None))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/vae"))
+    validate_every: int = 500  # optimizer steps between validation passes (PSNR, SSIM); 0: only at the end
+    scale_samples: int = 512  # images encoded at the end to measure the latents' std
+
+
+def check_config(cfg: VAETrainConfig) -> None:
+    """Reject settings that cannot work, before anything is built: one ValueError naming the key."""
+    m, r = cfg.model, cfg.run
+    if cfg.data.path is None:
+        raise ValueError("no training data: pass --data PATH or set data.path")
+    if m.pretrained is None:
+        if not m.block_out_channels:
+            raise ValueError("model.block_out_channels must name at least one block")
+        for c in m.block_out_channels:
+            if c < 1 or c % m.norm_num_groups:
+                raise ValueError(f"model.block_out_channels: {c} is not a positive multiple of model.norm_num_groups ({m.norm_num_groups})")
+        factor = 2 ** (len(m.block_out_channels) - 1)
+        if cfg.data.resolution % factor:
+            raise ValueError(f"data.resolution {cfg.data.resolution} is not a multiple of the downsampling factor {factor}")
+        if m.latent_channels < 1 or m.layers_per_block < 1:
+            raise ValueError("model.latent_channels and model.layers_per_block must be at least 1")
+    for key in ("kl_weight", "perceptual_weight", "disc_weight"):
+        if getattr(cfg.loss, key) < 0:
+            raise ValueError(f"loss.{key} must be non-negative, got {getattr(cfg.loss, key)}")
+    for key in ("max_steps", "batch_size", "grad_accum"):
+        if getattr(r, key) < 1:
+            raise ValueError(f"run.{key} must be at least 1, got {getattr(r, key)}")
+    for key, value in (("run.checkpoint_every", r.checkpoint_every), ("run.sample_every", r.sample_every),
+                       ("run.log_every", r.log_every), ("validate_every", cfg.validate_every), ("loss.disc_start", cfg.loss.disc_start)):
+        if value < 0:
+            raise ValueError(f"{key} must be non-negative, got {value}")
+    if cfg.scale_samples < 1:
+        raise ValueError(f"scale_samples must be at least 1, got {cfg.scale_samples}")
+
+
+# ---- model -------------------------------------------------------------------------------------------
+
+
+def build_vae(model: VAEModelConfig, resolution: int):
+    """An AutoencoderKL from the preset fields, or loaded from `model.pretrained` (safetensors only)."""
+    from diffusers import AutoencoderKL
+
+    if model.pretrained is not None:
+        folder = Path(model.pretrained)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model.pretrained: no AutoencoderKL folder (config.json) at {folder}")
+        if not any(folder.glob("*.safetensors")):
+            raise ValueError(f"model.pretrained: {folder} has no .safetensors weights (pickled weights are not loaded)")
+        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    n = len(model.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(model.block_out_channels), layers_per_block=model.layers_per_block,
+        latent_channels=model.latent_channels, norm_num_groups=model.norm_num_groups,
+        mid_block_add_attention=model.mid_block_add_attention, sample_size=resolution,
+    )
+
+
+class Reconstruct(nn.Module):
+    """x → (x̂, μ, log σ²): encoder, a posterior sample, decoder, as one forward call, so that
+    DistributedDataParallel sees (and synchronises) the whole autoencoder."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator):
+        posterior = self.vae.encode(x).latent_dist  # μ, log σ²: (B, C_z, H/f, W/f)
+        z = posterior.sample(generator=generator)
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar, z
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int, device) -> torch.Generator:
+    """The posterior noise of one micro-batch, from its coordinates alone: a resumed run draws the
+    same noise as an uninterrupted one, however many random numbers anything else consumed."""
+    entropy = np.random.SeedSequence([seed, step, rank, micro]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(entropy) % 2**63)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True) -> Path:
+    """Train an AutoencoderKL as `cfg` says; returns OUTPUT/final (an AutoencoderKL folder).
+
+    `resume`: "latest" (the newest complete checkpoint in run.output_dir, or a fresh start if there
+    is none) or a checkpoint folder. Multi-process under `accelerate launch`.
+    """
+    from ldm.data import open_dataset
+
+    check_config(cfg)
+    run, out = cfg.run, Path(cfg.run.output_dir)
+    accelerator = make_accelerator(run)
+    device, rank, is_main = accelerator.device, accelerator.process_index, accelerator.is_main_process
+    seed_everything(run.seed, rank)
+    resume_from = resolve_resume(resume, out)
+
+    # Data: a seeded permutation per epoch, split across processes, resumable mid-epoch.
+    dataset = open_dataset(cfg.data.path, resolution=cfg.data.resolution, crop=cfg.data.crop,
+                           random_flip=cfg.data.random_flip, seed=run.seed)
+    data = DataPosition(make_loader(dataset, run.batch_size, run.seed, rank, accelerator.num_processes, cfg.data.num_workers))
+    val_images = _validation_images(cfg) if is_main else None  # (N, 3, R, R), fixed for the run
+
+    # Models, losses, optimizers. The learned log-variance trains with the autoencoder.
+    vae = build_vae(cfg.model, cfg.data.resolution)
+    if run.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+    lpips = _load_lpips(cfg.loss, device)
+    loss_fn = AutoencoderLoss(kl_weight=cfg.loss.kl_weight, perceptual_weight=cfg.loss.perceptual_weight, lpips=lpips,
+                              disc_weight=cfg.loss.disc_weight, disc_start=cfg.loss.disc_start,
+                              disc_channels=cfg.loss.disc_channels, disc_layers=cfg.loss.disc_layers,
+                              logvar_init=cfg.loss.logvar_init).to(device)
+    g_params = list(vae.parameters()) + [loss_fn.logvar]
+    g_opt = make_optimizer(g_params, cfg.optim)
+    d_opt = make_optimizer(loss_fn.discriminator.parameters(), cfg.optim)
+    g_sched = make_lr_scheduler(g_opt, cfg.optim, run.max_steps)
+    # The discriminator's schedule counts its own updates: its warm-up starts when it does.
+    d_sched = make_lr_scheduler(d_opt, cfg.optim, max(1, run.max_steps - cfg.loss.disc_start))
+    ema = make_ema(vae, cfg.ema)
+    model, disc, g_opt, d_opt = accelerator.prepare(Reconstruct(vae), loss_fn.discriminator, g_opt, d_opt)
+    if ema is not None:
+        ema.to(device)
+    last_layer = vae.decoder.conv_out.weight  # G_L of the adaptive weight (Esser et al. 2021, eq. 7)
+
+    step = 0
+    ckpt = dict(models={"vae": vae, "loss": loss_fn}, optimizers={"vae": g_opt, "disc": d_opt},
+                schedulers={"vae": g_sched, "disc": d_sched}, emas={"vae": ema} if ema is not None else {},
+                scaler=accelerator.scaler, accelerator=accelerator)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, **ckpt)
+        step = state["step"]
+        data.load(state["data"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    metrics = MetricsLog(out, enabled=is_main)
+    if is_main and lpips is None and cfg.loss.perceptual_weight > 0:
+        log.warning("no LPIPS weights (loss.lpips_path): the reconstruction loss is L1 only")
+
+    batches = data.batches()
+    bar = progress_bar(run.max_steps, step, is_main and progress)
+    scores = None  # the latest validation
+    images_seen, t0 = 0, time.perf_counter()
+    while step < run.max_steps:
+        gan = loss_fn.gan_active(step)
+        for micro in range(run.grad_accum):
+            x = next(batches)["pixel_values"].to(device)  # (B, 3, R, R) in [-1, 1]
+            with accelerator.accumulate(model, disc):
+                # Autoencoder update. Autocast is explicit because the GAN term calls the bare
+                # discriminator (outside DDP: this pass must not train or synchronise it).
+                with accelerator.autocast():
+                    x_rec, mean, logvar, z = model(x, step_generator(run.seed, step, rank, micro, device))
+                    g_loss, logs = loss_fn.generator_loss(x, x_rec.float(), mean.float(), logvar.float(), step, last_layer)
+                accelerator.backward(g_loss)
+                if accelerator.sync_gradients:
+                    if accelerator.num_processes > 1:  # logvar lives outside DDP: average its gradient by hand
+                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+                    logs["grad_norm"] = accelerator.clip_grad_norm_(g_params, cfg.optim.max_grad_norm or math.inf)
+                g_opt.step()
+                g_opt.zero_grad(set_to_none=True)
+
+                # Discriminator update on the same reconstructions, detached (LDM's optimizer_idx 1).
+                if gan:
+                    with accelerator.autocast():
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, x_rec, disc)
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients:
+                        d_logs["grad_norm_disc"] = accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.max_grad_norm or math.inf)
+                    d_opt.step()
+                    d_opt.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+            images_seen += x.shape[0] * accelerator.num_processes
+        lr = g_sched.get_last_lr()[0]  # the LR this update used
+        g_sched.step()
+        if gan:
+            d_sched.step()
+        if ema is not None:
+            ema.step(vae.parameters())
+        step += 1
+
+        # Logging, pictures, validation, checkpoints.
+        if is_main:
+            rate = images_seen / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss/rec'].item():.4f}", img_s=f"{rate:.1f}")
+            if run.log_every and step % run.log_every == 0:
+                z = z.detach().float()
+                metrics.log(step, {**{k: v.item() if torch.is_tensor(v) else v for k, v in logs.items()},
+                                   "lr": lr, "latent/mean": z.mean().item(), "latent/std": z.std().item(),
+                                   "images_per_s": rate})
+            if run.sample_every and step % run.sample_every == 0:
+                _save_reconstructions(vae, ema, val_images if val_images is not None else x[:8], out / "samples" / f"step-{step:07d}.png")
+            if val_images is not None and cfg.validate_every and step % cfg.validate_every == 0:
+                scores = _validate(vae, ema, val_images, run.batch_size)
+                metrics.log(step, scores)
+                scores["step"] = step
+                bar.write(f"step {step}: PSNR {scores['val/psnr']:.2f} dB, SSIM {scores['val/ssim']:.4f}")
+        if step == run.max_steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
+            save_checkpoint(out, step, **ckpt, state={"data": data.state()}, keep_last=run.keep_last, protect=resume_from)
+    bar.close()
+
+    # The end: validation, the latents' scale, and the AutoencoderKL folder.
+    final = out / "final"
+    if is_main:
+        if val_images is not None:
+            if scores is None or scores["step"] != step:
+                scores = _validate(vae, ema, val_images, run.batch_size)
+                metrics.log(step, scores)
+                scores["step"] = step
+            (out / "validation.json").write_text(json.dumps(scores, indent=1) + "\n")
+            log.info("final validation: PSNR %.2f dB, SSIM %.4f", scores["val/psnr"], scores["val/ssim"])
+        with _ema_weights(vae, ema):
+            scale = latent_scaling_factor(vae, dataset, cfg.scale_samples, run.batch_size, run.seed)
+            vae.register_to_config(scaling_factor=scale)
+            vae.save_pretrained(final, safe_serialization=True)
+        metrics.log(step, {"scaling_factor": scale})
+        log.info("scaling_factor %.5f; wrote %s", scale, final)
+    metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+# ---- the pieces the loop calls ---------------------------------------------------------------------
+
+
+def _load_lpips(loss, device):
+    if loss.lpips_path is None or loss.perceptual_weight == 0:
+        return None
+    return LPIPS.from_file(loss.lpips_path).to(device)
+
+
+def _validation_images(cfg: VAETrainConfig) -> torch.Tensor | None:
+    """The first `data.validation_samples` held-out images, center-cropped: the same every pass."""
+    if cfg.data.validation_path is None:
+        return None
+    from ldm.data import open_dataset
+
+    ds = open_dataset(cfg.data.validation_path, resolution=cfg.data.resolution, crop="center", random_flip=False, seed=0)
+    n = min(len(ds), cfg.data.validation_samples)
+    return torch.stack([ds[i]["pixel_values"] for i in range(n)])
+
+
+class _ema_weights:
+    """Within the block the model holds its EMA weights (if any), then its own again."""
+
+    def __init__(self, vae, ema):
+        self.vae, self.ema = vae, ema
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.vae.parameters())
+            self.ema.copy_to(self.vae.parameters())
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.vae.parameters())
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Deterministic reconstructions (the posterior mean, no sampling) in [-1, 1]."""
+    device, dtype = vae.device, vae.dtype
+    was_training = vae.training
+    vae.eval()
+    outs = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device, dtype)
+        outs.append(vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1).cpu())
+    vae.train(was_training)
+    return torch.cat(outs)
+
+
+def _validate(vae, ema, images: torch.Tensor, batch_size: int) -> dict:
+    """PSNR and SSIM of reconstructions of the held-out images, on [0, 1] pixels, averaged over images."""
+    with _ema_weights(vae, ema):
+        rec = reconstruct(vae, images, batch_size)
+    x, y = (images.float() + 1) / 2, (rec + 1) / 2
+    return {"val/psnr": psnr(x, y).mean().item(), "val/ssim": ssim(x, y).mean().item()}
+
+
+def _save_reconstructions(vae, ema, images: torch.Tensor, path: Path) -> None:
+    """A grid: originals in odd rows, their reconstructions below them."""
+    images = images[:8]
+    with _ema_weights(vae, ema):
+        rec = reconstruct(vae, images, len(images))
+    save_grid(torch.cat([images.float().cpu(), rec]), path, nrow=len(images))
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, dataset, num_samples: int, batch_size: int, seed: int) -> float:
+    """1 / std of the latents z ~ q(z|x) over `num_samples` images (Rombach et al. 2022, sec. 4.3.2
+    and appendix G: the "rescaling" that gives the diffusion model unit-variance inputs)."""
+    was_training = vae.training
+    vae.eval()
+    n = min(num_samples, len(dataset))
+    generator = torch.Generator(device=vae.device).manual_seed(seed)
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in range(0, n, batch_size):
+        x = torch.stack([dataset[j]["pixel_values"] for j in range(i, min(n, i + batch_size))]).to(vae.device, vae.dtype)
+        z = vae.encode(x).latent_dist.sample(generator=generator).double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    vae.train(was_training)
+    var = total_sq / count - (total / count) ** 2
+    return float(1.0 / math.sqrt(var))
