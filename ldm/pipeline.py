@@ -422,12 +422,13 @@ class LatentPipeline:
             z = z + config.shift_factor
         image = self.vae.decode(z, return_dict=False)[0]
         if not torch.isfinite(image).all() and self.vae.dtype != torch.float32:
-            warnings.warn(f"the VAE overflowed in {self.vae.dtype}; decoding this batch in fp32 instead", LdmWarning, stacklevel=2)
+            previous = self.vae.dtype
+            warnings.warn(f"the VAE overflowed in {previous}; decoding this batch in fp32 instead", LdmWarning, stacklevel=2)
             self.vae.to(torch.float32)
             try:
                 image = self.vae.decode(z.float(), return_dict=False)[0]
             finally:
-                self.vae.to(self.dtype)
+                self.vae.to(previous)
         if not torch.isfinite(image).all():
             raise FloatingPointError("the VAE decoder returned NaN/inf even in fp32; the latents are not finite (diverged sampling?)")
         return image

@@ -218,3 +218,4 @@ def test_a_vae_that_overflows_in_half_precision_is_decoded_in_fp32_with_a_warnin
     with pytest.warns(LdmWarning, match="the VAE overflowed in torch.float16; decoding this batch in fp32"):
         image = pipe.decode_latents(z)
     assert torch.isfinite(image).all() and torch.allclose(image, reference, atol=2e-3)  # weights went through fp16
+    assert pipe.vae.dtype == torch.float16  # the fallback was for this batch only
