@@ -3,7 +3,6 @@ falls, a resumed run equals an uninterrupted one bit for bit, OUTPUT/final loads
 its scaling factor, and bad configs are one-line errors naming the key."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
