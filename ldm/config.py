@@ -78,6 +78,7 @@ class RunConfig:
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     log_every: int = 10
     sample_every: int = 500  # image grids (reconstructions / samples) every N updates; 0: never
+    max_bad_steps: int = 10  # non-finite losses/gradients in a row (each update skipped) before the run stops
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="ldm-train-unet",
         description="Train a text-conditioned latent diffusion U-Net (stage 2) with condition dropout, on the latents of a frozen VAE.",
-        epilog="Example: ldm-train-unet --config configs/unet/shapes.yaml --vae runs/vae-shapes/final --data data/shapes "
+        epilog="Exit status: 0 done; 2 bad input; 3 too many non-finite steps in a row (run.max_bad_steps); "
+               "75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with --resume latest). "
+               "Example: ldm-train-unet --config configs/unet/shapes.yaml --vae runs/vae-shapes/final --data data/shapes "
                "--output-dir runs/unet-shapes optim.lr=2e-4 run.batch_size=64",
     )
     p.add_argument("--config", required=True, help="a YAML config (configs/unet/*.yaml), keys as in ldm.train.unet.UNetTrainConfig")
@@ -42,8 +44,13 @@ def _main(argv=None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
     config = load_config(UNetTrainConfig, args.config, overrides)
+    from ldm.train.guards import RunStopped, report_stop
+
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    result = train(config, resume=args.resume, build_cache_only=args.build_cache)
+    try:
+        result = train(config, resume=args.resume, build_cache_only=args.build_cache)
+    except RunStopped as stopped:  # a signal (75: resume me) or a diverged run (3): one line, no traceback
+        return report_stop(stopped, "ldm-train-unet")
     print(result)
     return 0
 

@@ -90,7 +90,10 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, rank: int, world_s
     Iterable datasets (tar shards) split themselves across processes and workers (see
     `ldm.data.ShardDataset`).
     """
-    common = dict(batch_size=batch_size, num_workers=num_workers, drop_last=True, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    from ldm.train.guards import ignore_stop_signals_in_worker
+
+    common = dict(batch_size=batch_size, num_workers=num_workers, drop_last=True, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                  worker_init_fn=ignore_stop_signals_in_worker if num_workers else None)
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, **common)
     sampler = ResumableSampler(len(dataset), batch_size, seed, rank, world_size)

@@ -128,7 +128,7 @@ def check_config(config: UNetTrainConfig) -> None:
         raise ValueError(f"objective.beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, got {obj.beta_start}, {obj.beta_end}")
     if obj.snr_gamma <= 0 or obj.offset_noise < 0:
         raise ValueError("objective.snr_gamma must be > 0 and objective.offset_noise ≥ 0")
-    for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
         if getattr(run, key) < 1:
             raise ValueError(f"run.{key} must be ≥ 1, got {getattr(run, key)}")
     for key in ("checkpoint_every", "sample_every", "keep_last"):
@@ -376,9 +376,10 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     from ldm.data import open_dataset
     from ldm.pipeline import LatentPipeline
     from ldm.train import cache as latent_cache
-    from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+    from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
     from ldm.train.common import (DataPosition, MetricsLog, make_accelerator, make_ema, make_loader, make_lr_scheduler,
                                   make_optimizer, progress_bar, save_grid, seed_everything)
+    from ldm.train.guards import StepGuard
 
     check_config(config)
     run, obj = config.run, config.objective
@@ -453,12 +454,16 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     unet = trained["unet"]
     prompt_encoder.text_encoder = trained.get("text_encoder", text_encoder)
 
+    # signals stop the run after a step with a checkpoint; non-finite updates are skipped (ldm.train.guards)
+    guard = StepGuard(accelerator, max_bad_steps=run.max_bad_steps)
     step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, models=trained, optimizers={"main": optimizer}, schedulers={"lr": lr_scheduler}, emas=emas,
                                 scaler=accelerator.scaler, accelerator=accelerator)
         step = state["step"]
         position.load(state["data"])
+        guard.load(state.get("guard", {}))
+        guard.last_good_checkpoint = resume_from
         if is_main:
             log.info("resumed from %s at step %d", resume_from, step)
     if is_main:
@@ -466,9 +471,12 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
         save_config(config, output_dir / "config.yaml")
     metrics = MetricsLog(output_dir, enabled=is_main)
 
-    def save(step_now: int) -> None:
-        save_checkpoint(output_dir, step_now, models=trained, optimizers={"main": optimizer}, schedulers={"lr": lr_scheduler}, emas=emas,
-                        scaler=accelerator.scaler, state={"data": position.state()}, accelerator=accelerator, keep_last=run.keep_last, protect=resume_from)
+    def save(step_now: int) -> Path:
+        folder = save_checkpoint(output_dir, step_now, models=trained, optimizers={"main": optimizer}, schedulers={"lr": lr_scheduler}, emas=emas,
+                                 scaler=accelerator.scaler, state={"data": position.state(), "guard": guard.state()}, accelerator=accelerator,
+                                 keep_last=run.keep_last, protect=resume_from)
+        guard.last_good_checkpoint = folder
+        return folder
 
     def ema_pipeline():
         """A LatentPipeline over the EMA weights (copied into the networks; call restore_weights after)."""
@@ -498,43 +506,56 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     global_batch = run.batch_size * world
     bar = progress_bar(run.max_steps, step, is_main)
     t0, images_seen = time.time(), 0
-    while step < run.max_steps:
-        for micro in range(run.grad_accum):
-            batch = next(batches)
-            # sample i of this process is at position i·W + rank of the global batch (ResumableSampler's split)
-            first = micro * global_batch
-            draws = draw_randomness(run.seed, step, [first + i * world + rank for i in range(run.batch_size)],
-                                    p_uncond=obj.p_uncond, num_train_timesteps=obj.num_train_timesteps, latent_shape=latent_shape)
-            with accelerator.accumulate(*trained.values()):
-                z0 = encode_latents(batch, vae, draws.posterior).to(accelerator.device)  # (B, C, h, w)
-                with accelerator.autocast():
-                    cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed, trainable=joint).to(accelerator.device)  # (B, L, D)
-                    loss = diffusion_loss(unet, z0, cond, draws, alphas_cumprod, obj)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.optim.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        for name, ema in emas.items():
-            ema.step(trained[name].parameters())
-        step += 1
-        images_seen += global_batch * run.grad_accum
-        bar.update(1)
+    with guard, bar:  # the bar closes however the loop ends, before any one-line message
+        while step < run.max_steps:
+            micro_losses = []
+            for micro in range(run.grad_accum):
+                batch = next(batches)
+                # sample i of this process is at position i·W + rank of the global batch (ResumableSampler's split)
+                first = micro * global_batch
+                draws = draw_randomness(run.seed, step, [first + i * world + rank for i in range(run.batch_size)],
+                                        p_uncond=obj.p_uncond, num_train_timesteps=obj.num_train_timesteps, latent_shape=latent_shape)
+                with accelerator.accumulate(*trained.values()):
+                    z0 = encode_latents(batch, vae, draws.posterior).to(accelerator.device)  # (B, C, h, w)
+                    with accelerator.autocast():
+                        cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed, trainable=joint).to(accelerator.device)  # (B, L, D)
+                        loss = diffusion_loss(unet, z0, cond, draws, alphas_cumprod, obj)
+                    accelerator.backward(loss)
+                    micro_losses.append(loss.detach())
+                    grad_norm = None
+                    # the last micro-step: gradients are complete (and all-reduced); a non-finite loss
+                    # or gradient on any process skips this update on every process
+                    if accelerator.sync_gradients and guard.check(micro_losses, params):
+                        if config.optim.max_grad_norm is not None:
+                            grad_norm = accelerator.clip_grad_norm_(params, config.optim.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if guard.end_step(step):
+                lr_scheduler.step()
+                for name, ema in emas.items():
+                    ema.step(trained[name].parameters())
+            step += 1
+            images_seen += global_batch * run.grad_accum
+            bar.update(1)
 
-        if step % run.log_every == 0 or step == run.max_steps:
-            mean_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
-            rate = images_seen / (time.time() - t0)
-            values = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": rate}
-            if grad_norm is not None:
-                values["grad_norm"] = float(grad_norm)
-            metrics.log(step, values)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
-        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
-            save(step)
-        if run.sample_every and step % run.sample_every == 0:
-            sample_grid(step)
+            if step % run.log_every == 0 or step == run.max_steps:
+                mean_loss = accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+                rate = images_seen / (time.time() - t0)
+                values = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": rate, "bad_steps": guard.bad_total}
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                metrics.log(step, values)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.1f}")
+            if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
+                save(step)
+            if run.sample_every and step % run.sample_every == 0:
+                sample_grid(step)
+            if guard.stop_requested and step < run.max_steps:  # agreed on by every process in guard.check
+                folder = step_dir(output_dir, step)
+                if not (run.checkpoint_every and step % run.checkpoint_every == 0):
+                    folder = save(step)
+                metrics.close()
+                raise guard.preempted(step, folder)
     bar.close()
 
     # -- the end: a last checkpoint, and OUTPUT/final: the pipeline with the EMA weights
