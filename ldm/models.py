@@ -6,7 +6,9 @@ A pipeline folder uses the diffusers Stable Diffusion layout:
 
 Components come from a fixed registry of classes (below). A `model_index.json` that names any
 other library or class is refused rather than imported, and nothing is ever loaded with remote
-code or from a pickle: weights are safetensors only.
+code. Weights are safetensors; pickle files (`.bin`, `.ckpt`, ...) are refused unless the caller
+opts in with `allow_pickle=True`, and even then they are read by torch's weights-only unpickler
+(`load_pickle_weights`), never by diffusers or transformers.
 """
 
 from __future__ import annotations
@@ -109,25 +111,36 @@ def check_safetensors(path: Path) -> None:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, the header describes {8 + n + end})")
 
 
-def _check_weights(folder: Path, component: str) -> None:
+def _pickled_weights(folder: Path) -> list[Path]:
+    """The pickle-format weight files of a component folder (none if it has safetensors)."""
+    files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files):
+        return []
+    return [folder / f for f in files if f.endswith(PICKLE_SUFFIXES)]
+
+
+def _check_weights(folder: Path, component: str, allow_pickle: bool = False) -> None:
     files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     weights = [f for f in files if f.endswith(".safetensors")]
     if weights or any(f.endswith(".safetensors.index.json") for f in files):
         for name in weights:
             check_safetensors(folder / name)
         return
-    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    pickled = _pickled_weights(folder)
+    if pickled and allow_pickle:
+        return
     if pickled:
         raise ValueError(
-            f"{folder / pickled[0]}: pickle-format weights are refused (loading a pickle can run code); "
+            f"{pickled[0]}: pickle-format weights are refused (loading a pickle can run code); "
             f"convert them to safetensors, e.g. load {component} once with diffusers/transformers and "
-            f"save_pretrained(..., safe_serialization=True)"
+            f"save_pretrained(..., safe_serialization=True); or, if you trust the file, pass allow_pickle=True "
+            f"(ldm-txt2img --allow-pickle) to read it with torch's weights-only unpickler"
         )
     expected = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
     raise ValueError(f"{folder}: missing {expected} (no safetensors weights for the {component})")
 
 
-def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
+def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> PipelineInfo:
     """Check that `path` is a loadable pipeline folder and read its shape, without loading weights.
 
     Raises FileNotFoundError for a missing folder and ValueError naming the first problem
@@ -164,7 +177,7 @@ def inspect_pipeline(path: str | os.PathLike) -> PipelineInfo:
     for component in WEIGHTED:
         if not (path / component / "config.json").is_file():
             raise ValueError(f"{path} is not a complete pipeline folder: missing {component}/config.json")
-        _check_weights(path / component, component)
+        _check_weights(path / component, component, allow_pickle)
     tokenizer_dir = path / "tokenizer"
     if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model")):
         raise ValueError(f"{path} is not a complete pipeline folder: missing tokenizer/tokenizer.json (or vocab.json + merges.txt)")
@@ -208,10 +221,73 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"model folder not found: {name_or_path} (not a local folder, and no hub copy is reachable or cached)")
 
 
-def load_component(path: Path, component: str, class_name: str, dtype=None):
-    """Load one registered component from its subfolder, safetensors only."""
+def load_pickle_weights(path: Path) -> dict:
+    """A state dict from a pickle-format file, through torch's weights-only unpickler only.
+
+    `weights_only=True` is passed explicitly: torch 2.13's `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`
+    overrides only calls that leave weights_only unset (torch/serialization.py, `load`), and
+    `TORCH_FORCE_WEIGHTS_ONLY_LOAD` can only force it on, so neither can make this call run code.
+    The unpickler builds tensors and plain containers and refuses every other global.
+    """
+    import pickle
+
+    import torch
+
+    def load(mmap: bool):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            state = load(mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            state = load(mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused by torch's weights-only unpickler: it holds more than tensors ({first})") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch weights file ({' '.join(str(e).split())[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise ValueError(f"{path}: not a state dict of named tensors")
+    return state
+
+
+def _load_pickled_component(cls, folder: Path, files: list[Path], dtype):
+    """Build `cls` from the folder's config and load the pickled state dict into it ourselves, so
+    diffusers/transformers never call torch.load."""
+    import torch
+
+    if hasattr(cls, "config_class") and cls.config_class is not None:  # transformers
+        model = cls(cls.config_class.from_pretrained(folder))
+    else:  # diffusers
+        model = cls.from_config(cls.load_config(folder))
+    state = {}
+    for file in files:
+        state.update(load_pickle_weights(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]  # a buffer old transformers saved
+    if missing or unexpected:
+        raise ValueError(f"{files[0]}: the weights do not fit {cls.__name__} of {folder / 'config.json'} "
+                         f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+
+
+def load_component(path: Path, component: str, class_name: str, dtype=None, allow_pickle: bool = False):
+    """Load one registered component from its subfolder: safetensors, or with `allow_pickle` a
+    pickle-format file read by `load_pickle_weights`."""
     library = REGISTRY[component][class_name]  # KeyError impossible after inspect_pipeline
     folder = path / component
+    pickled = _pickled_weights(folder) if component in WEIGHTED else []
+    if pickled:
+        if not allow_pickle:
+            _check_weights(folder, component)  # raises the refusal
+        import diffusers
+        import transformers
+
+        return _load_pickled_component(getattr(diffusers if library == "diffusers" else transformers, class_name), folder, pickled, dtype)
     if library == "diffusers":
         import diffusers
 

@@ -227,12 +227,15 @@ class LatentPipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         attention: str = "sdpa",
+        allow_pickle: bool = False,
     ) -> "LatentPipeline":
         """Load a diffusers-layout pipeline folder (any SD 1.x/2.x folder), or a hub id if reachable or cached.
 
         With no argument, loads the embedded default model. `device` and `dtype` default to "auto"
         (the GPU in bf16/fp16 if there is one, else the CPU in fp32); `attention` is "sdpa" (torch's
-        scaled-dot-product attention) or "xformers".
+        scaled-dot-product attention) or "xformers". `allow_pickle=True` accepts components whose
+        weights are only pickle files (`.bin`, `.ckpt`, ...), read by torch's weights-only unpickler,
+        which builds tensors and nothing else; without it they are refused.
         """
         if pretrained_model_name_or_path is None:
             if not DEFAULT_MODEL.is_dir():
@@ -247,8 +250,9 @@ class LatentPipeline:
         dtype = resolve_dtype(dtype, device)
         if attention == "xformers":
             _check_xformers(device)
-        info = inspect_pipeline(resolve_model(pretrained_model_name_or_path))
-        parts = {c: load_component(info.path, c, info.classes[c], dtype if c in ("unet", "vae", "text_encoder") else None) for c in info.classes}
+        info = inspect_pipeline(resolve_model(pretrained_model_name_or_path), allow_pickle=allow_pickle)
+        parts = {c: load_component(info.path, c, info.classes[c], dtype if c in ("unet", "vae", "text_encoder") else None, allow_pickle=allow_pickle)
+                 for c in info.classes}
         pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
         pipe.to(device, dtype)
         pipe.set_attention(attention)

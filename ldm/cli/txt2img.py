@@ -42,6 +42,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dynamic-threshold", type=float, metavar="P", help="Imagen dynamic thresholding of the predicted latent at percentile P (e.g. 0.995); off by default")
     p.add_argument("--threshold-bound", type=float, default=1.0, help="the range dynamic thresholding pulls the predicted latent into")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention kernels: torch SDPA, or xformers where installed")
+    p.add_argument("--allow-pickle", action="store_true", help="accept a pipeline folder whose weights are only pickle files (.bin/.ckpt), read by torch's weights-only unpickler; only for files you trust, convert them to safetensors instead when you can")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -97,7 +98,7 @@ def _main(argv=None) -> int:
         raise ValueError("--config applies only to a single-file .safetensors --model")
     if single_file and not Path(model).is_file():
         raise FileNotFoundError(f"checkpoint not found: {model}")
-    info = inspect_pipeline(resolve_model(args.config if single_file else model))
+    info = inspect_pipeline(resolve_model(args.config if single_file else model), allow_pickle=args.allow_pickle and not single_file)
     height = args.height if args.height is not None else info.default_size
     width = args.width if args.width is not None else info.default_size
     check_generation_args(
@@ -114,7 +115,7 @@ def _main(argv=None) -> int:
     if single_file:
         pipe = LatentPipeline.from_single_file(model, config=info.path, device=device, dtype=args.dtype, attention=args.attention)
     else:
-        pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention)
+        pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle)
     jobs = [p for p in prompts for _ in range(args.num_images)]
     import random
 
