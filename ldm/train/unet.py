@@ -364,6 +364,19 @@ def diffusion_loss(unet, z0: torch.Tensor, cond: torch.Tensor, draws: Draws, alp
     return per_sample.mean()
 
 
+def check_paths(config: UNetTrainConfig) -> None:
+    """Every path the run reads or writes, checked before any weights load (one-line errors)."""
+    data = config.data.path
+    if isinstance(data, str) and "{" not in data and "*" not in data and not Path(data).exists():  # braces/globs: tar shards
+        raise FileNotFoundError(f"training data not found: {data}")
+    for key, path in (("vae", config.vae), ("text_encoder.path", config.text_encoder.path), ("model.pretrained", config.model.pretrained)):
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{key}: folder not found: {path}")
+    output_dir = Path(config.run.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"run.output_dir {output_dir} exists and is not a folder")
+
+
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -386,6 +399,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     if config.data.path is None:
         raise ValueError("no training data: pass --data PATH or set data.path in the config")
     output_dir = Path(run.output_dir)
+    check_paths(config)
     resume_from = resolve_resume(resume, output_dir)  # checked before any weights load
     # cpu=True on machines without a GPU: accelerate then runs torchrun / `accelerate launch` processes over gloo
     accelerator = make_accelerator(run, cpu=not torch.cuda.is_available())
