@@ -140,3 +140,20 @@ def test_lr_schedule_warmup_and_cosine_endpoints():
     assert lr_factor(54, optim, 104) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(104, optim, 104) == pytest.approx(0.1)
     assert lr_factor(50, OptimConfig(), 104) == 1.0
+
+
+def test_a_resave_that_dies_between_its_renames_keeps_the_parked_copy_usable(tmp_path):
+    """Re-saving an existing step parks the old copy as .old-step-N, then renames the new one in.
+    A crash between the two renames must not hide the parked (complete) checkpoint."""
+    model, optimizer, *_ = _setup()
+    kw = dict(models={"net": model}, optimizers={"net": optimizer}, keep_last=2)
+    save_checkpoint(tmp_path, 1, **kw)
+    save_checkpoint(tmp_path, 2, **kw)
+    root = tmp_path / "checkpoints"
+    (root / "step-0000002").rename(root / ".old-step-0000002")  # the state a crash leaves
+    (root / ".tmp-step-0000002").mkdir()
+    assert latest_checkpoint(tmp_path) == root / ".old-step-0000002"
+    assert resolve_resume("latest", tmp_path) == root / ".old-step-0000002"
+    save_checkpoint(tmp_path, 2, **kw)  # the resumed run re-reaches step 2: the new copy replaces the parked one
+    save_checkpoint(tmp_path, 3, **kw)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000002", "step-0000003"]  # leftovers cleaned, step 1 pruned

@@ -37,6 +37,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
+# A checkpoint being replaced by a re-save of its step is parked under this name for an instant;
+# if the run dies right then, it is still the newest complete checkpoint of that step.
+PARKED_DIR = re.compile(r"^\.old-step-(\d{7,})$")
 log = logging.getLogger("ldm.train")
 
 
@@ -160,13 +163,23 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return None
-    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=lambda p: int(STEP_DIR.match(p.name)[1]), reverse=True)
+    steps = _checkpoint_folders(root)
+    candidates = [steps[k] for k in sorted(steps, reverse=True)]
     for folder in candidates:
         problem = verify_checkpoint(folder)
         if problem is None:
             return folder
         log.warning("skipping checkpoint %s: %s", folder, problem)
     return None
+
+
+def _checkpoint_folders(root: Path) -> dict[int, Path]:
+    """step → folder of every checkpoint under `root`, newest parked copy included (see PARKED_DIR)."""
+    steps = {int(m[1]): p for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))}
+    for p in root.iterdir():
+        if p.is_dir() and (m := PARKED_DIR.match(p.name)) and int(m[1]) not in steps:
+            steps[int(m[1])] = p  # a re-save died between its two renames: the parked copy is the checkpoint
+    return steps
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
@@ -217,8 +230,14 @@ def save_checkpoint(
             accelerator.wait_for_everyone()
 
     if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a save that crashed
+        root = final.parent
+        if root.is_dir():  # leftovers of saves that were killed: one run writes one folder at a time
+            for stale in root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for parked in root.glob(".old-step-*"):
+                m = PARKED_DIR.match(parked.name)
+                if m and (root / f"step-{m[1]}").is_dir():
+                    shutil.rmtree(parked, ignore_errors=True)  # its re-save completed; else keep it (see latest_checkpoint)
         tmp.mkdir(parents=True)
     barrier()
     save_state(rng_state(), tmp, f"rng-{rank}")
@@ -296,9 +315,8 @@ def _prune(output_dir: str | Path, keep_last: int, keep: set) -> None:
     """Delete complete checkpoints beyond the newest `keep_last`, never one in `keep`."""
     if keep_last <= 0:
         return
-    root = checkpoint_root(output_dir)
-    steps = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: int(STEP_DIR.match(p.name)[1]), reverse=True)
-    for folder in steps[keep_last:]:
+    steps = _checkpoint_folders(checkpoint_root(output_dir))
+    for folder in [steps[k] for k in sorted(steps, reverse=True)][keep_last:]:
         if folder not in keep:
             shutil.rmtree(folder, ignore_errors=True)
 
