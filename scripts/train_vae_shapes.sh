@@ -11,5 +11,5 @@ start=$(date +%s)
 ldm-train-vae --config configs/vae/shapes-f8.yaml --data "$DATA/shapes-train" --output-dir "$OUT" --resume latest \
   data.validation_path="$DATA/shapes-val" "$@"
 end=$(date +%s)
-echo "wall time: $((end - start)) s on $(nproc) CPU cores ($(python -c 'import torch; print(torch.get_num_threads())') torch threads)"
+echo "wall time: $((end - start)) s on $(getconf _NPROCESSORS_ONLN) CPU cores ($(python -c 'import torch; print(torch.get_num_threads())') torch threads)"
 cat "$OUT/validation.json"
