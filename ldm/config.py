@@ -103,8 +103,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     return from_dict(cls, data)
 
 
-def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
-    """Build dataclass `cls` from nested dicts, strictly: unknown keys and wrong types are errors."""
+def from_dict(cls: type[T], data: Any, prefix: str = "", base: T | None = None) -> T:
+    """Build dataclass `cls` from nested dicts, strictly: unknown keys and wrong types are errors.
+
+    Keys the data leaves out keep the values of `base` (default: `cls()`), so a section that a
+    stage's config gives its own defaults (`field(default_factory=lambda: OptimConfig(lr=4.5e-6))`)
+    keeps them when a YAML file sets only some of that section's keys.
+    """
     if not isinstance(data, dict):
         raise ValueError(f"config key {prefix.rstrip('.') or '(top level)'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -112,8 +117,14 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     for key in data:
         if key not in fields:
             raise ValueError(f"unknown config key {prefix}{key!s}; valid keys here: {', '.join(fields)}")
-    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    base = base if base is not None else cls()
+    kwargs = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]):  # a section: merge into the default section, not into a bare one
+            kwargs[name] = from_dict(hints[name], value, f"{prefix}{name}.", base=getattr(base, name))
+        else:
+            kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -10,7 +10,7 @@ from ldm.config import EMAConfig, OptimConfig, RunConfig, load_config, save_conf
 @dataclass
 class Example:
     run: RunConfig = field(default_factory=RunConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4.5e-6, max_grad_norm=None))  # a stage's own defaults
     ema: EMAConfig = field(default_factory=EMAConfig)
     channels: tuple[int, ...] = (32, 64)
     note: str | None = None
@@ -45,6 +45,15 @@ def test_yaml_and_overrides(tmp_path):
 def test_bad_keys_and_values_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(Example, None, overrides)
+
+
+def test_a_partial_section_keeps_the_stage_defaults_of_the_keys_it_leaves_out(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  schedule: cosine\n")
+    config = load_config(Example, path, ["optim.warmup_steps=5"])
+    assert config.optim.schedule == "cosine" and config.optim.warmup_steps == 5
+    assert config.optim.lr == 4.5e-6 and config.optim.max_grad_norm is None  # not OptimConfig's class defaults
+    assert load_config(Example).optim == OptimConfig(lr=4.5e-6, max_grad_norm=None)
 
 
 def test_bad_files(tmp_path):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from ldm.config import EMAConfig, OptimConfig, RunConfig
 
 
-def make_accelerator(run: RunConfig, cpu: bool = False):
+def make_accelerator(run: RunConfig, cpu: bool | None = None):
     """An accelerate Accelerator for this run: devices, processes, mixed precision, accumulation.
 
     `accelerate launch --num_processes K ...` (or torchrun) makes it multi-process; plain
@@ -31,6 +31,11 @@ def make_accelerator(run: RunConfig, cpu: bool = False):
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
+
+    if cpu is None:
+        # Without CUDA, accelerate forms the process group of a torchrun / `accelerate launch` start
+        # (over gloo) only when told it runs on the CPU; otherwise every process trains alone.
+        cpu = not torch.cuda.is_available()
 
     if run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("mixed_precision fp16 needs a CUDA GPU; use bf16 or no on the CPU")

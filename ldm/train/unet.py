@@ -401,8 +401,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     output_dir = Path(run.output_dir)
     check_paths(config)
     resume_from = resolve_resume(resume, output_dir)  # checked before any weights load
-    # cpu=True on machines without a GPU: accelerate then runs torchrun / `accelerate launch` processes over gloo
-    accelerator = make_accelerator(run, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(run)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     seed_everything(run.seed, rank)
