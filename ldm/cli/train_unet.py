@@ -33,7 +33,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may follow any flag
     from ldm.config import load_config
     from ldm.train.unet import UNetTrainConfig, train
 

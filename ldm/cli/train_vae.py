@@ -27,7 +27,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may follow any flag
     from ldm.config import load_config
     from ldm.train.vae import VAETrainConfig, train
 
@@ -40,7 +40,12 @@ def _main(argv=None) -> int:
     if args.max_steps is not None:
         cfg.run.max_steps = args.max_steps
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    final = train(cfg, resume=args.resume, progress=not args.quiet)
+    from ldm.train.guards import RunStopped, report_stop
+
+    try:
+        final = train(cfg, resume=args.resume, progress=not args.quiet)
+    except RunStopped as stopped:  # a signal (75: resume me) or a diverged run (3): one line, no traceback
+        return report_stop(stopped, "ldm-train-vae")
     print(final)
     return 0
 

@@ -75,7 +75,7 @@ def check_outdir(outdir: Path) -> None:
 
 
 def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # prompts may stand between flags
     _quiet_libraries()
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, check_generation_args, resolve_device, resolve_dtype

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
-from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
+from ldm.train.guards import StepGuard
 from ldm.train.common import (
     DataPosition, MetricsLog, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
     progress_bar, save_grid, seed_everything,
@@ -204,6 +205,8 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
         ema.to(device)
     last_layer = vae.decoder.conv_out.weight  # G_L of the adaptive weight (Esser et al. 2021, eq. 7)
 
+    # signals stop the run after a step with a checkpoint; non-finite updates are skipped (ldm.train.guards)
+    guard = StepGuard(accelerator, max_bad_steps=run.max_bad_steps)
     step = 0
     ckpt = dict(models={"vae": vae, "loss": loss_fn}, optimizers={"vae": g_opt, "disc": d_opt},
                 schedulers={"vae": g_sched, "disc": d_sched}, emas={"vae": ema} if ema is not None else {},
@@ -212,6 +215,8 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
         state = load_checkpoint(resume_from, **ckpt)
         step = state["step"]
         data.load(state["data"])
+        guard.load(state.get("guard", {}))
+        guard.last_good_checkpoint = resume_from
         log.info("resumed from %s at step %d", resume_from, step)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -220,67 +225,82 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
     if is_main and lpips is None and cfg.loss.perceptual_weight > 0:
         log.warning("no LPIPS weights (loss.lpips_path): the reconstruction loss is L1 only")
 
+    def save(step_now: int) -> Path:
+        folder = save_checkpoint(out, step_now, **ckpt, state={"data": data.state(), "guard": guard.state()}, keep_last=run.keep_last, protect=resume_from)
+        guard.last_good_checkpoint = folder
+        return folder
+
     batches = data.batches()
     bar = progress_bar(run.max_steps, step, is_main and progress)
     scores = None  # the latest validation
     images_seen, t0 = 0, time.perf_counter()
-    while step < run.max_steps:
-        gan = loss_fn.gan_active(step)
-        for micro in range(run.grad_accum):
-            x = next(batches)["pixel_values"].to(device)  # (B, 3, R, R) in [-1, 1]
-            with accelerator.accumulate(model, disc):
-                # Autoencoder update. Autocast is explicit because the GAN term calls the bare
-                # discriminator (outside DDP: this pass must not train or synchronise it).
-                with accelerator.autocast():
-                    x_rec, mean, logvar, z = model(x, step_generator(run.seed, step, rank, micro, device))
-                    g_loss, logs = loss_fn.generator_loss(x, x_rec.float(), mean.float(), logvar.float(), step, last_layer)
-                accelerator.backward(g_loss)
-                if accelerator.sync_gradients:
-                    if accelerator.num_processes > 1:  # logvar lives outside DDP: average its gradient by hand
-                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
-                    logs["grad_norm"] = accelerator.clip_grad_norm_(g_params, cfg.optim.max_grad_norm or math.inf)
-                g_opt.step()
-                g_opt.zero_grad(set_to_none=True)
-
-                # Discriminator update on the same reconstructions, detached (LDM's optimizer_idx 1).
-                if gan:
+    with guard, bar:  # the bar closes however the loop ends, before any one-line message
+        while step < run.max_steps:
+            gan = loss_fn.gan_active(step)
+            g_losses, d_losses = [], []
+            for micro in range(run.grad_accum):
+                x = next(batches)["pixel_values"].to(device)  # (B, 3, R, R) in [-1, 1]
+                with accelerator.accumulate(model, disc):
+                    # Autoencoder update. Autocast is explicit because the GAN term calls the bare
+                    # discriminator (outside DDP: this pass must not train or synchronise it).
                     with accelerator.autocast():
-                        d_loss, d_logs = loss_fn.discriminator_loss(x, x_rec, disc)
-                    accelerator.backward(d_loss)
+                        x_rec, mean, logvar, z = model(x, step_generator(run.seed, step, rank, micro, device))
+                        g_loss, logs = loss_fn.generator_loss(x, x_rec.float(), mean.float(), logvar.float(), step, last_layer)
+                    accelerator.backward(g_loss)
+                    g_losses.append(g_loss.detach())
                     if accelerator.sync_gradients:
-                        d_logs["grad_norm_disc"] = accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.max_grad_norm or math.inf)
-                    d_opt.step()
-                    d_opt.zero_grad(set_to_none=True)
-                    logs.update(d_logs)
-            images_seen += x.shape[0] * accelerator.num_processes
-        lr = g_sched.get_last_lr()[0]  # the LR this update used
-        g_sched.step()
-        if gan:
-            d_sched.step()
-        if ema is not None:
-            ema.step(vae.parameters())
-        step += 1
+                        if accelerator.num_processes > 1:  # logvar lives outside DDP: average its gradient by hand
+                            loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+                        # a non-finite loss or gradient on any process skips this update on every process
+                        if guard.check(g_losses, g_params):
+                            logs["grad_norm"] = accelerator.clip_grad_norm_(g_params, cfg.optim.max_grad_norm or math.inf)
+                            g_opt.step()
+                    g_opt.zero_grad(set_to_none=True)
 
-        # Logging, pictures, validation, checkpoints.
-        if is_main:
-            rate = images_seen / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss/rec'].item():.4f}", img_s=f"{rate:.1f}")
-            if run.log_every and step % run.log_every == 0:
-                z = z.detach().float()
-                metrics.log(step, {**{k: v.item() if torch.is_tensor(v) else v for k, v in logs.items()},
-                                   "lr": lr, "latent/mean": z.mean().item(), "latent/std": z.std().item(),
-                                   "images_per_s": rate})
-            if run.sample_every and step % run.sample_every == 0:
-                _save_reconstructions(vae, ema, val_images if val_images is not None else x[:8], out / "samples" / f"step-{step:07d}.png")
-            if val_images is not None and cfg.validate_every and step % cfg.validate_every == 0:
-                scores = _validate(vae, ema, val_images, run.batch_size)
-                metrics.log(step, scores)
-                scores["step"] = step
-                bar.write(f"step {step}: PSNR {scores['val/psnr']:.2f} dB, SSIM {scores['val/ssim']:.4f}")
-        if step == run.max_steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
-            save_checkpoint(out, step, **ckpt, state={"data": data.state()}, keep_last=run.keep_last, protect=resume_from)
-    bar.close()
+                    # Discriminator update on the same reconstructions, detached (LDM's optimizer_idx 1).
+                    if gan:
+                        with accelerator.autocast():
+                            d_loss, d_logs = loss_fn.discriminator_loss(x, x_rec, disc)
+                        accelerator.backward(d_loss)
+                        d_losses.append(d_loss.detach())
+                        if accelerator.sync_gradients and guard.check(d_losses, disc.parameters()):  # checked even after a bad G
+                            d_logs["grad_norm_disc"] = accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.max_grad_norm or math.inf)
+                            d_opt.step()
+                        d_opt.zero_grad(set_to_none=True)
+                        logs.update(d_logs)
+                images_seen += x.shape[0] * accelerator.num_processes
+            lr = g_sched.get_last_lr()[0]  # the LR this update used
+            if guard.end_step(step):  # False: the update was skipped, so the schedules and EMA stay too
+                g_sched.step()
+                if gan:
+                    d_sched.step()
+                if ema is not None:
+                    ema.step(vae.parameters())
+            step += 1
+
+            # Logging, pictures, validation, checkpoints.
+            if is_main:
+                rate = images_seen / (time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss/rec'].item():.4f}", img_s=f"{rate:.1f}")
+                if run.log_every and step % run.log_every == 0:
+                    z = z.detach().float()
+                    metrics.log(step, {**{k: v.item() if torch.is_tensor(v) else v for k, v in logs.items()},
+                                       "lr": lr, "latent/mean": z.mean().item(), "latent/std": z.std().item(),
+                                       "images_per_s": rate, "bad_steps": guard.bad_total})
+                if run.sample_every and step % run.sample_every == 0:
+                    _save_reconstructions(vae, ema, val_images if val_images is not None else x[:8], out / "samples" / f"step-{step:07d}.png")
+                if val_images is not None and cfg.validate_every and step % cfg.validate_every == 0:
+                    scores = _validate(vae, ema, val_images, run.batch_size)
+                    metrics.log(step, scores)
+                    scores["step"] = step
+                    bar.write(f"step {step}: PSNR {scores['val/psnr']:.2f} dB, SSIM {scores['val/ssim']:.4f}")
+            if step == run.max_steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
+                save(step)
+            if guard.stop_requested and step < run.max_steps:  # agreed on by every process in guard.check
+                folder = step_dir(out, step) if run.checkpoint_every and step % run.checkpoint_every == 0 else save(step)
+                metrics.close()
+                raise guard.preempted(step, folder)
 
     # The end: validation, the latents' scale, and the AutoencoderKL folder.
     final = out / "final"
