@@ -39,10 +39,12 @@ def test_loss_falls_on_a_tiny_run(setup, tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
-def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path):
-    straight = run_cli(setup, tmp_path, "straight", "--max-steps", "4")
-    split = run_cli(setup, tmp_path, "split", "--max-steps", "2")
-    split = run_cli(setup, tmp_path, "split", "--max-steps", "4", "--resume", "latest")
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path, grad_accum):
+    accum = f"run.grad_accum={grad_accum}"
+    straight = run_cli(setup, tmp_path, "straight", "--max-steps", "4", accum)
+    split = run_cli(setup, tmp_path, "split", "--max-steps", "2", accum)
+    split = run_cli(setup, tmp_path, "split", "--max-steps", "4", "--resume", "latest", accum)
     a, b = straight / "checkpoints" / "step-0000004", split / "checkpoints" / "step-0000004"
     for name in ("model-unet", "model-text_encoder", "ema-unet", "optimizer-main"):
         ta, tb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
