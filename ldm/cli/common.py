@@ -54,3 +54,55 @@ def _prog() -> str:
     import os
 
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "ldm"
+
+
+# ---- what the two training commands share ---------------------------------------------------------
+
+TRAINING_EXIT_STATUSES = (
+    "Exit status: 0 done; 2 bad input; 3 too many non-finite steps in a row (run.max_bad_steps); "
+    "75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with --resume latest)."
+)
+
+
+def add_training_arguments(p: ArgumentParser, presets: str, config_class: str, override_example: str) -> None:
+    """--config, --data, --output-dir, --max-steps, --resume and key=value overrides."""
+    p.add_argument("--config", required=True, help=f"a YAML preset ({presets}); keys map 1:1 onto {config_class}")
+    p.add_argument("--data", help="training data (folder, metadata.jsonl/csv, tar shards); sets data.path")
+    p.add_argument("--output-dir", help="run folder for checkpoints, samples, metrics and final/; sets run.output_dir")
+    p.add_argument("--max-steps", type=int, help="optimizer updates; sets run.max_steps")
+    p.add_argument("--resume", metavar="latest|DIR", help="continue exactly from the newest checkpoint of the output folder, or from a checkpoint folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides with dotted keys, values as YAML (e.g. {override_example})")
+
+
+def load_training_config(config_class, args, **paths):
+    """The config from --config and the overrides, then the flags. Flags are set directly rather
+    than as overrides: a path stays a string even where YAML would read it otherwise ("2024", "yes").
+    `paths` maps further config attributes to flag values (e.g. vae=args.vae)."""
+    from ldm.config import load_config
+
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}")
+    config = load_config(config_class, args.config, args.overrides)
+    for attribute, value in {"data.path": args.data, "run.output_dir": args.output_dir, "run.max_steps": args.max_steps, **paths}.items():
+        if value is not None:
+            *parents, name = attribute.split(".")
+            target = config
+            for parent in parents:
+                target = getattr(target, parent)
+            setattr(target, name, value)
+    return config
+
+
+def run_training(train: Callable[[], object], prog: str) -> int:
+    """Run `train()`, print its result (OUTPUT/final); an early stop is one line and its exit status."""
+    import logging
+
+    from ldm.train.guards import RunStopped, report_stop
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        result = train()
+    except RunStopped as stopped:  # a signal (75: resume me) or a diverged run (3): one line, no traceback
+        return report_stop(stopped, prog)
+    print(result)
+    return 0
