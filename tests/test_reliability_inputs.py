@@ -90,3 +90,40 @@ def test_txt2img_bad_flags(setup, tiny_pipeline_dir, no_weights, capsys, case):
     extra = [a.format(root=setup["root"], model=tiny_pipeline_dir) for a in extra]
     model = [] if "--model" in extra else ["--model", str(tiny_pipeline_dir)]
     assert message in one_line_error(txt2img, ["a red circle", *model, "--outdir", str(setup["root"] / "png"), *extra], capsys)
+
+
+VAE_CASES = {
+    "config missing": (["--config", "{root}/nope.yaml"], "config file not found"),
+    "config broken": (["--config", "{root}/broken.yaml"], "not a readable YAML file"),
+    "data missing": (["--data", "{root}/nodata"], "{root}/nodata"),
+    "output-dir a file": (["--output-dir", "{root}/a_file"], "a_file"),
+    "max-steps zero": (["--max-steps", "0"], "--max-steps must be at least 1"),
+    "max-steps text": (["--max-steps", "many"], "invalid int value: 'many'"),
+    "resume missing": (["--resume", "{root}/nockpt"], "--resume: checkpoint folder not found"),
+    "resume not a checkpoint": (["--resume", "{root}/data"], "not a usable checkpoint"),
+    "unknown flag": (["--bogus"], "unrecognized arguments: --bogus"),
+    "override unknown key": (["loss.kl_weigth=1"], "unknown config key loss.kl_weigth"),
+    "override bad type": (["run.batch_size=four"], "config key run.batch_size: expected int"),
+    "pretrained missing": (["model.pretrained={root}/novae"], "novae"),
+    "validation data missing": (["data.validation_path={root}/noval"], "noval"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VAE_CASES))
+def test_train_vae_bad_flags(setup, capsys, case, monkeypatch):
+    import ldm.train.vae as vae_module
+    from ldm.cli.train_vae import main as train_vae
+
+    def refuse(*a, **k):
+        raise AssertionError("the run started before the input was checked")
+
+    monkeypatch.setattr(vae_module, "make_accelerator", refuse)
+    extra, message = VAE_CASES[case]
+    vae_config = setup["root"] / "vae.yaml"
+    vae_config.write_text("model: {block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 4}\ndata: {resolution: 32, num_workers: 0}\n")
+    base = {"--config": str(vae_config), "--data": str(setup["data"]), "--output-dir": str(setup["root"] / "vae-out")}
+    extra = [a.format(root=setup["root"]) for a in extra]
+    for flag in [a for a in extra if a in base]:
+        base.pop(flag)
+    argv = [x for kv in base.items() for x in kv] + extra
+    assert message.format(root=setup["root"]) in one_line_error(train_vae, argv, capsys)

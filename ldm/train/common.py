@@ -47,6 +47,23 @@ def make_accelerator(run: RunConfig, cpu: bool | None = None):
     )
 
 
+def check_run_paths(data: dict[str, str | None], output_dir: str, folders: dict[str, str | None]) -> None:
+    """Every path a run reads or writes, checked before anything starts (one-line errors).
+
+    `data`: config key → a dataset path (a folder or file; brace ranges and globs of tar shards
+    are checked when opened); `folders`: config key → a folder that must exist (None: unused).
+    """
+    for key, path in data.items():
+        if path is not None and "{" not in path and "*" not in path and not Path(path).exists():
+            raise FileNotFoundError(f"training data not found: {path}" if key == "data.path" else f"{key} not found: {path}")
+    for key, path in folders.items():
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"{key}: folder not found: {path}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"run.output_dir {out} exists and is not a folder")
+
+
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed Python, NumPy and torch; each process gets its own stream (seed + rank)."""
     s = seed + rank

@@ -366,15 +366,10 @@ def diffusion_loss(unet, z0: torch.Tensor, cond: torch.Tensor, draws: Draws, alp
 
 def check_paths(config: UNetTrainConfig) -> None:
     """Every path the run reads or writes, checked before any weights load (one-line errors)."""
-    data = config.data.path
-    if isinstance(data, str) and "{" not in data and "*" not in data and not Path(data).exists():  # braces/globs: tar shards
-        raise FileNotFoundError(f"training data not found: {data}")
-    for key, path in (("vae", config.vae), ("text_encoder.path", config.text_encoder.path), ("model.pretrained", config.model.pretrained)):
-        if path is not None and not Path(path).is_dir():
-            raise FileNotFoundError(f"{key}: folder not found: {path}")
-    output_dir = Path(config.run.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"run.output_dir {output_dir} exists and is not a folder")
+    from ldm.train.common import check_run_paths
+
+    check_run_paths({"data.path": config.data.path}, config.run.output_dir,
+                    {"vae": config.vae, "text_encoder.path": config.text_encoder.path, "model.pretrained": config.model.pretrained})
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -31,7 +31,7 @@ from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_confi
 from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
 from ldm.train.guards import StepGuard
 from ldm.train.common import (
-    DataPosition, MetricsLog, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
+    DataPosition, MetricsLog, check_run_paths, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
     progress_bar, save_grid, seed_everything,
 )
 from ldm.train.metrics import psnr, ssim
@@ -173,10 +173,14 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
 
     check_config(cfg)
     run, out = cfg.run, Path(cfg.run.output_dir)
+    if cfg.data.path is None:
+        raise ValueError("no training data: pass --data PATH or set data.path in the config")
+    check_run_paths({"data.path": cfg.data.path, "data.validation_path": cfg.data.validation_path}, run.output_dir,
+                    {"model.pretrained": cfg.model.pretrained})
+    resume_from = resolve_resume(resume, out)  # checked before anything starts
     accelerator = make_accelerator(run)
     device, rank, is_main = accelerator.device, accelerator.process_index, accelerator.is_main_process
     seed_everything(run.seed, rank)
-    resume_from = resolve_resume(resume, out)
 
     # Data: a seeded permutation per epoch, split across processes, resumable mid-epoch.
     dataset = open_dataset(cfg.data.path, resolution=cfg.data.resolution, crop=cfg.data.crop,
