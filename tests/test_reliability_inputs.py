@@ -127,3 +127,30 @@ def test_train_vae_bad_flags(setup, capsys, case, monkeypatch):
         base.pop(flag)
     argv = [x for kv in base.items() for x in kv] + extra
     assert message.format(root=setup["root"]) in one_line_error(train_vae, argv, capsys)
+
+
+SHAPES_EVAL_CASES = {
+    "num-prompts": (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+    "seed": (["--seed", "-1"], "seed must be non-negative"),
+    "sampler": (["--sampler", "bogus"], "unknown sampler 'bogus'"),
+    "steps zero": (["--steps", "0"], "num_inference_steps must be an integer ≥ 1"),  # was silently the default
+    "cfg": (["--cfg", "-1"], "guidance scale (cfg) must be a number ≥ 0"),
+    "batch-size": (["--batch-size", "0"], "batch_size must be an integer ≥ 1"),
+    "size": (["--size", "50"], "height 50 is not a multiple of 8"),
+    "device": (["--device", "bogus"], "unknown device 'bogus'"),
+    "outdir a file": (["--outdir", "{root}/a_file"], "exists and is not a folder"),
+    "model missing": (["--model", "{root}/nomodel"], "model folder not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHAPES_EVAL_CASES))
+def test_shapes_eval_bad_flags(setup, tiny_pipeline_dir, no_weights, capsys, case):
+    from ldm.cli.shapes import main as shapes
+
+    extra, message = SHAPES_EVAL_CASES[case]
+    base = {"--model": str(tiny_pipeline_dir), "--num-prompts": "2", "--outdir": str(setup["root"] / "eval")}
+    extra = [a.format(root=setup["root"]) for a in extra]
+    for flag in [a for a in extra if a in base]:
+        base.pop(flag)
+    argv = ["eval", *[x for kv in base.items() for x in kv], *extra]
+    assert message in one_line_error(shapes, argv, capsys)

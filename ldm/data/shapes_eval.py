@@ -16,26 +16,42 @@ from .shapes import eval_prompts, format_prompt
 from .shapes_score import score_folder, write_report
 
 
+def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_prompts: int, seed: int, sampler: str | None,
+                    steps: int | None, cfg: float, batch_size: int, size: int | None, overwrite: bool,
+                    num_train_timesteps: int | None = None) -> tuple[str, int, int]:
+    """Validate every evaluation setting (before any weights load); returns (sampler, steps, size)
+    with the defaults filled in. Raises ValueError naming the bad setting."""
+    from ldm.pipeline import check_generation_args
+    from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    sampler = DEFAULT_SAMPLER if sampler is None else sampler
+    steps = DEFAULT_STEPS if steps is None else steps  # not `or`: 0 steps is an error, not the default
+    size = default_size if size is None else size
+    if num_prompts < 1:
+        raise ValueError(f"--num-prompts must be at least 1, got {num_prompts}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    check_generation_args(latent_factor=latent_factor, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
+                          sampler=sampler, batch_size=batch_size, num_train_timesteps=num_train_timesteps)
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise ValueError(f"--outdir {outdir} exists and is not a folder")
+    meta_path = os.path.join(outdir, "metadata.jsonl")
+    if os.path.exists(meta_path) and not overwrite:
+        raise ValueError(f"{meta_path} exists; choose another --outdir (or --overwrite)")
+    return sampler, steps, size
+
+
 def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
                          overwrite: bool = False, progress: bool = False) -> list[dict]:
     """Generate one image per evaluation prompt with `pipe` (a LatentPipeline) into `outdir`
     as PNGs + metadata.jsonl (format (b)); returns the rows written."""
-    from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
-
-    sampler = sampler or DEFAULT_SAMPLER
-    steps = steps or DEFAULT_STEPS
-    if num_prompts < 1:
-        raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+    sampler, steps, size = check_eval_args(
+        latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
+        sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
+        num_train_timesteps=pipe.scheduler.config.num_train_timesteps)
     meta_path = os.path.join(outdir, "metadata.jsonl")
-    if os.path.exists(meta_path) and not overwrite:
-        raise ValueError(f"{meta_path} exists; choose another --outdir (or --overwrite)")
     os.makedirs(outdir, exist_ok=True)
-    size = size or pipe.default_size
     prompts = eval_prompts(num_prompts, seed)
     rows = []
     for start in range(0, num_prompts, batch_size):
@@ -58,18 +74,21 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
              device: str | None = None, overwrite: bool = False, progress: bool = False) -> dict:
     """Load `model`, generate the evaluation folder, score it; writes and returns `outdir/report.json`."""
     from ldm import LatentPipeline
-    from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+    from ldm.models import inspect_pipeline, resolve_model
+    from ldm.pipeline import resolve_device
 
-    sampler = sampler or DEFAULT_SAMPLER
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    steps = steps or DEFAULT_STEPS
+    info = inspect_pipeline(resolve_model(model))  # configs only: every setting is checked before weights load
+    device = resolve_device(device)
+    sampler, steps, size = check_eval_args(
+        latent_factor=info.latent_factor, default_size=info.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
+        sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
+        num_train_timesteps=info.scheduler_config.get("num_train_timesteps"))
     start = time.time()
     pipe = LatentPipeline.from_pretrained(model, device=device)
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
                          batch_size=batch_size, size=size, overwrite=overwrite, progress=progress)
     report = score_folder(outdir)
     report["settings"] = {"model": os.fspath(model), "num_prompts": num_prompts, "seed": seed, "sampler": sampler,
-                          "steps": steps, "cfg": cfg, "size": size or pipe.default_size, "seconds": round(time.time() - start, 1)}
+                          "steps": steps, "cfg": cfg, "size": size, "seconds": round(time.time() - start, 1)}
     write_report(report, os.path.join(outdir, "report.json"))
     return report
