@@ -35,8 +35,11 @@ def test_make_is_deterministic_and_scores_perfectly(tmp_path, capsys):
     (["score", "{tmp}/nothing"], "nothing"),
     (["eval", "--model", "{tmp}/no-model", "--num-prompts", "2"], "no-model"),
     (["frobnicate"], "invalid choice"),
+    (["make", "--out", "{tmp}/a_file", "--num", "2"], "exists and is not a folder"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--seed", "-1"], "--seed must be non-negative"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as e:
         main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert e.value.code == 2

@@ -11,7 +11,7 @@ import sys
 from typing import Callable, NoReturn, Sequence
 
 # Errors that mean "the input is wrong", raised by the Python API with a message meant for people.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 EXIT_USAGE = 2
 

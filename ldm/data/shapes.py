@@ -370,6 +370,8 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
 
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "metadata.jsonl")
     if os.path.exists(meta_path) and not overwrite:
