@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm.models import PipelineInfo, inspect_pipeline, load_component, resolve_model
-from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
+from ldm.models import inspect_pipeline, load_component, resolve_model
+from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
 from ldm.text import LdmWarning, PromptEncoder
 
 # The embedded default model (trained by this project on the shapes world) lives here once shipped.

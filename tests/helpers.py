@@ -166,7 +166,7 @@ def to_original_format(pipe) -> dict[str, torch.Tensor]:
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2", "conv_in": "input_blocks.0.0",
              "conv_norm_out": "out.0", "conv_out": "out.2"}
     for k, v in pipe.unet.state_dict().items():
-        head, _, rest = k.partition(".")
+        head = k.partition(".")[0]
         parts = k.split(".")
         if ".".join(parts[:-1]) in fixed:
             name = fixed[".".join(parts[:-1])] + "." + parts[-1]

@@ -1,6 +1,5 @@
 """Training checkpoints: exact restore without pickle, atomic saves, pruning; sampler and LR schedule."""
 
-import json
 import pickle
 import random
 

@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ldm.cli.common import ArgumentParser, fail, run
+from ldm.cli.common import ArgumentParser, run
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 

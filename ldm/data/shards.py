@@ -246,7 +246,7 @@ class ShardDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         order_rng = np.random.default_rng([self.seed, self.epoch])  # the same in every process
         yielded, skipped = 0, 0
-        for pass_no in itertools.count():
+        for _ in itertools.count():  # passes over the shards until the quota is met
             order = list(order_rng.permutation(len(self.shards))) if self.shuffle else list(range(len(self.shards)))
             good = 0
             for raw in _shuffled(self._one_pass(order, slot, slots), self.shuffle_buffer, rng):
