@@ -66,3 +66,44 @@ class PromptEncoder:
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """The last hidden state for each prompt, padded to the full context: (B, L, D)."""
         return self.embed(*self.tokenize(prompts))
+
+
+def prune_clip_bpe(vocab: dict[str, int], merges: list[str], words) -> tuple[dict[str, int], list[str]]:
+    """CLIP's byte-level BPE cut down to what `words` need: all 512 byte symbols (with and without
+    the end-of-word mark, so any text still tokenizes, if in smaller pieces), the merges the words
+    use, in their original order, and the two special tokens. Written by hand: neither tokenizers
+    nor transformers prunes a BPE vocabulary.
+
+    BPE merges the present pair of lowest rank first (Sennrich et al. 2016), so keeping exactly the
+    merges a word uses, in rank order, reproduces its segmentation: each step's winner is still the
+    lowest-ranked present pair among the kept ones. A small world (the shapes world has ~40 words)
+    then needs ~600 embeddings instead of CLIP's 49,408. Words must be lower-case letters only (one
+    pre-token each under CLIP's splitting rule); ids are renumbered in their original order."""
+    rank = {tuple(m.split()): i for i, m in enumerate(merges)}
+    used: set[tuple[str, str]] = set()
+    for word in words:
+        if not word or not word.isalpha() or word != word.lower():
+            raise ValueError(f"prune_clip_bpe: words must be lower-case letters, got {word!r}")
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = {(a, b) for a, b in zip(symbols, symbols[1:]) if (a, b) in rank}
+            if not pairs:
+                break
+            best = min(pairs, key=rank.__getitem__)
+            used.add(best)
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+    kept_merges = sorted(used, key=rank.__getitem__)
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    base = [token for token, _ in by_id[:512]]  # CLIP: ids 0-255 bytes, 256-511 bytes + "</w>"
+    specials = [token for token, _ in by_id if token.startswith("<|")]
+    keep = set(base) | {a + b for a, b in kept_merges} | set(specials)
+    pruned = {token: i for i, token in enumerate(token for token, _ in by_id if token in keep)}
+    return pruned, [f"{a} {b}" for a, b in kept_merges]

@@ -153,6 +153,15 @@ _PATTERNS = {
 }
 
 
+def world_words() -> list[str]:
+    """Every word a caption of the grammar can contain, sorted: the default model's whole vocabulary."""
+    words = {"a", "an", "and", "on", "background"} | set(COLORS) | set(BACKGROUNDS) | set(SIZE_FRACTIONS) | set(NUMBERS.values())
+    words |= set(SHAPES) | {f"{shape}s" for shape in SHAPES}
+    for relation in RELATIONS:
+        words |= set(relation.split())
+    return sorted(words)
+
+
 def parse_caption(text: str) -> Prompt:
     """Caption text -> Prompt; ValueError for anything outside the grammar (articles included)."""
     clean = " ".join(text.strip().split())
