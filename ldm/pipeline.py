@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -26,12 +27,16 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ldm.assets import asset_path
 from ldm.models import inspect_pipeline, load_component, resolve_model
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
 from ldm.text import LdmWarning, PromptEncoder
 
 # The embedded default model (trained by this project on the shapes world) lives here once shipped.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default-model"
+DEFAULT_MODEL = asset_path("default-model")
+# A model folder may list the words its captions used in training, one per line; prompts with
+# other words then get one warning (the default model knows only the shapes world's 32 words).
+TRAINING_WORDS = "training_words.txt"
 MAX_SEED = 2**63 - 1
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -216,6 +221,7 @@ class LatentPipeline:
         self.scheduler = scheduler  # the training scheduler: samplers are built from its config
         self.name_or_path = str(name_or_path)
         self.prompt_encoder = PromptEncoder(text_encoder, tokenizer)
+        self.training_words: frozenset[str] | None = None  # see TRAINING_WORDS; None: unknown, no check
 
     # ---- loading and saving ------------------------------------------------------------------
 
@@ -254,6 +260,7 @@ class LatentPipeline:
         parts = {c: load_component(info.path, c, info.classes[c], dtype if c in ("unet", "vae", "text_encoder") else None, allow_pickle=allow_pickle)
                  for c in info.classes}
         pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
+        pipe.training_words = read_training_words(info.path)
         pipe.to(device, dtype)
         pipe.set_attention(attention)
         return pipe
@@ -344,6 +351,8 @@ class LatentPipeline:
                 obj = getattr(self, name)
                 index[name] = ["diffusers" if type(obj).__module__.startswith("diffusers") else "transformers", type(obj).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            if self.training_words is not None:
+                (tmp / TRAINING_WORDS).write_text("".join(w + "\n" for w in sorted(self.training_words)), encoding="utf-8")
             inspect_pipeline(tmp)  # what we wrote must be what we load
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
@@ -437,6 +446,31 @@ class LatentPipeline:
             raise FloatingPointError("the VAE decoder returned NaN/inf even in fp32; the latents are not finite (diverged sampling?)")
         return image
 
+    def unseen_words(self, prompts: Sequence[str]) -> list[str]:
+        """The words of `prompts` (lower-cased runs of letters and digits) that are not in the
+        model's training vocabulary, in order of first use; [] when the model lists none."""
+        if self.training_words is None:
+            return []
+        words = (w for p in prompts for w in _WORD.findall(p.lower()))
+        return [w for w in dict.fromkeys(words) if w not in self.training_words]
+
+    def warn_unseen_words(self, prompts: Sequence[str]) -> None:
+        """One warning naming the prompt words the model never saw in training: it still draws a
+        picture, but those words mean nothing to it."""
+        unseen = self.unseen_words(prompts)
+        if not unseen:
+            return
+        shown = ", ".join(repr(w) for w in unseen[:8]) + (f" and {len(unseen) - 8} more" if len(unseen) > 8 else "")
+        is_default = Path(self.name_or_path).resolve() == DEFAULT_MODEL.resolve() if self.name_or_path else False
+        model = "the default model (the shapes world: coloured circles, squares and triangles)" if is_default else f"the model {self.name_or_path or '(unnamed)'}"
+        warnings.warn(
+            f"{model} never saw {'this word' if len(unseen) == 1 else 'these words'} in training: {shown}; "
+            "the picture ignores them. For a general-purpose model pass --model PATH "
+            "(ldm-txt2img) or LatentPipeline.from_pretrained(PATH), e.g. a Stable Diffusion 1.x/2.x pipeline folder",
+            LdmWarning,
+            stacklevel=4,  # warn_unseen_words ← __call__ ← torch.no_grad's wrapper ← the caller
+        )
+
     @staticmethod
     def to_images(image: torch.Tensor, output_type: str):
         """[−1, 1] tensors → PIL images, a float array in [0, 1] (B, H, W, 3), or a tensor in [0, 1]."""
@@ -510,6 +544,7 @@ class LatentPipeline:
             seeds, generators = [None] * n, None  # one shared generator: images depend on the batch
 
         self.prompt_encoder.warn_if_truncated(prompts)
+        self.warn_unseen_words(prompts + negatives)
         guidance = Guidance(guidance_scale, guidance_rescale, dynamic_threshold, threshold_bound)
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         batch_size = batch_size or n
@@ -539,6 +574,21 @@ class LatentPipeline:
             for p, neg, s in zip(prompts, negatives, seeds)
         ]
         return LatentPipelineOutput(images, seeds, prompts, negatives, parameters)
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def read_training_words(folder: str | os.PathLike) -> frozenset[str] | None:
+    """The training vocabulary a model folder lists in TRAINING_WORDS, or None if it has none."""
+    path = Path(folder) / TRAINING_WORDS
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the training vocabulary ({e})") from None
+    return frozenset(w.strip().lower() for w in text.splitlines() if w.strip())
 
 
 def _check_xformers(device: torch.device) -> None:

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from ldm import schedule
+from ldm.assets import asset_path
 from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
 from ldm.text import LdmWarning, PromptEncoder
 
 log = logging.getLogger("ldm.train")
-CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "assets" / "clip-tokenizer"  # vocab.json + merges.txt
+CLIP_TOKENIZER = asset_path("clip-tokenizer")  # vocab.json + merges.txt
 
 
 # ---- config --------------------------------------------------------------------------------------
