@@ -42,6 +42,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dynamic-threshold", type=float, metavar="P", help="Imagen dynamic thresholding of the predicted latent at percentile P (e.g. 0.995); off by default")
     p.add_argument("--threshold-bound", type=float, default=1.0, help="the range dynamic thresholding pulls the predicted latent into")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="attention kernels: torch SDPA, or xformers where installed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (CUDA graphs on a GPU), with channels-last layout and fused QKV projections: slow first batch, faster after; for long --prompts-file runs")
+    p.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"], help="decode in overlapping tiles so large images fit a fixed memory budget (auto: above 1024x1024 pixels)")
     p.add_argument("--allow-pickle", action="store_true", help="accept a pipeline folder whose weights are only pickle files (.bin/.ckpt), read by torch's weights-only unpickler; only for files you trust, convert them to safetensors instead when you can")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -116,6 +118,9 @@ def _main(argv=None) -> int:
         pipe = LatentPipeline.from_single_file(model, config=info.path, device=device, dtype=args.dtype, attention=args.attention)
     else:
         pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle)
+    if args.compile:
+        pipe.optimize(channels_last=True, fuse_qkv=True, compile=True)
+    vae_tiling = {"auto": "auto", "on": True, "off": False}[args.vae_tiling]
     jobs = [p for p in prompts for _ in range(args.num_images)]
     import random
 
@@ -126,7 +131,7 @@ def _main(argv=None) -> int:
             batch, negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,
             height=height, width=width, seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
             guidance_rescale=args.guidance_rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
-            threshold_bound=args.threshold_bound, progress=not args.quiet,
+            threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling,
         )
         for path in out.save(args.outdir):
             print(path, flush=True)
