@@ -30,7 +30,7 @@ def build_parser() -> ArgumentParser:
     e = sub.add_parser("eval", help="generate images for held-out prompts with a model, then score them",
                        description="Draw prompts from the evaluation seed stream (never used for training data), "
                                    "generate with the model, write images + metadata.jsonl + report.json, and score.")
-    e.add_argument("--model", required=True, help="a pipeline folder (diffusers layout) trained in the shapes world")
+    e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world (default: the embedded default model)")
     e.add_argument("--num-prompts", type=int, default=600, help="number of prompts (balanced over the six caption kinds)")
     e.add_argument("--seed", type=int, default=0, help="evaluation seed: picks the prompts; image i is generated with seed + i")
     e.add_argument("--sampler", default=None, help="sampler name (default: the project's default sampler)")
@@ -76,7 +76,9 @@ def _main(argv=None) -> int:
 
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
-    report = evaluate(args.model, args.outdir, num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler,
+    from ldm.pipeline import DEFAULT_MODEL
+
+    report = evaluate(args.model or str(DEFAULT_MODEL), args.outdir, num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler,
                       steps=args.steps, cfg=args.cfg, batch_size=args.batch_size, size=args.size, device=args.device,
                       overwrite=args.overwrite, progress=not args.quiet)
     print(format_report(report))

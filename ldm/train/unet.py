@@ -121,6 +121,10 @@ def check_config(config: UNetTrainConfig) -> None:
         raise ValueError(f"objective.p_uncond must be in [0, 1), got {obj.p_uncond}")
     if obj.p_uncond == 0:
         warnings.warn("objective.p_uncond is 0: the model never learns the unconditional prediction, so classifier-free guidance will not work", LdmWarning, stacklevel=2)
+    if obj.zero_terminal_snr and obj.loss_weighting == "min_snr":
+        warnings.warn("objective.loss_weighting=min_snr with zero_terminal_snr: min-SNR-γ weights a timestep by about its SNR at the noisy end, "
+                      "so the steps where sampling starts (SNR 0) are barely trained and colours and layout ignore the prompt; "
+                      "use loss_weighting=uniform (Lin et al. 2023 train plain v-MSE)", LdmWarning, stacklevel=2)
     if obj.zero_terminal_snr and obj.prediction_type != "v_prediction":
         raise ValueError("objective.zero_terminal_snr needs objective.prediction_type=v_prediction (at SNR 0 an ε prediction says nothing about z_0)")
     if obj.num_train_timesteps < 2:
