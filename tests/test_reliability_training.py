@@ -85,6 +85,27 @@ def test_sigterm_saves_exits_75_and_resume_is_bit_exact(setup, tmp_path, capsys)
     assert_same_checkpoint(step_dir(out, k + 2), step_dir(straight, k + 2))
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(setup, tmp_path):
+    """systemd, Slurm and a terminal's Ctrl-C signal every process of the job, DataLoader workers
+    included. A worker that died of it used to fail the run ("DataLoader worker killed by
+    signal") with no checkpoint: workers must leave stopping to the training process."""
+    out = tmp_path / "group"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ldm.cli.train_unet", *args(setup, out, "--max-steps", "1000"), "data.num_workers=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the training process and both of its loader workers
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-2000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr
+    assert verify_checkpoint(latest_checkpoint(out)) is None
+    assert json.loads((latest_checkpoint(out) / "state.json").read_text())["step"] >= 1
+
+
 def test_sigint_stops_after_the_step_and_a_second_one_during_the_save_breaks_nothing(setup, tmp_path, monkeypatch, capfd):
     out = tmp_path / "int"
     # first SIGINT during step 3 (after the checkpoint of step 2); a second one while saving step 3

@@ -190,12 +190,21 @@ class StepGuard:
 
 
 def ignore_stop_signals_in_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers are forked with the training process's handlers. A
-    terminal's Ctrl-C reaches the whole process group; only the training process decides when to
-    stop, so workers ignore SIGINT. SIGTERM gets its default back: the loader ends its workers
-    with it."""
+    """DataLoader `worker_init_fn`: workers are forked with the training process's handlers, and
+    stop signals often reach every process of a job: a terminal's Ctrl-C goes to the whole process
+    group, systemd and Slurm send SIGTERM to every process of the unit or job step. A worker that
+    died of it would make the training process fail with "DataLoader worker killed by signal"
+    before it could save (seen in a real run). Only the training process decides when to stop, so
+    workers ignore SIGINT, and SIGTERM while their parent lives; the loader still ends them with
+    its shutdown sentinel, and an orphaned worker exits on SIGTERM as before."""
+    parent = os.getppid()
+
+    def on_sigterm(signum, frame):
+        if os.getppid() != parent:  # the training process is gone: nobody else will end us
+            os._exit(128 + signum)
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 __all__ = ["StepGuard", "RunStopped", "Preempted", "NumericalFault", "report_stop", "ignore_stop_signals_in_worker",
