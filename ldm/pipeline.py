@@ -400,8 +400,10 @@ class LatentPipeline:
         channels_last: NHWC memory layout for the convolutions of the U-Net and VAE (cuDNN's and
           oneDNN's fast path); fuse_qkv: one matrix product for the query/key/value projections of
           every self-attention (diffusers' fuse_qkv_projections); compile: torch.compile the U-Net,
-          with CUDA graphs on a GPU ("reduce-overhead"). Compiling costs seconds to minutes the
-          first time each batch shape is seen, so it pays off over many images (--prompts-file)."""
+          with CUDA graphs on a GPU ("reduce-overhead"), with weight freezing on the CPU (the
+          weights become constants of the compiled graph: re-run optimize after changing them).
+          Compiling costs seconds to minutes the first time each batch shape is seen, so it pays
+          off over many images (--prompts-file)."""
         if fuse_qkv:
             self.unet.fuse_qkv_projections()
             self.vae.fuse_qkv_projections()
@@ -409,8 +411,10 @@ class LatentPipeline:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.unet = torch.compile(self.unet, mode=mode, fullgraph=True)
+            if self.device.type == "cuda":
+                self.unet = torch.compile(self.unet, mode="reduce-overhead", fullgraph=True)
+            else:  # inductor's freezing folds the (fixed) weights into the graph: ~1.8× on a small U-Net
+                self.unet = torch.compile(self.unet, fullgraph=True, options={"freezing": True})
         return self
 
     @property
@@ -456,12 +460,13 @@ class LatentPipeline:
         raise ValueError(f"vae_tiling must be 'auto', True or False, got {vae_tiling!r}")
 
     def _vae_decode(self, z: torch.Tensor, tiled: bool) -> torch.Tensor:
-        if not tiled:
-            return self.vae.decode(z, return_dict=False)[0]
+        vae = self.vae
+        if not tiled or (z.shape[-1] <= vae.tile_latent_min_size and z.shape[-2] <= vae.tile_latent_min_size):
+            return vae.decode(z, return_dict=False)[0]  # one tile or less: diffusers decodes it whole too
         # One image at a time, each in overlapping tiles of the VAE's own sample size blended
         # across the overlap: diffusers' AutoencoderKL.tiled_decode, so the seams are exactly
         # diffusers' and the decoder's working memory is that of one tile whatever the image size.
-        return torch.cat([self.vae.tiled_decode(z[i:i + 1], return_dict=False)[0] for i in range(len(z))])
+        return torch.cat([vae.tiled_decode(z[i:i + 1], return_dict=False)[0] for i in range(len(z))])
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor:

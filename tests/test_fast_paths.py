@@ -25,6 +25,8 @@ def test_tiled_decoding_is_diffusers_tiling(tiny_pipe):
     assert ours.shape == whole.shape == theirs.shape == (2, 3, 160, 160)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert (ours - whole).abs().max() > 1e-3  # tiling did happen (its blended seams differ from a whole decode)
+    one_tile = latents[:, :, :8, :8]  # no larger than a tile: decoded whole, as diffusers does
+    assert torch.equal(tiny_pipe.decode_latents(one_tile, vae_tiling=True), tiny_pipe.decode_latents(one_tile, vae_tiling=False))
 
 
 def test_auto_tiling_only_above_a_megapixel(tiny_pipe):

@@ -1,0 +1,191 @@
+"""Sampling speed: ldm's LatentPipeline against diffusers' StableDiffusionPipeline, side by side.
+
+Both load the same folder and run the same scheduler (dpm++2m), steps, CFG and per-image seeds in
+one process; runs alternate (ours, theirs, ours, ...) so drift in the machine's speed hits both,
+and the median of the timed runs is reported after one untimed warm-up each. Every case also
+reports the largest pixel difference between the two pipelines' images (0-255 scale).
+
+    python scripts/bench_sampling.py --case cpu      # the embedded default model on the CPU
+    python scripts/bench_sampling.py --case gpu      # SD 1.5's architecture, random weights, 512 px, fp16
+    python scripts/bench_sampling.py --case gpu --compile   # ... with torch.compile + CUDA graphs
+
+Cases
+  cpu: batch 1 (one prompt), and a list of 16 prompts. Ours takes the list in one call (the 16
+       prompts batched, both guidance halves in one U-Net call); diffusers is timed both ways a
+       user would call it: the list in one call, and one call per prompt (a loop).
+  gpu: batch 1 and batch 8 in half precision; diffusers' default fp16 pipeline vs ours with SDPA,
+       channels-last and fused QKV projections (and --compile). Guided steps/s = steps / seconds
+       per image at batch 1.
+Prints a table and a one-line summary; --json PATH writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS_16 = [
+    "a red circle", "a blue square to the left of a green triangle", "three yellow circles", "a large purple triangle",
+    "an orange square above a small blue circle", "two green triangles on a white background", "a small red square",
+    "a yellow triangle and a purple circle", "four blue circles", "a large green circle below a red triangle",
+    "an orange circle on a black background", "two purple squares", "a blue triangle to the right of a yellow square",
+    "a small green square and an orange triangle", "three red triangles on a gray background", "a large blue square",
+]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def build_sd15_random(folder: Path, size: int) -> Path:
+    """SD 1.5's architecture (U-Net 860M, VAE 84M, CLIP ViT-L/14 text encoder 123M) with random
+    weights, saved in float16 in the diffusers layout: speed does not depend on the weights."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ldm import LatentPipeline
+    from ldm.assets import asset_path
+    from ldm.config import load_config
+    from ldm.train.unet import UNetTrainConfig, build_unet
+
+    torch.manual_seed(0)
+    config = load_config(UNetTrainConfig, ROOT / "configs" / "unet" / "sd15.yaml")
+    unet = build_unet(config.model, latent_channels=4, cross_attention_dim=768, sample_size=size // 8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+    clip = asset_path("clip-tokenizer")
+    tokenizer = CLIPTokenizer(vocab=str(clip / "vocab.json"), merges=str(clip / "merges.txt"), model_max_length=77)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                              steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    pipe = LatentPipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval(), scheduler)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to(torch.float16)
+    return pipe.save_pretrained(folder)
+
+
+def load_both(folder: Path, device: str, dtype: torch.dtype, levers: dict):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm import LatentPipeline
+    from ldm.sampling import make_scheduler
+
+    ours = LatentPipeline.from_pretrained(folder, device=device, dtype=dtype).optimize(**levers)
+    theirs = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.scheduler = make_scheduler("dpm++2m", ours.scheduler.config)  # the same scheduler as ours
+    return ours, theirs
+
+
+def run_case(name: str, ours, theirs, prompts: list[str], *, steps: int, cfg: float, repeats: int, device: str,
+             size: int, loop: bool = False) -> dict:
+    """Time ours (one call for all prompts) and theirs (one call, or one call per prompt if loop)."""
+    seeds = list(range(len(prompts)))
+
+    def run_ours():
+        return ours(prompts, seed=seeds, guidance_scale=cfg, num_inference_steps=steps, sampler="dpm++2m",
+                    height=size, width=size, output_type="np", progress=False).images
+
+    def run_theirs():
+        if loop:
+            return np.concatenate([theirs(p, generator=torch.Generator().manual_seed(s), guidance_scale=cfg, num_inference_steps=steps,
+                                          height=size, width=size, output_type="np").images for p, s in zip(prompts, seeds)])
+        return theirs(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], guidance_scale=cfg,
+                      num_inference_steps=steps, height=size, width=size, output_type="np").images
+
+    _, a = timed(run_ours, device)  # warm-up (and compilation, with --compile)
+    _, b = timed(run_theirs, device)
+    t_ours, t_theirs = [], []
+    for _ in range(repeats):
+        t_ours.append(timed(run_ours, device)[0])
+        t_theirs.append(timed(run_theirs, device)[0])
+    n = len(prompts)
+    ours_ips, theirs_ips = n / statistics.median(t_ours), n / statistics.median(t_theirs)
+    row = {
+        "case": name, "images": n, "steps": steps, "cfg": cfg, "size": size,
+        "ours_img_s": ours_ips, "diffusers_img_s": theirs_ips, "ratio": ours_ips / theirs_ips,
+        "max_pixel_diff": float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() * 255),
+        "ours_s": t_ours, "diffusers_s": t_theirs,
+    }
+    if n == 1:
+        row["ours_steps_s"], row["diffusers_steps_s"] = steps * ours_ips, steps * theirs_ips
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--device", help="default: cpu for the cpu case, cuda for the gpu case")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each pipeline per case (after one warm-up)")
+    p.add_argument("--size", type=int, help="image size (default: 64 for cpu, 512 for gpu)")
+    p.add_argument("--model", help="cpu case: a pipeline folder (default: the embedded default model)")
+    p.add_argument("--compile", action="store_true", help="torch.compile ours (CUDA graphs on a GPU)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last layout for ours (always on in the gpu case)")
+    p.add_argument("--fuse-qkv", action="store_true", help="fused QKV projections for ours (always on in the gpu case)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffusers import __version__ as diffusers_version
+
+    from ldm.pipeline import DEFAULT_MODEL
+
+    rows = []
+    if args.case == "cpu":
+        device, size = args.device or "cpu", args.size or 64
+        levers = dict(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
+        ours, theirs = load_both(Path(args.model or DEFAULT_MODEL), device, torch.float32, levers)
+        common = dict(steps=args.steps, cfg=args.cfg, repeats=args.repeats, device=device, size=size)
+        rows.append(run_case("cpu batch 1", ours, theirs, PROMPTS_16[:1], **common))
+        rows.append(run_case("cpu 16 prompts vs diffusers list", ours, theirs, PROMPTS_16, **common))
+        rows.append(run_case("cpu 16 prompts vs diffusers loop", ours, theirs, PROMPTS_16, loop=True, **common))
+    else:
+        device, size = args.device or "cuda", args.size or 512
+        dtype = torch.float16
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = build_sd15_random(Path(tmp) / "sd15-random", size)
+            levers = dict(channels_last=True, fuse_qkv=True, compile=args.compile)
+            ours, theirs = load_both(folder, device, dtype, levers)
+            common = dict(steps=args.steps, cfg=args.cfg, repeats=args.repeats, device=device, size=size)
+            rows.append(run_case(f"gpu sd1.5 {size}px fp16 batch 1", ours, theirs, PROMPTS_16[:1], **common))
+            rows.append(run_case(f"gpu sd1.5 {size}px fp16 batch 8", ours, theirs, PROMPTS_16[:8], **common))
+
+    print(f"{'case':<36}{'ours img/s':>12}{'diffusers':>12}{'ratio':>8}{'max Δ px':>10}")
+    for r in rows:
+        print(f"{r['case']:<36}{r['ours_img_s']:>12.3f}{r['diffusers_img_s']:>12.3f}{r['ratio']:>7.2f}×{r['max_pixel_diff']:>10.2f}")
+    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    ratios = ", ".join(f"{r['ratio']:.2f}× ({r['case']})" for r in rows)
+    on = [k for k, v in levers.items() if v]
+    print(f"summary: ours/diffusers = {ratios}; ours with {', '.join(on) or 'no speed levers'}; "
+          f"{hardware}; torch {torch.__version__}, diffusers {diffusers_version}; {args.steps} steps, CFG {args.cfg}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hardware, "levers": levers, "torch": torch.__version__, "diffusers": diffusers_version,
+                                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

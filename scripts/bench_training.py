@@ -1,0 +1,185 @@
+"""Training speed and memory: the project's own loops, run for real through ldm.train.
+
+Stage 2 compares the project's loop reading the latent cache (VAE posteriors, and text embeddings
+when the text encoder is frozen; built once beforehand) with the same loop without a cache, which
+runs the VAE encoder (and a frozen text encoder) on every batch as common fine-tuning scripts do.
+Stage 1 (the VAE) is timed with and without gradient checkpointing. Each configuration runs in its
+own process, so peak memory (CPU: max RSS; GPU: torch.cuda.max_memory_allocated) is its own.
+Throughput counts images between the first and last logged step after a warm-up.
+
+    python scripts/bench_training.py --case cpu   # shapes presets (the default model's recipe), CPU
+    python scripts/bench_training.py --case gpu   # SD 1.5's U-Net at 256 px in bf16 (random weights), with MFU
+
+GPU: model FLOP utilisation = (U-Net forward+backward FLOPs per image, counted with
+torch.utils.flop_counter on one batch) × images/s ÷ the GPU's dense bf16 peak (--peak-tflops;
+known: H100/H200 989). Prints a table and a one-line summary; --json PATH writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
+
+
+def rate_from_metrics(path: Path, batch: int, warmup_steps: int) -> float:
+    """Images/s between the first logged step at or after `warmup_steps` and the last one."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "images_per_s" in r and r["step"] >= warmup_steps]
+    first, last = rows[0], rows[-1]
+    return (last["step"] - first["step"]) * batch / (last["time"] - first["time"])
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(spec: dict) -> dict:
+    """Run one training configuration in this process; returns its figures."""
+    import torch
+
+    from ldm.config import load_config
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    out = Path(spec["out"])
+    if spec["stage"] == "unet":
+        from ldm.train.unet import UNetTrainConfig, train
+    else:
+        from ldm.train.vae import VAETrainConfig as UNetTrainConfig, train  # same shape of call
+    config = load_config(UNetTrainConfig, spec["config"], spec["overrides"])
+    if spec.get("build_cache"):
+        train(config, build_cache_only=True)
+        return {}
+    start = time.perf_counter()
+    train(config)
+    wall = time.perf_counter() - start
+    rate = rate_from_metrics(out / "metrics.jsonl", config.run.batch_size, spec["warmup_steps"])
+    row = {"name": spec["name"], "images_per_s": rate, "peak_mb": peak_memory_mb(spec["device"]), "wall_s": wall}
+    if spec.get("flops_per_image"):
+        row["tflops_per_s"] = spec["flops_per_image"] * rate / 1e12
+    return row
+
+
+def run_worker(spec: dict) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{spec['name']} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def unet_flops_per_image(config_path: Path, overrides: list[str], batch: int, device: str) -> float:
+    """Forward + backward FLOPs of the U-Net for one image, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm.config import load_config
+    from ldm.train.unet import UNetTrainConfig, build_unet
+
+    config = load_config(UNetTrainConfig, config_path, overrides)
+    unet = build_unet(config.model, latent_channels=4, cross_attention_dim=768, sample_size=config.data.resolution // 8).to(device, torch.bfloat16)
+    x = torch.randn(batch, 4, config.data.resolution // 8, config.data.resolution // 8, device=device, dtype=torch.bfloat16)
+    c = torch.randn(batch, 77, 768, device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, c).sample.float().pow(2).mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--steps", type=int, help="steps per configuration (default: 60 cpu, 80 gpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads in each run")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: looked up by name)")
+    p.add_argument("--vae", help="cpu case: the shapes VAE (an AutoencoderKL or pipeline folder; default: the embedded default model's)")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.case == "cpu":
+            device, steps, size, batch = "cpu", args.steps or 60, 64, 64
+            subprocess.run(["ldm-shapes", "make", "--out", str(tmp / "data"), "--num", "2048", "--size", str(size), "--seed", "0"],
+                           check=True, capture_output=True)
+            from ldm.pipeline import DEFAULT_MODEL
+
+            unet_cfg, vae_cfg, vae = ROOT / "configs/unet/shapes.yaml", ROOT / "configs/vae/shapes-f8.yaml", args.vae or str(DEFAULT_MODEL)
+            extra: list[str] = []
+            vae_batch = 8
+        else:
+            device, steps, size, batch = "cuda", args.steps or 80, 256, 32
+            subprocess.run(["ldm-shapes", "make", "--out", str(tmp / "data"), "--num", "4096", "--size", str(size), "--seed", "0"],
+                           check=True, capture_output=True)
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from bench_sampling import build_sd15_random
+
+            folder = build_sd15_random(tmp / "sd15", size)
+            unet_cfg, vae_cfg, vae = ROOT / "configs/unet/sd15.yaml", ROOT / "configs/vae/sd-kl-f8.yaml", str(folder)
+            extra = [f"text_encoder.path={folder}", "run.mixed_precision=bf16"]
+            vae_batch = 8
+        warm = max(10, steps // 3)
+        common = [f"data.path={tmp / 'data'}", f"data.resolution={size}", f"run.max_steps={steps}", "run.log_every=5",
+                  "run.checkpoint_every=0", "run.sample_every=0", f"run.batch_size={batch}", f"vae={vae}", *extra]
+
+        def unet_spec(name: str, cache_dir: Path, more=()) -> dict:
+            out = tmp / name.split(":")[-1].strip().replace(" ", "_")
+            return {"name": name, "stage": "unet", "config": str(unet_cfg), "device": device, "threads": args.threads,
+                    "out": str(out), "warmup_steps": warm,
+                    "overrides": [*common, f"run.output_dir={out}", f"cache.dir={cache_dir}", *more]}
+
+        cache = tmp / "cache"
+        t0 = time.perf_counter()
+        run_worker({**unet_spec("build cache", cache), "build_cache": True})
+        cache_s = time.perf_counter() - t0
+        flops = unet_flops_per_image(unet_cfg, common, 4, device) if device == "cuda" else None
+        for name, cache_dir, more in [("unet: plain loop (VAE encoder every step)", tmp / "no-cache", []),
+                                      ("unet: ldm loop with latent cache", cache, []),
+                                      ("unet: latent cache + grad checkpointing", cache, ["run.gradient_checkpointing=true"])]:
+            spec = unet_spec(name, cache_dir, more)
+            spec["flops_per_image"] = flops
+            rows.append(run_worker(spec))
+        vae_common = [f"data.path={tmp / 'data'}", f"data.resolution={size}", f"run.max_steps={steps}", "run.log_every=5",
+                      "run.checkpoint_every=0", "run.sample_every=0", "validate_every=0", f"run.batch_size={vae_batch}",
+                      *(["run.mixed_precision=bf16"] if device == "cuda" else [])]
+        for name, more in [("vae", []), ("vae + grad checkpointing", ["run.gradient_checkpointing=true"])]:
+            out = tmp / name.replace(" ", "_")
+            rows.append(run_worker({"name": name, "stage": "vae", "config": str(vae_cfg), "device": device, "threads": args.threads,
+                                    "out": str(out), "warmup_steps": warm, "overrides": [*vae_common, f"run.output_dir={out}", *more]}))
+    plain, cached = rows[0]["images_per_s"], rows[1]["images_per_s"]
+    hardware = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if device == "cuda" and k in hardware), None)
+    print(f"{'configuration':<46}{'img/s':>10}{'peak MiB':>10}" + ("{:>8}".format("MFU") if flops else ""))
+    for r in rows:
+        mfu = f"{100 * r['tflops_per_s'] / peak:>7.1f}%" if flops and peak and "tflops_per_s" in r else ""
+        print(f"{r['name']:<46}{r['images_per_s']:>10.1f}{r['peak_mb']:>10.0f}{mfu}")
+    print(f"summary: latent cache {cached / plain:.2f}× the plain loop ({cached:.1f} vs {plain:.1f} img/s; cache built in {cache_s:.0f} s); "
+          f"{hardware}; torch {torch.__version__}; {steps} steps per run")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hardware, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                               "cache_build_s": cache_s, "flops_per_image": flops, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
