@@ -58,10 +58,10 @@ def worker(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     out = Path(spec["out"])
     if spec["stage"] == "unet":
-        from ldm.train.unet import UNetTrainConfig, train
+        from ldm.train.unet import UNetTrainConfig as config_class, train
     else:
-        from ldm.train.vae import VAETrainConfig as UNetTrainConfig, train  # same shape of call
-    config = load_config(UNetTrainConfig, spec["config"], spec["overrides"])
+        from ldm.train.vae import VAETrainConfig as config_class, train
+    config = load_config(config_class, spec["config"], spec["overrides"])
     if spec.get("build_cache"):
         train(config, build_cache_only=True)
         return {}
