@@ -47,6 +47,16 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     assert err.count("\n") == 1 and err.startswith("ldm-shapes") and ": error: " in err and message in err
 
 
+def test_eval_without_a_model_names_the_missing_default(tmp_path, capsys, monkeypatch):
+    import ldm.pipeline
+
+    monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", tmp_path / "none")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--num-prompts", "2", "--outdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "no default model is installed yet; pass --model PATH" in err
+
+
 def test_make_refuses_to_overwrite(tmp_path, capsys):
     assert main(["make", "--out", str(tmp_path), "--num", "2"]) == 0
     with pytest.raises(SystemExit) as e:

@@ -78,6 +78,8 @@ def _main(argv=None) -> int:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
     from ldm.pipeline import DEFAULT_MODEL
 
+    if args.model is None and not DEFAULT_MODEL.is_dir():
+        raise ValueError("no default model is installed yet; pass --model PATH with a pipeline folder trained in the shapes world")
     report = evaluate(args.model or str(DEFAULT_MODEL), args.outdir, num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler,
                       steps=args.steps, cfg=args.cfg, batch_size=args.batch_size, size=args.size, device=args.device,
                       overwrite=args.overwrite, progress=not args.quiet)
