@@ -68,6 +68,20 @@ class PromptEncoder:
         return self.embed(*self.tokenize(prompts))
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible map from the 256 bytes to printable characters (Radford et al.
+    2019), the base symbols of a byte-level BPE. transformers 5 no longer exports it."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def prune_clip_bpe(vocab: dict[str, int], merges: list[str], words) -> tuple[dict[str, int], list[str]]:
     """CLIP's byte-level BPE cut down to what `words` need: all 512 byte symbols (with and without
     the end-of-word mark, so any text still tokenizes, if in smaller pieces), the merges the words

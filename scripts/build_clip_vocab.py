@@ -30,22 +30,11 @@ NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48 894 merges of the file (l
 KNOWN = {"a red circle": [49406, 320, 736, 7117, 49407], "A photo of a cat!": [49406, 320, 1125, 539, 320, 2368, 256, 49407]}
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible map from the 256 bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def build(merges_text: str) -> tuple[dict[str, int], list[str]]:
     """(vocab, merges) exactly as CLIP's SimpleTokenizer builds its encoder."""
     merges = merges_text.split("\n")[1 : NUM_MERGES + 1]
+    from ldm.text import bytes_to_unicode
+
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}

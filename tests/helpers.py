@@ -11,18 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's byte → printable-character table (Radford et al. 2019), for a byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+from ldm.text import bytes_to_unicode
 
 
 TINY_MERGES = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "b l", "bl u", "blu e</w>", "a</w>"]
@@ -32,7 +21,7 @@ def tiny_clip_tokenizer(workdir: Path, model_max_length: int = 16):
     """A real CLIP BPE tokenizer over a tiny vocabulary: every byte, a few merges, the specials."""
     from transformers import CLIPTokenizer
 
-    chars = _bytes_to_unicode()
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for c in chars:
         vocab[c] = len(vocab)
