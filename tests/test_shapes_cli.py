@@ -33,6 +33,7 @@ def test_make_is_deterministic_and_scores_perfectly(tmp_path, capsys):
     (["make", "--out", "{tmp}/x", "--num", "3", "--size", "8"], "--size"),
     (["make", "--num", "3"], "--out"),
     (["score", "{tmp}/nothing"], "nothing"),
+    (["score", "{tmp}", "--json", "{tmp}/no-such-folder/r.json"], "no-such-folder"),
     (["eval", "--model", "{tmp}/no-model", "--num-prompts", "2"], "no-model"),
     (["frobnicate"], "invalid choice"),
     (["make", "--out", "{tmp}/a_file", "--num", "2"], "exists and is not a folder"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
 
@@ -66,6 +67,8 @@ def _main(argv=None) -> int:
     from ldm.data.shapes_score import format_report, score_folder, write_report
 
     if args.command == "score":
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise ValueError(f"--json {args.json}: its folder does not exist")  # before scoring, not after
         report = score_folder(args.folder)
         print(format_report(report))
         if args.json:
