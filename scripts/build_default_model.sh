@@ -4,7 +4,7 @@
 # export → the quality gate (ldm-shapes eval on 240 held-out prompts). Seeded throughout; every
 # setting is in configs/vae/shapes-f8.yaml and configs/unet/shapes.yaml.
 #   scripts/build_default_model.sh [WORK_DIR]        (default runs/; resumable: rerun after a stop)
-# On a 2-core x86 CPU without a GPU: data ~2 min, VAE ~47 min, latent cache 3.5 min (measured);
+# On a 2-core x86 CPU without a GPU: data ~2 min, VAE 31 min, latent cache 5 min (measured);
 # U-Net ~70 min at the measured 0.70 s/step (no 6,000-step run has finished yet). The recipe does
 # not yet pass the quality gate: see scripts/score_vae_shapes.py for the VAE's ceiling.
 set -euo pipefail
@@ -19,7 +19,7 @@ t0=$(stamp)
 [ -f "$WORK/data/shapes-100k/metadata.jsonl" ] || ldm-shapes make --out "$WORK/data/shapes-100k" --num 100000 --size 64 --seed 0
 t1=$(stamp); log "data: $((t1 - t0)) s"
 
-# Stage 1: the f = 8 autoencoder (64×64×3 → 8×8×4), L1 + KL, 12,000 steps.
+# Stage 1: the f = 8 autoencoder (64×64×3 → 8×8×8), L1 + KL, 10,000 steps.
 [ -f "$WORK/vae-shapes-f8/final/config.json" ] || DATA="$WORK/data" scripts/train_vae_shapes.sh "$WORK/vae-shapes-f8"
 t2=$(stamp); log "stage 1 (VAE): $((t2 - t1)) s"
 
