@@ -141,6 +141,29 @@ def test_lr_schedule_warmup_and_cosine_endpoints():
     assert lr_factor(50, OptimConfig(), 104) == 1.0
 
 
+def test_a_resumed_schedule_follows_the_config_not_the_checkpoint(tmp_path):
+    """LambdaLR restores its saved base LR, which would silently undo an `optim.lr` override on
+    --resume; the step count is what must come back."""
+    model, optimizer, scheduler, ema = _setup()
+    _train(model, optimizer, scheduler, ema, steps=5)
+    folder = save_checkpoint(tmp_path, 5, models={"m": model}, optimizers={"main": optimizer}, schedulers={"lr": scheduler})
+
+    same = _setup()
+    load_checkpoint(folder, models={"m": same[0]}, optimizers={"main": same[1]}, schedulers={"lr": same[2]})
+    assert same[2].last_epoch == 5 and same[1].param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(5, OPTIM, 20))
+
+    torch.manual_seed(0)
+    model2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    halved = OptimConfig(lr=5e-3, warmup_steps=3, schedule="cosine", weight_decay=0.01)
+    optimizer2 = make_optimizer(model2.parameters(), halved)
+    scheduler2 = make_lr_scheduler(optimizer2, halved, max_steps=40)  # a new peak LR and a longer run
+    load_checkpoint(folder, models={"m": model2}, optimizers={"main": optimizer2}, schedulers={"lr": scheduler2})
+    assert scheduler2.last_epoch == 5
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(5e-3 * lr_factor(5, halved, 40))
+    scheduler2.step()
+    assert scheduler2.get_last_lr()[0] == pytest.approx(5e-3 * lr_factor(6, halved, 40))
+
+
 def test_a_resave_that_dies_between_its_renames_keeps_the_parked_copy_usable(tmp_path):
     """Re-saving an existing step parks the old copy as .old-step-N, then renames the new one in.
     A crash between the two renames must not hide the parked (complete) checkpoint."""

@@ -6,6 +6,7 @@ bottom and calls these; nothing here owns a loop.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import sys
@@ -18,6 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ldm.config import EMAConfig, OptimConfig, RunConfig
+
+log = logging.getLogger("ldm.train")
 
 
 def make_accelerator(run: RunConfig, cpu: bool | None = None):
@@ -175,9 +178,28 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class ConfiguredLR(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR whose peak LR comes from the config even across a resume.
+
+    torch's LambdaLR saves its `base_lrs` and restores them on load, so a run resumed with a new
+    `optim.lr` would keep the old one without a word, while a new `run.max_steps` or schedule
+    (the lambda, rebuilt from the config) does take effect. Here the config wins for both: the
+    loaded state keeps only the step count, and the optimizer's LR is set for the next step."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        configured = list(self.base_lrs)
+        super().load_state_dict(state_dict)
+        if self.base_lrs != configured:
+            log.info("optim.lr differs from the checkpoint's (%s → %s): using the config's", self.base_lrs, configured)
+        self.base_lrs = configured
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int):
     """A LambdaLR following `lr_factor`; step it once per optimizer update."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, optim, max_steps))
+    return ConfiguredLR(optimizer, lambda step: lr_factor(step, optim, max_steps))
 
 
 def make_ema(model: torch.nn.Module, ema: EMAConfig):
