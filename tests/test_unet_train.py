@@ -3,6 +3,7 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -80,6 +81,45 @@ def test_final_folder_is_a_pipeline_that_ldm_txt2img_samples(setup, tmp_path, ca
     assert txt2img(["a red circle", "--model", str(final), "--steps", "2", "--seed", "1", "--outdir", str(tmp_path / "png"), "--quiet"]) == 0
     printed = capsys.readouterr().out.split()
     assert len(printed) == 1 and printed[0].endswith("-1.png")
+
+
+def test_export_writes_a_checkpoint_as_the_final_folder_would(setup, tmp_path, capsys):
+    """--export of the last checkpoint is final/ again (EMA weights, every file); of an earlier one,
+    its own EMA; from the run's saved config.yaml alone. Bad targets are one-line errors."""
+    out = run_cli(setup, tmp_path, "run", "--max-steps", "3", run={"checkpoint_every": 1, "keep_last": 5})
+    saved_config = str(out / "config.yaml")
+
+    def export(*args):
+        capsys.readouterr()
+        code = main(["--config", saved_config, "--export", *args])
+        return code, capsys.readouterr()
+
+    code, printed = export("latest", str(tmp_path / "last"))
+    assert code == 0 and printed.out.split() == [str(tmp_path / "last")]
+    for part, name in [("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")]:
+        ours, final = load_file(tmp_path / "last" / part / name), load_file(out / "final" / part / name)
+        assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours), part
+    from ldm import LatentPipeline
+
+    images = [LatentPipeline.from_pretrained(folder, device="cpu")(["a red circle", "two blue squares"], num_inference_steps=2, seed=3,
+                                                                     output_type="np", progress=False).images
+              for folder in (tmp_path / "last", out / "final")]
+    assert np.array_equal(*images)  # the same tokenizer, scheduler and weights
+    assert json.loads((tmp_path / "last" / "scheduler" / "scheduler_config.json").read_text()) == \
+        json.loads((out / "final" / "scheduler" / "scheduler_config.json").read_text())
+
+    code, _ = export(str(out / "checkpoints" / "step-0000001"), str(tmp_path / "first"))
+    first = load_file(tmp_path / "first" / "unet" / "diffusion_pytorch_model.safetensors")
+    last = load_file(tmp_path / "last" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert code == 0 and any(not torch.equal(first[k], last[k]) for k in first)
+
+    for args, message in [(("latest", str(tmp_path / "last")), "already exists"),
+                          ((str(tmp_path / "nowhere"), str(tmp_path / "x")), "checkpoint folder not found"),
+                          (("latest", str(tmp_path / "y"), "--output-dir", str(tmp_path / "empty-run")), "no checkpoint in")]:
+        with pytest.raises(SystemExit) as e:
+            export(*args)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "\n" not in err and message in err, err
 
 
 def test_cache_is_used_and_invalidated_by_new_vae_weights(setup, tmp_path, monkeypatch):

@@ -20,6 +20,9 @@ def build_parser() -> ArgumentParser:
     )
     add_training_arguments(p, "configs/unet/*.yaml", "ldm.train.unet.UNetTrainConfig", "optim.lr=3e-4 objective.p_uncond=0.1")
     p.add_argument("--vae", help="the frozen AutoencoderKL folder (config.json with scaling_factor + safetensors), or a pipeline folder with vae/; sets vae")
+    p.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT"),
+                   help="write a checkpoint (latest, or a checkpoint folder) as a pipeline folder OUT, with its EMA weights as in final/, and exit; "
+                        "give the run's own --config (e.g. OUTPUT/config.yaml) so the networks match")
     p.add_argument("--build-cache", action="store_true", help="encode the dataset once into the latent cache (VAE posteriors; text embeddings for a frozen encoder) and exit; later runs use it")
     return p
 
@@ -29,6 +32,13 @@ def _main(argv=None) -> int:
     from ldm.train.unet import UNetTrainConfig, train
 
     config = load_training_config(UNetTrainConfig, args, vae=args.vae)
+    if args.export:
+        if args.build_cache or args.resume:
+            raise ValueError("--export runs alone: drop --build-cache and --resume")
+        from ldm.train.unet import export_checkpoint
+
+        print(export_checkpoint(config, *args.export))
+        return 0
     return run_training(lambda: train(config, resume=args.resume, build_cache_only=args.build_cache), "ldm-train-unet")
 
 

@@ -384,6 +384,65 @@ def count_parameters(module: torch.nn.Module) -> int:
 # ---- the loop ------------------------------------------------------------------------------------
 
 
+def build_models(config: UNetTrainConfig):
+    """(vae, text_encoder, tokenizer, unet, latent_shape) for `config`, on the CPU: the frozen VAE,
+    the text encoder (frozen, or new for joint training) and a new U-Net (or `model.pretrained`)
+    that fits both. New weights come from the global RNG, in this order."""
+    vae = load_vae(config.vae)
+    text_encoder, tokenizer = load_text_encoder(config.text_encoder)
+    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if config.data.resolution % latent_factor:
+        raise ValueError(f"data.resolution {config.data.resolution} is not a multiple of the VAE's latent factor {latent_factor}")
+    latent_shape = (vae.config.latent_channels, config.data.resolution // latent_factor, config.data.resolution // latent_factor)
+    width = text_encoder.config.hidden_size if hasattr(text_encoder.config, "hidden_size") else text_encoder.config.d_model
+    unet = build_unet(config.model, latent_channels=latent_shape[0], cross_attention_dim=width, sample_size=latent_shape[1])
+    return vae, text_encoder, tokenizer, unet, latent_shape
+
+
+def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path) -> Path:
+    """Write a training checkpoint as a pipeline folder, like OUTPUT/final: the EMA weights when the
+    run keeps an EMA (config.ema.enabled), else the raw ones. `checkpoint` is "latest" (of
+    run.output_dir) or a checkpoint folder; `out` must not exist yet (or be empty). Works for a
+    checkpoint of any process count, on the CPU, without touching the run."""
+    from safetensors.torch import load_model
+
+    from ldm.pipeline import LatentPipeline
+    from ldm.train.checkpoint import latest_checkpoint, load_state, verify_checkpoint
+    from ldm.train.common import make_ema
+
+    check_config(config)
+    if checkpoint == "latest":
+        folder = latest_checkpoint(config.run.output_dir)
+        if folder is None:
+            raise FileNotFoundError(f"--export latest: no checkpoint in {config.run.output_dir} (pass --output-dir, or a checkpoint folder)")
+    else:
+        folder = Path(checkpoint)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--export: checkpoint folder not found: {folder}")
+    problem = verify_checkpoint(folder)
+    if problem:
+        raise ValueError(f"--export {folder}: not a usable checkpoint: {problem}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty folder; choose a new one")
+    vae, text_encoder, tokenizer, unet, _ = build_models(config)
+    trained = {"unet": unet, **({"text_encoder": text_encoder} if config.text_encoder.mode == "joint" else {})}
+    for name, model in trained.items():
+        missing, unexpected = load_model(model, str(folder / f"model-{name}.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {folder}: model-{name} does not fit this config's model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        ema = make_ema(model, config.ema)
+        if ema is not None:
+            if not (folder / f"ema-{name}.safetensors").is_file():
+                raise ValueError(f"checkpoint {folder} has no EMA of {name}; export the raw weights with ema.enabled=false")
+            ema.load_state_dict(load_state(folder, f"ema-{name}"))
+            ema.copy_to(model.parameters())
+    pipe = LatentPipeline(vae, text_encoder.eval(), tokenizer, unet.eval(), make_training_scheduler(config.objective))
+    pipe.save_pretrained(out)
+    log.info("wrote %s from %s (%s weights)", out, folder, "EMA" if config.ema.enabled else "raw")
+    return out
+
+
 def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: bool = False) -> Path:
     """Train per `config`; returns OUTPUT/final (or, with `build_cache_only`, the cache file)."""
     from ldm.data import open_dataset
@@ -407,17 +466,11 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     seed_everything(run.seed, rank)
 
     # -- the parts: frozen VAE, text encoder (frozen or joint), U-Net, training scheduler
-    vae = load_vae(config.vae).to(accelerator.device)
-    text_encoder, tokenizer = load_text_encoder(config.text_encoder)
+    vae, text_encoder, tokenizer, unet, latent_shape = build_models(config)
+    vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
     joint = config.text_encoder.mode == "joint"
     prompt_encoder = PromptEncoder(text_encoder, tokenizer)
-    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if config.data.resolution % latent_factor:
-        raise ValueError(f"data.resolution {config.data.resolution} is not a multiple of the VAE's latent factor {latent_factor}")
-    latent_shape = (vae.config.latent_channels, config.data.resolution // latent_factor, config.data.resolution // latent_factor)
-    width = text_encoder.config.hidden_size if hasattr(text_encoder.config, "hidden_size") else text_encoder.config.d_model
-    unet = build_unet(config.model, latent_channels=latent_shape[0], cross_attention_dim=width, sample_size=latent_shape[1])
     if run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if joint:
@@ -587,5 +640,5 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
 __all__ = [
     "UNetTrainConfig", "UNetModelConfig", "TextEncoderConfig", "ObjectiveConfig", "SampleConfig", "CacheConfig", "check_config",
     "load_vae", "load_text_encoder", "build_unet", "make_training_scheduler", "training_alphas_cumprod", "Draws", "draw_randomness",
-    "encode_latents", "text_conditioning", "diffusion_loss", "train",
+    "encode_latents", "text_conditioning", "diffusion_loss", "build_models", "export_checkpoint", "train",
 ]
