@@ -5,8 +5,11 @@
 # setting is in configs/vae/shapes-f8.yaml and configs/unet/shapes.yaml.
 #   scripts/build_default_model.sh [WORK_DIR]        (default runs/; resumable: rerun after a stop)
 # On a 2-core x86 CPU without a GPU: data ~2 min, VAE 31 min, latent cache 5 min (measured);
-# U-Net ~70 min at the measured 0.70 s/step (no 6,000-step run has finished yet). The recipe does
-# not yet pass the quality gate: see scripts/score_vae_shapes.py for the VAE's ceiling.
+# U-Net 0.70 s/step, so its 24,000 steps take ~4.7 h (a run spans sessions: stop it with SIGTERM,
+# rerun this script to resume). No run has reached the quality gate yet: the 8-channel run passes
+# 6% of held-out prompts at step 3,000 and 17% at step 5,000 (48 prompts, CFG 7.5). To follow one:
+#   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
+#   ldm-shapes eval --model runs/eval/latest --num-prompts 48
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-runs}
