@@ -7,7 +7,8 @@
 # On a 2-core x86 CPU without a GPU: data ~2 min, VAE 31 min, latent cache 5 min (measured);
 # U-Net 0.70 s/step, so its 24,000 steps take ~4.7 h (a run spans sessions: stop it with SIGTERM,
 # rerun this script to resume). No run has reached the quality gate yet: the 8-channel run passes
-# 6% of held-out prompts at step 3,000 and 17% at step 5,000 (48 prompts, CFG 7.5). To follow one:
+# 6% / 17% / 21% / 35% of 48 held-out prompts at steps 3,000 / 5,000 / 7,000 / 9,240 (CFG 7.5), and
+# 30.8% of 240 at step 9,240 (single 65%, position 8%). To follow one:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
 set -euo pipefail
