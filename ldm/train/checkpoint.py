@@ -182,18 +182,19 @@ def _checkpoint_folders(root: Path) -> dict[int, Path]:
     return steps
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """`--resume latest` → the newest intact checkpoint (None if there is none yet); a folder → itself, checked."""
+def resolve_resume(resume: str | None, output_dir: str | Path, flag: str = "--resume") -> Path | None:
+    """`latest` → the newest intact checkpoint (None if there is none yet); a folder → itself,
+    checked. `flag` names the option in error messages."""
     if resume is None:
         return None
     if resume == "latest":
         return latest_checkpoint(output_dir)
     folder = Path(resume)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--resume: checkpoint folder not found: {folder}")
+        raise FileNotFoundError(f"{flag}: checkpoint folder not found: {folder}")
     problem = verify_checkpoint(folder)
     if problem:
-        raise ValueError(f"--resume {folder}: not a usable checkpoint: {problem}")
+        raise ValueError(f"{flag} {folder}: not a usable checkpoint: {problem}")
     return folder
 
 
@@ -271,6 +272,13 @@ def save_checkpoint(
     return final
 
 
+def load_model_weights(folder: Path, name: str, model: torch.nn.Module) -> None:
+    """Load a checkpoint's `model-NAME.safetensors` into `model`, which must fit it exactly."""
+    missing, unexpected = load_model(model, str(Path(folder) / f"model-{name}.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {folder}: model-{name} does not fit this model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
 def load_checkpoint(
     folder: str | Path,
     *,
@@ -295,9 +303,7 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {folder} was written by {state['num_processes']} processes; resume it with the same number (this run has {num_processes})")
     unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
     for name, model in models.items():
-        missing, unexpected = load_model(unwrap(model), str(folder / f"model-{name}.safetensors"), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {folder}: model-{name} does not fit this model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        load_model_weights(folder, name, unwrap(model))
     for name, optimizer in (optimizers or {}).items():
         optimizer.load_state_dict(load_state(folder, f"optimizer-{name}"))
     for name, scheduler in (schedulers or {}).items():

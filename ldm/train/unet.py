@@ -404,33 +404,21 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
     run keeps an EMA (config.ema.enabled), else the raw ones. `checkpoint` is "latest" (of
     run.output_dir) or a checkpoint folder; `out` must not exist yet (or be empty). Works for a
     checkpoint of any process count, on the CPU, without touching the run."""
-    from safetensors.torch import load_model
-
     from ldm.pipeline import LatentPipeline
-    from ldm.train.checkpoint import latest_checkpoint, load_state, verify_checkpoint
+    from ldm.train.checkpoint import load_model_weights, load_state, resolve_resume
     from ldm.train.common import make_ema
 
     check_config(config)
-    if checkpoint == "latest":
-        folder = latest_checkpoint(config.run.output_dir)
-        if folder is None:
-            raise FileNotFoundError(f"--export latest: no checkpoint in {config.run.output_dir} (pass --output-dir, or a checkpoint folder)")
-    else:
-        folder = Path(checkpoint)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--export: checkpoint folder not found: {folder}")
-    problem = verify_checkpoint(folder)
-    if problem:
-        raise ValueError(f"--export {folder}: not a usable checkpoint: {problem}")
+    folder = resolve_resume(checkpoint, config.run.output_dir, flag="--export")
+    if folder is None:
+        raise FileNotFoundError(f"--export latest: no checkpoint in {config.run.output_dir} (pass --output-dir, or a checkpoint folder)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; choose a new one")
     vae, text_encoder, tokenizer, unet, _ = build_models(config)
     trained = {"unet": unet, **({"text_encoder": text_encoder} if config.text_encoder.mode == "joint" else {})}
     for name, model in trained.items():
-        missing, unexpected = load_model(model, str(folder / f"model-{name}.safetensors"), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {folder}: model-{name} does not fit this config's model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+        load_model_weights(folder, name, model)
         ema = make_ema(model, config.ema)
         if ema is not None:
             if not (folder / f"ema-{name}.safetensors").is_file():
