@@ -5,10 +5,11 @@
 # setting is in configs/vae/shapes-f8.yaml and configs/unet/shapes.yaml.
 #   scripts/build_default_model.sh [WORK_DIR]        (default runs/; resumable: rerun after a stop)
 # On a 2-core x86 CPU without a GPU: data ~2 min, VAE 31 min, latent cache 5 min (measured);
-# U-Net 0.70 s/step, so its 24,000 steps take ~4.7 h (a run spans sessions: stop it with SIGTERM,
-# rerun this script to resume). No run has reached the quality gate yet: the 8-channel run passes
-# 6% / 17% / 21% / 35% of 48 held-out prompts at steps 3,000 / 5,000 / 7,000 / 9,240 (CFG 7.5), and
-# 30.8% of 240 at step 9,240 (single 65%, position 8%). To follow one:
+# U-Net 0.72 s/step, so its 22,000 steps take ~4.4 h (a run spans sessions: stop it with SIGTERM,
+# rerun this script to resume). No run has reached the quality gate yet. The 8-channel run's EMA
+# model on 240 held-out prompts (CFG 7.5): 30.8% at step 9,240; 52.5% at 22,000, the end of its
+# cosine (single 78, two 70, counting 70, position 12.5, attributes 38, background 48); at CFG 3 the
+# same model scores 67.5% (position 30%): strong guidance is where it fails. To follow one:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
 set -euo pipefail
