@@ -127,6 +127,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "", base: T | None = None) 
     return dataclasses.replace(base, **kwargs)
 
 
+_YAML_BOOL_WORDS = {False: ("no", "n", "off", "false"), True: ("yes", "y", "on", "true")}
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -142,7 +145,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ValueError(errors[0] if len(errors) == 1 else f"config key {key}: {value!r} fits none of {_name(tp)}")
     if origin is Literal:
-        if value in args:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `off` / `yes` / `on` as a boolean
+            words = [a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOL_WORDS[value]]
+            if len(words) == 1:
+                return words[0]
+        elif value in args:
             return value
         raise ValueError(f"config key {key}: {value!r} is not one of {', '.join(map(str, args))}")
     if origin in (tuple, list):

@@ -36,6 +36,7 @@ def test_yaml_and_overrides(tmp_path):
         (["run.max_steps=1.5"], r"config key run.max_steps: expected int, got 1.5"),
         (["run.gradient_checkpointing=3"], r"config key run.gradient_checkpointing: expected bool"),
         (["run.mixed_precision=fp8"], r"'fp8' is not one of no, fp16, bf16"),
+        (["run.mixed_precision=yes"], r"True is not one of no, fp16, bf16"),  # a boolean matches only its own word
         (["optim.betas=[0.9]"], r"optim.betas: expected 2 values, got 1"),
         (["channels=[8, x]"], r"channels\[1\]: expected int"),
         (["run=3"], r"config key run: expected a mapping"),
@@ -45,6 +46,17 @@ def test_yaml_and_overrides(tmp_path):
 def test_bad_keys_and_values_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(Example, None, overrides)
+
+
+def test_the_documented_word_no_is_not_read_as_a_boolean(tmp_path):
+    """YAML 1.1 reads an unquoted `no` as False; `mixed_precision: no` is the documented value."""
+    assert load_config(Example, None, ["run.mixed_precision=no"]).run.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  mixed_precision: no\n")
+    config = load_config(Example, path, [])
+    assert config.run.mixed_precision == "no"
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(Example, tmp_path / "saved.yaml") == config
 
 
 def test_a_partial_section_keeps_the_stage_defaults_of_the_keys_it_leaves_out(tmp_path):
