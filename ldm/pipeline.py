@@ -91,8 +91,10 @@ def check_generation_args(
     dynamic_threshold: float | None = None,
     threshold_bound: float = 1.0,
     num_train_timesteps: int | None = None,
+    scheduler_config: dict | None = None,
 ) -> None:
-    """Validate generation settings before any work; a ValueError names the first bad one."""
+    """Validate generation settings before any work; a ValueError names the first bad one.
+    `scheduler_config` (the model's) lets the sampler be checked against its noise schedule."""
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or value < latent_factor:
             raise ValueError(f"{name} must be a whole number of pixels ≥ {latent_factor}, got {value!r}")
@@ -106,7 +108,7 @@ def check_generation_args(
         raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} training timesteps")
     if not _finite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance scale (cfg) must be a number ≥ 0, got {guidance_scale!r}")
-    check_sampler(sampler)
+    check_sampler(sampler, scheduler_config)
     if not _finite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
     if not _finite(eta) or eta < 0:
@@ -573,6 +575,7 @@ class LatentPipeline:
             guidance_scale=guidance_scale, sampler=sampler, guidance_rescale=guidance_rescale, eta=eta,
             num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, dynamic_threshold=dynamic_threshold,
             threshold_bound=threshold_bound, num_train_timesteps=self.scheduler.config.num_train_timesteps,
+            scheduler_config=self.scheduler.config,
         )
         self.uses_vae_tiling(height, width, vae_tiling)  # checks the value before any work
         if output_type not in OUTPUT_TYPES:

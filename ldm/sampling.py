@@ -63,11 +63,24 @@ DEFAULT_SAMPLER = "dpm++2m"
 DEFAULT_STEPS = 25
 
 
-def check_sampler(name: str) -> SamplerSpec:
-    """The spec of sampler `name`, or a ValueError listing the valid names."""
+def check_sampler(name: str, training_config: dict | None = None) -> SamplerSpec:
+    """The spec of sampler `name`, or a ValueError listing the valid names. With the model's
+    `training_config` (its scheduler config) also a ValueError where the sampler cannot run on
+    that noise schedule.
+
+    Karras et al.'s σ spacing (2022, Eq. 5) interpolates between σ_min and σ_max in σ^(1/ρ); a
+    zero-terminal-SNR schedule (Lin et al. 2023) has σ_max = ∞ (diffusers clamps it to 4096), so
+    the spacing puts most steps at t ≈ T, repeats timesteps, and diffusers' DPM-Solver++ then
+    indexes past its σ table. Refused up front instead of crashing mid-sampling.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    spec = SAMPLERS[name]
+    if spec.overrides.get("use_karras_sigmas") and training_config and training_config.get("rescale_betas_zero_snr"):
+        plain = name.replace("_karras", "")
+        raise ValueError(f"sampler {name} spaces steps by Karras σ, which needs a finite σ_max; this model has zero terminal SNR "
+                         f"(σ_max = ∞): use {plain}, which spaces them by timestep")
+    return spec
 
 
 def make_scheduler(name: str, training_config: dict):
@@ -79,7 +92,7 @@ def make_scheduler(name: str, training_config: dict):
     """
     import diffusers
 
-    spec = check_sampler(name)
+    spec = check_sampler(name, training_config)
     cls = getattr(diffusers, spec.scheduler)
     config = {k: v for k, v in dict(training_config).items() if not k.startswith("_")}
     return cls.from_config(config, **spec.overrides)

@@ -219,3 +219,28 @@ def test_a_vae_that_overflows_in_half_precision_is_decoded_in_fp32_with_a_warnin
         image = pipe.decode_latents(z)
     assert torch.isfinite(image).all() and torch.allclose(image, reference, atol=2e-3)  # weights went through fp16
     assert pipe.vae.dtype == torch.float16  # the fallback was for this batch only
+
+
+def test_karras_spacing_is_refused_on_a_zero_terminal_snr_schedule(tiny_pipe):
+    """Zero terminal SNR makes σ_max infinite (4096 in diffusers): Karras spacing then repeats
+    timesteps and DPM-Solver++ indexes past its σ table mid-sampling. We refuse before any work,
+    naming the sampler that does work; on an ordinary schedule the Karras sampler still runs."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ldm.pipeline import check_generation_args
+    from ldm.sampling import make_scheduler
+
+    zsnr = dict(tiny_pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    raw = DPMSolverMultistepScheduler.from_config(zsnr, algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    raw.set_timesteps(25)
+    assert len(set(raw.timesteps.tolist())) < 25  # the reason: repeated timesteps (lift the refusal if diffusers changes this)
+    with pytest.raises(ValueError, match=r"dpm\+\+2m_karras .*zero terminal SNR.*use dpm\+\+2m,"):
+        make_scheduler("dpm++2m_karras", zsnr)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        check_generation_args(latent_factor=8, height=64, width=64, num_inference_steps=25, guidance_scale=7.5,
+                              sampler="dpm++2m_karras", scheduler_config=zsnr)
+    plain = make_scheduler("dpm++2m", zsnr)
+    plain.set_timesteps(25)
+    assert (plain.timesteps[1:] < plain.timesteps[:-1]).all()  # the suggested sampler steps down strictly
+    out = tiny_pipe("a red circle", sampler="dpm++2m_karras", seed=0, num_inference_steps=4, output_type="np", progress=False)
+    assert np.isfinite(out.images).all()
