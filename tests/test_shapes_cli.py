@@ -86,3 +86,28 @@ def test_eval_plumbing_with_a_tiny_random_model(tmp_path, tiny_pipeline_dir, cap
     assert "overall" in printed
     with pytest.raises(SystemExit):  # a second run into the same folder is refused
         main(argv)
+
+
+@pytest.mark.filterwarnings("ignore:prompt")
+def test_eval_guidance_rescale_reaches_the_pipeline_and_the_report(tmp_path, tiny_pipeline_dir, tiny_pipe, capsys):
+    import numpy as np
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_pipeline_dir), "--num-prompts", "3", "--seed", "4", "--steps", "3",
+            "--guidance-rescale", "0.7", "--outdir", str(out), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["guidance_rescale"] for r in rows] == [0.7] * 3
+    assert json.loads((out / "report.json").read_text())["settings"]["guidance_rescale"] == 0.7
+    written = np.stack([np.asarray(Image.open(out / r["file_name"]), np.float32) / 255 for r in rows])
+    kw = dict(seed=4, num_inference_steps=3, output_type="np", progress=False)
+    texts = [r["text"] for r in rows]
+    rescaled = tiny_pipe(texts, guidance_rescale=0.7, **kw).images
+    plain = tiny_pipe(texts, guidance_rescale=0.0, **kw).images
+    assert np.abs(written - rescaled).max() <= 1.5 / 255  # the PNGs are the φ = 0.7 images, to 8-bit rounding
+    assert np.abs(plain - rescaled).max() > 0.01  # and φ changes them: the flag is not ignored
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv[:-5] + ["--guidance-rescale", "2", "--outdir", str(tmp_path / "bad"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "guidance_rescale must be in [0, 1]" in err

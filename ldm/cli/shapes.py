@@ -37,6 +37,8 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--sampler", default=None, help="sampler name (default: the project's default sampler)")
     e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the project's default)")
     e.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    e.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale φ (Lin et al. 2023), 0-1; 0.7 suits zero-terminal-SNR models")
     e.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
     e.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     e.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
@@ -85,7 +87,7 @@ def _main(argv=None) -> int:
         raise ValueError("no default model is installed yet; pass --model PATH with a pipeline folder trained in the shapes world")
     report = evaluate(args.model or str(DEFAULT_MODEL), args.outdir, num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler,
                       steps=args.steps, cfg=args.cfg, batch_size=args.batch_size, size=args.size, device=args.device,
-                      overwrite=args.overwrite, progress=not args.quiet)
+                      overwrite=args.overwrite, progress=not args.quiet, guidance_rescale=args.guidance_rescale)
     print(format_report(report))
     print(f"images, metadata.jsonl and report.json in {args.outdir}")
     return 0

@@ -18,7 +18,8 @@ from .shapes_score import score_folder, write_report
 
 def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_prompts: int, seed: int, sampler: str | None,
                     steps: int | None, cfg: float, batch_size: int, size: int | None, overwrite: bool,
-                    num_train_timesteps: int | None = None) -> tuple[str, int, int]:
+                    num_train_timesteps: int | None = None, guidance_rescale: float = 0.0,
+                    scheduler_config: dict | None = None) -> tuple[str, int, int]:
     """Validate every evaluation setting (before any weights load); returns (sampler, steps, size)
     with the defaults filled in. Raises ValueError naming the bad setting."""
     from ldm.pipeline import check_generation_args
@@ -32,7 +33,8 @@ def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_p
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     check_generation_args(latent_factor=latent_factor, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
-                          sampler=sampler, batch_size=batch_size, num_train_timesteps=num_train_timesteps)
+                          sampler=sampler, batch_size=batch_size, num_train_timesteps=num_train_timesteps,
+                          guidance_rescale=guidance_rescale, scheduler_config=scheduler_config)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise ValueError(f"--outdir {outdir} exists and is not a folder")
     meta_path = os.path.join(outdir, "metadata.jsonl")
@@ -43,13 +45,15 @@ def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_p
 
 def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
-                         overwrite: bool = False, progress: bool = False) -> list[dict]:
+                         overwrite: bool = False, progress: bool = False, guidance_rescale: float = 0.0) -> list[dict]:
     """Generate one image per evaluation prompt with `pipe` (a LatentPipeline) into `outdir`
-    as PNGs + metadata.jsonl (format (b)); returns the rows written."""
+    as PNGs + metadata.jsonl (format (b)); returns the rows written. `guidance_rescale` is φ of
+    Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance)."""
     sampler, steps, size = check_eval_args(
         latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
         sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
-        num_train_timesteps=pipe.scheduler.config.num_train_timesteps)
+        num_train_timesteps=pipe.scheduler.config.num_train_timesteps, guidance_rescale=guidance_rescale,
+        scheduler_config=pipe.scheduler.config)
     meta_path = os.path.join(outdir, "metadata.jsonl")
     os.makedirs(outdir, exist_ok=True)
     prompts = eval_prompts(num_prompts, seed)
@@ -58,12 +62,12 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
         batch = prompts[start:start + batch_size]
         texts = [format_prompt(p) for p in batch]
         out = pipe(prompt=texts, guidance_scale=cfg, num_inference_steps=steps, sampler=sampler,
-                   seed=seed + start, height=size, width=size, progress=progress)
+                   guidance_rescale=guidance_rescale, seed=seed + start, height=size, width=size, progress=progress)
         for i, (image, text, prompt) in enumerate(zip(out.images, texts, batch)):
             name = f"{start + i:05d}.png"
             image.save(os.path.join(outdir, name))
             rows.append({"file_name": name, "text": text, "kind": prompt.kind, "seed": int(out.seeds[i]),
-                         "sampler": sampler, "steps": steps, "cfg": cfg})
+                         "sampler": sampler, "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale})
     with open(meta_path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
@@ -71,7 +75,7 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
 
 def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
-             device: str | None = None, overwrite: bool = False, progress: bool = False) -> dict:
+             device: str | None = None, overwrite: bool = False, progress: bool = False, guidance_rescale: float = 0.0) -> dict:
     """Load `model`, generate the evaluation folder, score it; writes and returns `outdir/report.json`."""
     from ldm import LatentPipeline
     from ldm.models import inspect_pipeline, resolve_model
@@ -82,13 +86,14 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     sampler, steps, size = check_eval_args(
         latent_factor=info.latent_factor, default_size=info.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
         sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
-        num_train_timesteps=info.scheduler_config.get("num_train_timesteps"))
+        num_train_timesteps=info.scheduler_config.get("num_train_timesteps"), guidance_rescale=guidance_rescale,
+        scheduler_config=info.scheduler_config)
     start = time.time()
     pipe = LatentPipeline.from_pretrained(model, device=device)
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
-                         batch_size=batch_size, size=size, overwrite=overwrite, progress=progress)
+                         batch_size=batch_size, size=size, overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale)
     report = score_folder(outdir)
     report["settings"] = {"model": os.fspath(model), "num_prompts": num_prompts, "seed": seed, "sampler": sampler,
-                          "steps": steps, "cfg": cfg, "size": size, "seconds": round(time.time() - start, 1)}
+                          "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale, "size": size, "seconds": round(time.time() - start, 1)}
     write_report(report, os.path.join(outdir, "report.json"))
     return report
