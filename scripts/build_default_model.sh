@@ -9,7 +9,10 @@
 # rerun this script to resume). No run has reached the quality gate yet. The 8-channel run's EMA
 # model on 240 held-out prompts (CFG 7.5): 30.8% at step 9,240; 52.5% at 22,000, the end of its
 # cosine (single 78, two 70, counting 70, position 12.5, attributes 38, background 48); at CFG 3 the
-# same model scores 67.5% (position 30%): strong guidance is where it fails. To follow one:
+# same model scores 67.5% (position 30%). Position is at chance because the model never learned
+# to read the relation words (scripts/probe_relations.py: the relation holds in 49% of images,
+# 49% if the word is ignored, at steps 5,000, 9,240 and 22,000 alike), so more steps of this recipe
+# cannot pass the gate's 60% per kind. To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
 set -euo pipefail
