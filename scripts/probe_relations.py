@@ -48,16 +48,19 @@ def main(argv=None) -> int:
     if args.num < 1:
         p.error("--num must be at least 1")
 
+    import torch
+
     from ldm import LatentPipeline
     from ldm.data.shapes import _relation_holds
     from ldm.data.shapes_score import RELATION_MARGIN_SCORE, analyze
 
     pipe = LatentPipeline.from_pretrained(args.model, device="cpu")
-    import torch
-
     with torch.no_grad():  # does the text encoder itself tell the relations apart?
         embeds = pipe.encode_prompts([f"a red circle {rel} a blue square" for rel in RELATIONS])
-    gap = lambda i, j: (embeds[i] - embeds[j]).norm(dim=-1).max().item()  # noqa: E731  (largest token difference)
+
+    def gap(i: int, j: int) -> float:  # the largest difference over the tokens
+        return (embeds[i] - embeds[j]).norm(dim=-1).max().item()
+
     print(f"text encoder, 'a red circle REL a blue square': left vs right embeddings differ by {gap(0, 1):.2f}, "
           f"above vs below by {gap(2, 3):.2f} (token norm {embeds.norm(dim=-1).mean().item():.1f})")
     kw = {} if args.steps is None else {"num_inference_steps": args.steps}
