@@ -90,11 +90,12 @@ def check_generation_args(
     batch_size: int | None = None,
     dynamic_threshold: float | None = None,
     threshold_bound: float = 1.0,
-    num_train_timesteps: int | None = None,
     scheduler_config: dict | None = None,
 ) -> None:
     """Validate generation settings before any work; a ValueError names the first bad one.
-    `scheduler_config` (the model's) lets the sampler be checked against its noise schedule."""
+    `scheduler_config` (the model's) bounds the step count by its training timesteps and lets the
+    sampler be checked against its noise schedule."""
+    num_train_timesteps = (scheduler_config or {}).get("num_train_timesteps")
     for name, value in (("height", height), ("width", width)):
         if not isinstance(value, int) or isinstance(value, bool) or value < latent_factor:
             raise ValueError(f"{name} must be a whole number of pixels ≥ {latent_factor}, got {value!r}")
@@ -574,8 +575,7 @@ class LatentPipeline:
             latent_factor=self.latent_factor, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, sampler=sampler, guidance_rescale=guidance_rescale, eta=eta,
             num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, dynamic_threshold=dynamic_threshold,
-            threshold_bound=threshold_bound, num_train_timesteps=self.scheduler.config.num_train_timesteps,
-            scheduler_config=self.scheduler.config,
+            threshold_bound=threshold_bound, scheduler_config=self.scheduler.config,
         )
         self.uses_vae_tiling(height, width, vae_tiling)  # checks the value before any work
         if output_type not in OUTPUT_TYPES:

@@ -107,8 +107,7 @@ def _main(argv=None) -> int:
         latent_factor=info.latent_factor, height=height, width=width, num_inference_steps=args.steps,
         guidance_scale=args.cfg, sampler=args.sampler, guidance_rescale=args.guidance_rescale, eta=args.eta,
         num_images_per_prompt=args.num_images, batch_size=args.batch_size, dynamic_threshold=args.dynamic_threshold,
-        threshold_bound=args.threshold_bound, num_train_timesteps=info.scheduler_config.get("num_train_timesteps"),
-        scheduler_config=info.scheduler_config,
+        threshold_bound=args.threshold_bound, scheduler_config=info.scheduler_config,
     )
     if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
         raise ValueError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")

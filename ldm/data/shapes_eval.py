@@ -18,8 +18,7 @@ from .shapes_score import score_folder, write_report
 
 def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_prompts: int, seed: int, sampler: str | None,
                     steps: int | None, cfg: float, batch_size: int, size: int | None, overwrite: bool,
-                    num_train_timesteps: int | None = None, guidance_rescale: float = 0.0,
-                    scheduler_config: dict | None = None) -> tuple[str, int, int]:
+                    guidance_rescale: float = 0.0, scheduler_config: dict | None = None) -> tuple[str, int, int]:
     """Validate every evaluation setting (before any weights load); returns (sampler, steps, size)
     with the defaults filled in. Raises ValueError naming the bad setting."""
     from ldm.pipeline import check_generation_args
@@ -33,8 +32,8 @@ def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_p
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     check_generation_args(latent_factor=latent_factor, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
-                          sampler=sampler, batch_size=batch_size, num_train_timesteps=num_train_timesteps,
-                          guidance_rescale=guidance_rescale, scheduler_config=scheduler_config)
+                          sampler=sampler, batch_size=batch_size, guidance_rescale=guidance_rescale,
+                          scheduler_config=scheduler_config)
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise ValueError(f"--outdir {outdir} exists and is not a folder")
     meta_path = os.path.join(outdir, "metadata.jsonl")
@@ -52,8 +51,7 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
     sampler, steps, size = check_eval_args(
         latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
         sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
-        num_train_timesteps=pipe.scheduler.config.num_train_timesteps, guidance_rescale=guidance_rescale,
-        scheduler_config=pipe.scheduler.config)
+        guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config)
     meta_path = os.path.join(outdir, "metadata.jsonl")
     os.makedirs(outdir, exist_ok=True)
     prompts = eval_prompts(num_prompts, seed)
@@ -86,8 +84,7 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     sampler, steps, size = check_eval_args(
         latent_factor=info.latent_factor, default_size=info.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
         sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
-        num_train_timesteps=info.scheduler_config.get("num_train_timesteps"), guidance_rescale=guidance_rescale,
-        scheduler_config=info.scheduler_config)
+        guidance_rescale=guidance_rescale, scheduler_config=info.scheduler_config)
     start = time.time()
     pipe = LatentPipeline.from_pretrained(model, device=device)
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
