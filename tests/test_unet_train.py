@@ -196,3 +196,23 @@ def test_p_uncond_zero_warns(setup):
         warnings.simplefilter("always")
         check_config(config)
     assert any("classifier-free guidance will not work" in str(w.message) for w in caught)
+
+
+def test_joint_t5_text_encoder_trains_and_its_pipeline_samples_as_diffusers_does(setup, tmp_path):
+    """text_encoder.architecture=t5: a T5EncoderModel is trained with the U-Net, saved in final/, and
+    diffusers' StableDiffusionPipeline reads that folder to the same image (it passes the padding mask)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm import LatentPipeline
+
+    out = run_cli(setup, tmp_path, "t5", "text_encoder.architecture=t5", "--max-steps", "3")
+    final = out / "final"
+    assert json.loads((final / "model_index.json").read_text())["text_encoder"] == ["transformers", "T5EncoderModel"]
+    ours = LatentPipeline.from_pretrained(final, device="cpu")
+    ref = StableDiffusionPipeline.from_pretrained(final, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = DDIMScheduler.from_config(ours.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    a = ours(["a red circle", "two blue squares"], sampler="ddim", num_inference_steps=3, seed=5, height=32, width=32, output_type="np", progress=False).images
+    b = ref(["a red circle", "two blue squares"], num_inference_steps=3, height=32, width=32, output_type="np",
+            generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]).images
+    assert np.abs(a - b).max() <= 1e-3 and np.abs(a[0] - a[1]).max() > 0.01

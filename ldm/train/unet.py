@@ -53,10 +53,15 @@ class UNetModelConfig:
 @dataclass
 class TextEncoderConfig:
     """frozen: a pretrained CLIPTextModel / T5EncoderModel from `path`, never updated.
-    joint: a new CLIPTextModel of the size below, trained together with the U-Net (worlds with no
-    pretrained encoder at hand, like the shapes world), tokenized with CLIP's BPE."""
+    joint: a new text encoder of the size below, trained together with the U-Net (worlds with no
+    pretrained encoder at hand, like the shapes world), tokenized with CLIP's BPE. Its
+    `architecture` is CLIP's text transformer (causal self-attention, as in Stable Diffusion) or T5's
+    encoder (bidirectional, relative positions, as in Imagen): under a causal mask the tokens of the
+    first object in "a red circle to the left of a blue square" cannot see the relation that
+    follows them, which leaves only later tokens to say where the first object goes."""
 
     mode: Literal["frozen", "joint"] = "joint"
+    architecture: Literal["clip", "t5"] = "clip"  # joint: CLIPTextModel or T5EncoderModel (v1.1, gated GELU)
     path: str | None = None  # frozen: a pipeline folder (text_encoder/ + tokenizer/) or a text-encoder folder
     tokenizer: str | None = None  # a tokenizer folder; default: the encoder's own (frozen) or assets/clip-tokenizer (joint)
     max_length: int = 77  # joint: context length in tokens (position embeddings)
@@ -183,14 +188,25 @@ def load_vae(path: str | Path):
 
 def load_text_encoder(config: TextEncoderConfig):
     """(text_encoder, tokenizer). Frozen: loaded from config.path, eval mode, no gradients.
-    Joint: a new CLIPTextModel over CLIP's BPE vocabulary, in train mode."""
+    Joint: a new CLIPTextModel or T5EncoderModel over CLIP's BPE vocabulary, in train mode."""
     import transformers
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from ldm.models import REGISTRY
 
     if config.mode == "joint":
         tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else CLIP_TOKENIZER, config.max_length)
+        if config.architecture == "t5":
+            # T5 v1.1 (Raffel et al. 2020; gated GELU), no dropout at this size. It is trained with the
+            # padding masked, and use_attention_mask=True makes diffusers' StableDiffusionPipeline pass
+            # the mask too (PromptEncoder always does for T5), so both compute the same embeddings.
+            t5_config = T5Config(
+                vocab_size=len(tokenizer), d_model=config.hidden_size, d_kv=config.hidden_size // config.num_heads,
+                d_ff=config.intermediate_size, num_layers=config.num_layers, num_heads=config.num_heads,
+                feed_forward_proj="gated-gelu", dropout_rate=0.0, use_attention_mask=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+            )
+            return T5EncoderModel(t5_config).train(), tokenizer
         text_config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, max_position_embeddings=config.max_length,
