@@ -38,6 +38,8 @@ def test_scene_geometry_follows_the_spec():
             a, b = s.objects
             axis = {"to the left of": b.cx - a.cx, "to the right of": a.cx - b.cx, "above": b.cy - a.cy, "below": a.cy - b.cy}
             assert axis[s.prompt.relation] >= RELATION_MARGIN * S
+            across = abs(a.cy - b.cy) if s.prompt.relation.startswith("to the") else abs(a.cx - b.cx)
+            assert axis[s.prompt.relation] >= across  # mostly along the relation's axis
         if s.prompt.form == "count":
             assert len({(o.color, o.shape, o.size) for o in s.objects}) == 1
         if s.prompt.form in ("and", "relation"):
