@@ -197,7 +197,7 @@ def load_text_encoder(config: TextEncoderConfig):
     if config.mode == "joint":
         tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else CLIP_TOKENIZER, config.max_length)
         if config.architecture == "t5":
-            # T5 v1.1 (Raffel et al. 2020; gated GELU), no dropout at this size. It is trained with the
+            # T5 v1.1's encoder (Raffel et al. 2020, with Shazeer 2020's gated GELU), no dropout at this size. It is trained with the
             # padding masked, and use_attention_mask=True makes diffusers' StableDiffusionPipeline pass
             # the mask too (PromptEncoder always does for T5), so both compute the same embeddings.
             t5_config = T5Config(
