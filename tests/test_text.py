@@ -17,7 +17,7 @@ def test_clip_embeddings_equal_diffusers_encode_prompt(tiny_pipe):
     theirs, _ = ref.encode_prompt(prompts, "cpu", 1, False)
     ours = tiny_pipe.encode_prompts(prompts)
     assert ours.shape == (3, 16, 32)
-
+    assert torch.equal(ours, theirs)
 
 
 def test_t5_pipeline_uses_the_attention_mask_and_round_trips(tmp_path):
