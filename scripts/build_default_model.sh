@@ -12,7 +12,8 @@
 # same model scores 67.5% (position 30%). Position is at chance because the model never learned
 # to read the relation words (scripts/probe_relations.py: the relation holds in 49% of images,
 # 49% if the word is ignored, at steps 5,000, 9,240 and 22,000 alike), so more steps of this recipe
-# cannot pass the gate's 60% per kind. (Those runs used the data as it was before relation captions
+# cannot pass the gate's 60% per kind. scripts/probe_roles.py shows what it reads instead: word order
+# (which object is named first) but not the relation word. (Those runs used the data as it was before relation captions
 # were drawn mostly along their axis: ldm.data.shapes._relation_layout.) To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
