@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"), ("purple", "square", "orange", "triangle")]
-RGB = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (235, 215, 30), "green": (30, 170, 60), "blue": (30, 80, 220), "purple": (140, 50, 200)}
 
 
 def _phrase(color: str, shape: str) -> str:
@@ -51,6 +50,7 @@ def main(argv=None) -> int:
     import torch
 
     from ldm import LatentPipeline
+    from ldm.data.shapes import COLORS
 
     pipe = LatentPipeline.from_pretrained(args.model, device="cpu")
     unet, vae, sched = pipe.unet, pipe.vae, pipe.scheduler
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         return (vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1) + 1) / 2
 
     def centroid(images: torch.Tensor, color: str) -> torch.Tensor:  # (N, 2): x, y of the pixels near the colour
-        target = torch.tensor(RGB[color], dtype=torch.float32).view(1, 3, 1, 1) / 255
+        target = torch.tensor(COLORS[color], dtype=torch.float32).view(1, 3, 1, 1) / 255
         w = torch.exp(-8 * (images - target).pow(2).sum(1))  # (N, H, W)
         return torch.stack([(w.sum(1) * xs).sum(-1), (w.sum(2) * xs).sum(-1)], -1) / w.sum((1, 2)).unsqueeze(-1)
 
