@@ -30,11 +30,6 @@ import sys
 import numpy as np
 
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"), ("purple", "square", "orange", "triangle")]
-RELATIONS = ("to the left of", "to the right of", "above", "below")
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def main(argv=None) -> int:
@@ -51,7 +46,13 @@ def main(argv=None) -> int:
     import torch
 
     from ldm import LatentPipeline
-    from ldm.data.shapes import _relation_holds
+    from ldm.data.shapes import (
+        RELATIONS,
+        ObjectSpec,
+        Prompt,
+        _relation_holds,
+        format_prompt,
+    )
     from ldm.data.shapes_score import RELATION_MARGIN_SCORE, analyze
 
     pipe = LatentPipeline.from_pretrained(args.model, device="cpu")
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     for ca, sa, cb, sb in PAIRS:
         centres = []  # every image of this pair, whatever its relation: (centre of A, centre of B, margin)
         for rel in RELATIONS:
-            prompt = f"{_article(ca)} {ca} {sa} {rel} {_article(cb)} {cb} {sb}"
+            prompt = format_prompt(Prompt("relation", (ObjectSpec(ca, sa), ObjectSpec(cb, sb)), rel))
             images = pipe([prompt] * args.num, seed=args.seed, guidance_scale=args.cfg, progress=False, **kw).images
             offsets, holds = [], []
             for image in images:

@@ -36,10 +36,6 @@ import argparse
 PAIRS = [("red", "circle", "blue", "square"), ("green", "triangle", "yellow", "circle"), ("purple", "square", "orange", "triangle")]
 
 
-def _phrase(color: str, shape: str) -> str:
-    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a shapes-world pipeline folder (zero-terminal-SNR, v-prediction)")
@@ -50,7 +46,10 @@ def main(argv=None) -> int:
     import torch
 
     from ldm import LatentPipeline
-    from ldm.data.shapes import COLORS
+    from ldm.data.shapes import COLORS, RELATIONS, ObjectSpec, Prompt, format_prompt
+
+    def caption(first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
+        return format_prompt(Prompt("relation", (ObjectSpec(*first), ObjectSpec(*second)), relation))
 
     pipe = LatentPipeline.from_pretrained(args.model, device="cpu")
     unet, vae, sched = pipe.unet, pipe.vae, pipe.scheduler
@@ -76,10 +75,9 @@ def main(argv=None) -> int:
     for t in args.timesteps:
         diffs, sep_lr, sep_ab = [], [], []
         for ca, sa, cb, sb in PAIRS:
-            a, b = _phrase(ca, sa), _phrase(cb, sb)
-            imgs = {rel: x0_images(f"{a} {rel} {b}", t) for rel in ("to the left of", "to the right of", "above", "below")}
+            imgs = {rel: x0_images(caption((ca, sa), rel, (cb, sb)), t) for rel in RELATIONS}
             base = imgs["to the left of"]
-            swapped, other = x0_images(f"{b} to the left of {a}", t), x0_images("a green triangle", t)
+            swapped, other = x0_images(caption((cb, sb), "to the left of", (ca, sa)), t), x0_images("a green triangle", t)
             diffs.append([(base - x).abs().mean().item() for x in (imgs["to the right of"], swapped, other)])
             offset = {rel: (centroid(im, ca) - centroid(im, cb)).mean(0) for rel, im in imgs.items()}  # A minus B
             sep_lr.append((offset["to the right of"][0] - offset["to the left of"][0]).item())
