@@ -23,7 +23,7 @@ from pathlib import Path
 REGISTRY: dict[str, dict[str, str]] = {
     "unet": {"UNet2DConditionModel": "diffusers"},
     "vae": {"AutoencoderKL": "diffusers"},
-    "text_encoder": {"CLIPTextModel": "transformers", "T5EncoderModel": "transformers"},
+    "text_encoder": {"CLIPTextModel": "transformers", "T5EncoderModel": "transformers", "BertModel": "transformers"},
     "tokenizer": {"CLIPTokenizer": "transformers", "CLIPTokenizerFast": "transformers", "T5Tokenizer": "transformers", "T5TokenizerFast": "transformers"},
     "scheduler": {
         name: "diffusers"

@@ -198,16 +198,17 @@ def test_p_uncond_zero_warns(setup):
     assert any("classifier-free guidance will not work" in str(w.message) for w in caught)
 
 
-def test_joint_t5_text_encoder_trains_and_its_pipeline_samples_as_diffusers_does(setup, tmp_path):
-    """text_encoder.architecture=t5: a T5EncoderModel is trained with the U-Net, saved in final/, and
+@pytest.mark.parametrize("arch,class_name", [("t5", "T5EncoderModel"), ("bert", "BertModel")])
+def test_joint_bidirectional_text_encoder_trains_and_its_pipeline_samples_as_diffusers_does(setup, tmp_path, arch, class_name):
+    """text_encoder.architecture=t5|bert: the encoder is trained with the U-Net, saved in final/, and
     diffusers' StableDiffusionPipeline reads that folder to the same image (it passes the padding mask)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ldm import LatentPipeline
 
-    out = run_cli(setup, tmp_path, "t5", "text_encoder.architecture=t5", "--max-steps", "3")
+    out = run_cli(setup, tmp_path, arch, f"text_encoder.architecture={arch}", "--max-steps", "3")
     final = out / "final"
-    assert json.loads((final / "model_index.json").read_text())["text_encoder"] == ["transformers", "T5EncoderModel"]
+    assert json.loads((final / "model_index.json").read_text())["text_encoder"] == ["transformers", class_name]
     ours = LatentPipeline.from_pretrained(final, device="cpu")
     ref = StableDiffusionPipeline.from_pretrained(final, safety_checker=None, requires_safety_checker=False)
     ref.scheduler = DDIMScheduler.from_config(ours.scheduler.config)

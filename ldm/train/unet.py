@@ -55,13 +55,16 @@ class TextEncoderConfig:
     """frozen: a pretrained CLIPTextModel / T5EncoderModel from `path`, never updated.
     joint: a new text encoder of the size below, trained together with the U-Net (worlds with no
     pretrained encoder at hand, like the shapes world), tokenized with CLIP's BPE. Its
-    `architecture` is CLIP's text transformer (causal self-attention, as in Stable Diffusion) or T5's
-    encoder (bidirectional, relative positions, as in Imagen): under a causal mask the tokens of the
-    first object in "a red circle to the left of a blue square" cannot see the relation that
-    follows them, which leaves only later tokens to say where the first object goes."""
+    `architecture` is CLIP's text transformer (causal self-attention, absolute positions, as in Stable
+    Diffusion), T5's encoder (bidirectional, relative positions, as in Imagen) or BERT's
+    (bidirectional, absolute positions: the LDM paper's own jointly trained text transformer, Rombach
+    et al. 2022, Sec. 4.3.1 and Appendix E.2). Under CLIP's causal mask the tokens of the first
+    object in "a red circle to the left of a blue square" cannot see the relation that follows them;
+    with relative positions only, a small T5 trained from scratch was measured to read captions as a
+    bag of words (scripts/probe_roles.py). BERT's tokens see the whole caption and know their place."""
 
     mode: Literal["frozen", "joint"] = "joint"
-    architecture: Literal["clip", "t5"] = "clip"  # joint: CLIPTextModel or T5EncoderModel (v1.1, gated GELU)
+    architecture: Literal["clip", "t5", "bert"] = "clip"  # joint: CLIPTextModel, T5EncoderModel (v1.1, gated GELU) or BertModel
     path: str | None = None  # frozen: a pipeline folder (text_encoder/ + tokenizer/) or a text-encoder folder
     tokenizer: str | None = None  # a tokenizer folder; default: the encoder's own (frozen) or assets/clip-tokenizer (joint)
     max_length: int = 77  # joint: context length in tokens (position embeddings)
@@ -188,9 +191,9 @@ def load_vae(path: str | Path):
 
 def load_text_encoder(config: TextEncoderConfig):
     """(text_encoder, tokenizer). Frozen: loaded from config.path, eval mode, no gradients.
-    Joint: a new CLIPTextModel or T5EncoderModel over CLIP's BPE vocabulary, in train mode."""
+    Joint: a new CLIPTextModel, T5EncoderModel or BertModel over CLIP's BPE vocabulary, in train mode."""
     import transformers
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from ldm.models import REGISTRY
 
@@ -207,6 +210,20 @@ def load_text_encoder(config: TextEncoderConfig):
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
             )
             return T5EncoderModel(t5_config).train(), tokenizer
+        if config.architecture == "bert":
+            # BERT's encoder (Devlin et al. 2019): learned absolute positions, bidirectional attention over
+            # the unpadded tokens (use_attention_mask, as for T5), no dropout, one token type. Its pooler is
+            # kept, frozen at its initialisation, so that diffusers' BertModel loads the folder without a
+            # "newly initialized" warning and no weight goes untrained under DDP.
+            bert_config = BertConfig(
+                vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+                max_position_embeddings=config.max_length, type_vocab_size=1, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id, use_attention_mask=True,
+            )
+            encoder = BertModel(bert_config).train()
+            encoder.pooler.requires_grad_(False)
+            return encoder, tokenizer
         text_config = CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
             num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads, max_position_embeddings=config.max_length,
@@ -221,9 +238,9 @@ def load_text_encoder(config: TextEncoderConfig):
     if config.tokenizer:
         tokenizer_dir = Path(config.tokenizer)
     raw = json.loads((encoder_dir / "config.json").read_text()) if (encoder_dir / "config.json").is_file() else {}
-    class_name = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel"}.get(raw.get("model_type"))
+    class_name = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "bert": "BertModel"}.get(raw.get("model_type"))
     if class_name is None:
-        raise ValueError(f"{encoder_dir}: expected a CLIPTextModel or T5EncoderModel config.json (model_type clip_text_model or t5)")
+        raise ValueError(f"{encoder_dir}: expected a CLIPTextModel, T5EncoderModel or BertModel config.json (model_type clip_text_model, t5 or bert)")
     try:
         encoder = getattr(transformers, class_name).from_pretrained(encoder_dir, use_safetensors=True, trust_remote_code=False)
         tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
