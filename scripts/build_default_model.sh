@@ -11,9 +11,11 @@
 # cosine (single 78, two 70, counting 70, position 12.5, attributes 38, background 48); at CFG 3 the
 # same model scores 67.5% (position 30%). Position is at chance because the model never learned
 # to read the relation words (scripts/probe_relations.py: the relation holds in 49% of images,
-# 49% if the word is ignored, at steps 5,000, 9,240 and 22,000 alike), so more steps of this recipe
-# cannot pass the gate's 60% per kind. scripts/probe_roles.py shows what it reads instead: word order
-# (which object is named first) but not the relation word. (Those runs used the data as it was before relation captions
+# 49% if the word is ignored, at steps 5,000, 9,240 and 22,000 alike). scripts/probe_roles.py shows
+# what it reads instead: word order (which object is named first) but not the relation word.
+# scripts/probe_binding.py shows why: from clean targets the same U-Net and encoder learn the
+# relation in a few hundred steps, but at high noise diffusion's per-image targets bury it (~1% of
+# their variance); a rough count puts this recipe at ~200k steps, ten times its CPU budget. (Those runs used the data as it was before relation captions
 # were drawn mostly along their axis: ldm.data.shapes._relation_layout.) To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
