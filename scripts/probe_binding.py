@@ -70,7 +70,13 @@ def main(argv=None) -> int:
     from ldm.config import load_config
     from ldm.data.shapes import COLORS, RELATIONS, parse_caption
     from ldm.text import PromptEncoder
-    from ldm.train.unet import UNetTrainConfig, build_unet, load_text_encoder, load_vae
+    from ldm.train.unet import (
+        UNetTrainConfig,
+        build_unet,
+        encode_latents,
+        load_text_encoder,
+        load_vae,
+    )
 
     meta = Path(args.data) / "metadata.jsonl"
     if not meta.is_file():
@@ -97,10 +103,7 @@ def main(argv=None) -> int:
         for i in range(0, len(rows), 256):
             pixels = np.stack([np.asarray(Image.open(Path(args.data) / name).convert("RGB"), np.float32) for name, _, _ in rows[i : i + 256]])
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1
-            z = vae.encode(x).latent_dist.mean
-            if vae.config.get("shift_factor") is not None:
-                z = z - vae.config.shift_factor
-            latents.append(z * vae.config.scaling_factor)
+            latents.append(encode_latents({"pixel_values": x}, vae, torch.zeros(())))  # the posterior mean, shifted and scaled
     z0 = torch.cat(latents)
     group = torch.tensor([g for _, _, g in rows])
     pair = group % 36
