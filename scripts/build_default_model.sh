@@ -15,7 +15,7 @@
 # what it reads instead: word order (which object is named first) but not the relation word.
 # scripts/probe_binding.py shows why: from clean targets the same U-Net and encoder learn the
 # relation in a few hundred steps, but at high noise diffusion's per-image targets bury it (~1% of
-# their variance); a rough count puts this recipe at ~200k steps, ten times its CPU budget. (Those runs used the data as it was before relation captions
+# their variance, and the error at high noise grows back as training goes on; why is not settled). (Those runs used the data as it was before relation captions
 # were drawn mostly along their axis: ldm.data.shapes._relation_layout.) To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
