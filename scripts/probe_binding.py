@@ -34,11 +34,14 @@ Every one binds the objects to their sides within a few hundred steps: from clea
 relation is easy for these networks, text encoder included. The models trained by diffusion
 (scripts/probe_roles.py) never learned it because at high noise their targets are each image's
 own latent, which vary around the caption's mean by ~0.7 (latent variance) against a relation
-part of ~0.01: --noisy-target (bert, lr 3e-4; measured with this test's first version, on a
+part of ~0.01. --noisy-target (bert, lr 3e-4; measured with this test's first version, on a
 dropped variant of the data) falls to 0.024 by step 100 and then rises to 0.10-0.12 at 200-400
-steps, five times the global reference; with a batch of 512 it rises too (0.023 at 100 steps,
-0.055 at 150). Why it rises is not settled: optimiser noise, or an output that comes to depend on
-the input noise.
+steps (batch 512: 0.023 at 100 steps, 0.055 at 150). Read that with care: a model fed per-image
+targets also learns what the rest of the caption says (shapes, size and background words), and
+the exact captions' means lie ~0.045 from these (relation, colours) means, so part of the rise is
+legitimate; at 250 steps the output's variance over input noises is 0.0002, so the rest is the
+bias of its noise-averaged output. A relation-contrast measure (left minus right outputs against
+the data's left minus right means) would be the clean one for noisy targets; not written yet.
 """
 
 from __future__ import annotations
