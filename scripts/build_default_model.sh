@@ -13,9 +13,10 @@
 # to read the relation words (scripts/probe_relations.py: the relation holds in 49% of images,
 # 49% if the word is ignored, at steps 5,000, 9,240 and 22,000 alike). scripts/probe_roles.py shows
 # what it reads instead: word order (which object is named first) but not the relation word.
-# scripts/probe_binding.py shows why: from clean targets the same U-Net and encoder learn the
-# relation in a few hundred steps, but at high noise diffusion's per-image targets bury it (~1% of
-# their variance, and the error at high noise grows back as training goes on; why is not settled). (Those runs used the data as it was before relation captions
+# scripts/probe_binding.py narrows it down: from clean targets the same U-Net and encoder learn the
+# relation in a few hundred steps, so the likely cause is diffusion's per-image targets at high
+# noise, in which the relation is ~1% of the variance (not yet measured cleanly). (Those runs used
+# the data as it was before relation captions
 # were drawn mostly along their axis: ldm.data.shapes._relation_layout.) To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48

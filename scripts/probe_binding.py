@@ -32,8 +32,8 @@ of shapes-100k-v2; about 0.65 s a step; blind 0.0110, global 0.0194):
 
 Every one binds the objects to their sides within a few hundred steps: from clean targets the
 relation is easy for these networks, text encoder included. The models trained by diffusion
-(scripts/probe_roles.py) never learned it because at high noise their targets are each image's
-own latent, which vary around the caption's mean by ~0.7 (latent variance) against a relation
+(scripts/probe_roles.py) never learned it; the likely difference is that at high noise their
+targets are each image's own latent, which vary around the caption's mean by ~0.7 (latent variance) against a relation
 part of ~0.01. --noisy-target (bert, lr 3e-4; measured with this test's first version, on a
 dropped variant of the data) falls to 0.024 by step 100 and then rises to 0.10-0.12 at 200-400
 steps (batch 512: 0.023 at 100 steps, 0.055 at 150). Read that with care: a model fed per-image
