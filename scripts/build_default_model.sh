@@ -16,8 +16,8 @@
 # scripts/probe_binding.py narrows it down: from clean targets the same U-Net and encoder learn the
 # relation in a few hundred steps, so the likely cause is diffusion's per-image targets at high
 # noise, in which the relation is ~1% of the variance (not yet measured cleanly). (Those runs used
-# the data as it was before relation captions
-# were drawn mostly along their axis: ldm.data.shapes._relation_layout.) To follow a run:
+# the data as it was before relation captions were drawn mostly along their axis:
+# ldm.data.shapes._relation_layout.) To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
 set -euo pipefail

@@ -75,25 +75,22 @@ def main(argv=None) -> int:
     from ldm.config import load_config
     from ldm.data.shapes import COLORS, RELATIONS, parse_caption
     from ldm.text import PromptEncoder
-    from ldm.train.unet import (
-        UNetTrainConfig,
-        build_unet,
-        encode_latents,
-        load_text_encoder,
-        load_vae,
-    )
+    from ldm.train.unet import UNetTrainConfig, build_models, encode_latents
 
     meta = Path(args.data) / "metadata.jsonl"
     if not meta.is_file():
         p.error(f"{meta} not found: --data must be a folder written by ldm-shapes make")
-    config = load_config(UNetTrainConfig, args.config, args.set)
+    config = load_config(UNetTrainConfig, args.config, [*args.set, f"vae={args.vae}"])
     colours = list(COLORS)
+    num_pairs = len(colours) ** 2  # (colour of A, colour of B); a target is a (relation, pair)
+    num_groups = len(RELATIONS) * num_pairs
     rows = []
     for line in meta.read_text().splitlines():
         row = json.loads(line)
         prompt = parse_caption(row["text"])
         if prompt is not None and prompt.form == "relation":
-            group = (RELATIONS.index(prompt.relation) * 6 + colours.index(prompt.objects[0].color)) * 6 + colours.index(prompt.objects[1].color)
+            pair = colours.index(prompt.objects[0].color) * len(colours) + colours.index(prompt.objects[1].color)
+            group = RELATIONS.index(prompt.relation) * num_pairs + pair
             rows.append((row["file_name"], row["text"], group))
         if len(rows) >= args.max_images:
             break
@@ -101,7 +98,8 @@ def main(argv=None) -> int:
         p.error(f"{meta}: {len(rows)} relation captions; at least 1000 are needed for the group means")
 
     torch.manual_seed(args.seed)
-    vae = load_vae(args.vae)
+    vae, text_encoder, tokenizer, unet, _ = build_models(config)  # the config's networks, new weights
+    unet.train()
     t0 = time.time()
     latents = []
     with torch.no_grad():
@@ -111,8 +109,8 @@ def main(argv=None) -> int:
             latents.append(encode_latents({"pixel_values": x}, vae, torch.zeros(())))  # the posterior mean, shifted and scaled
     z0 = torch.cat(latents)
     group = torch.tensor([g for _, _, g in rows])
-    pair = group % 36
-    means, pair_means = torch.zeros(144, *z0.shape[1:]), torch.zeros(36, *z0.shape[1:])
+    pair = group % num_pairs
+    means, pair_means = torch.zeros(num_groups, *z0.shape[1:]), torch.zeros(num_pairs, *z0.shape[1:])
     for g in group.unique():
         means[g] = z0[group == g].mean(0)
     for g in pair.unique():
@@ -122,12 +120,9 @@ def main(argv=None) -> int:
     overall = ((z0.mean(0) - target) ** 2).mean().item()
     print(f"{len(rows)} relation captions from {args.data}, encoded in {time.time() - t0:.0f} s; blind {blind:.4f}, global {overall:.4f}")
 
-    text_encoder, tokenizer = load_text_encoder(config.text_encoder)
     prompts = PromptEncoder(text_encoder, tokenizer)
     input_ids, attention_mask = prompts.tokenize([text for _, text, _ in rows])
-    width = text_encoder.config.hidden_size if hasattr(text_encoder.config, "hidden_size") else text_encoder.config.d_model
-    unet = build_unet(config.model, latent_channels=z0.shape[1], cross_attention_dim=width, sample_size=z0.shape[-1]).train()
-    table = torch.nn.Parameter(torch.randn(144, 4, width))
+    table = torch.nn.Parameter(torch.randn(num_groups, 4, unet.config.cross_attention_dim))
     params = [q for q in unet.parameters()] + ([table] if args.encoder == "table" else [q for q in text_encoder.parameters() if q.requires_grad])
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=0.0)
     T = config.objective.num_train_timesteps - 1
