@@ -51,6 +51,20 @@ def test_scene_geometry_follows_the_spec():
             assert s.prompt.background == s.background
 
 
+def test_unnamed_background_fixes_only_the_unnamed_ones():
+    """unnamed_background paints the scenes whose caption names no background; the draws (caption,
+    objects, places) and the named backgrounds stay those of the spec's random-background scenes."""
+    gray = [make_scene(7, i, unnamed_background="gray") for i in range(len(SCENES))]
+    assert {s.background for s in SCENES if not s.prompt.background} == set(BACKGROUNDS)  # random by default
+    for a, b in zip(SCENES, gray):
+        assert (b.caption, b.objects) == (a.caption, a.objects)
+        assert b.background == (a.background if a.prompt.background else "gray")
+    image = render_array(gray[0])  # KINDS[0] is "single": no background named
+    assert (image[0, 0] == BACKGROUNDS["gray"]).all()
+    with pytest.raises(ValueError, match="unnamed_background"):
+        make_scene(7, 0, unnamed_background="blue")
+
+
 def test_rendered_pixels_are_exact():
     for s in SCENES[:120]:
         image = render_array(s).astype(int)

@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from ldm.cli.shapes import main
-from ldm.data.shapes import EVAL_DOMAIN, make_scene
+from ldm.data.shapes import EVAL_DOMAIN, make_scene, render_array
 from ldm.data.shapes_score import score_folder
 
 
@@ -28,6 +29,16 @@ def test_make_is_deterministic_and_scores_perfectly(tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["kinds"]["overall"]["passed"] == 24
 
 
+def test_make_unnamed_background(tmp_path, capsys):
+    assert main(["make", "--out", str(tmp_path / "g"), "--num", "12", "--seed", "5", "--unnamed-background", "gray"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "g" / "metadata.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        scene = make_scene(5, i, unnamed_background="gray")
+        assert (row["text"], row["background"]) == (scene.caption, scene.background)
+        assert row["background"] == "gray" or " background" in row["text"]
+        assert (np.asarray(Image.open(tmp_path / "g" / row["file_name"]).convert("RGB")) == render_array(scene)).all()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["make", "--out", "{tmp}/x", "--num", "0"], "--num"),
     (["make", "--out", "{tmp}/x", "--num", "3", "--size", "8"], "--size"),
@@ -38,6 +49,7 @@ def test_make_is_deterministic_and_scores_perfectly(tmp_path, capsys):
     (["frobnicate"], "invalid choice"),
     (["make", "--out", "{tmp}/a_file", "--num", "2"], "exists and is not a folder"),
     (["make", "--out", "{tmp}/x", "--num", "2", "--seed", "-1"], "--seed must be non-negative"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--unnamed-background", "blue"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     (tmp_path / "a_file").write_text("")

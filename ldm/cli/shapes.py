@@ -22,6 +22,9 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--size", type=int, default=64, help="canvas size S in pixels")
     m.add_argument("--seed", type=int, default=0, help="dataset seed: image i is scene (seed, i) of the training stream")
     m.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
+    m.add_argument("--unnamed-background", choices=("random", "white", "gray", "black"), default="random",
+                   help="the background of scenes whose caption names none (default: random, as the spec says; "
+                        "the embedded default model is trained with gray, see ldm/data/shapes.py)")
 
     s = sub.add_parser("score", help="score a folder of images against their captions",
                        description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")
@@ -60,7 +63,8 @@ def _main(argv=None) -> int:
         if args.seed < 0:
             raise ValueError(f"--seed must be non-negative, got {args.seed}")
         start = time.time()
-        written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite)
+        unnamed = None if args.unnamed_background == "random" else args.unnamed_background
+        written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite, unnamed_background=unnamed)
         seconds = time.time() - start
         print(f"wrote {args.num} images ({written / 2**20:.1f} MiB) and metadata.jsonl to {args.out} "
               f"in {seconds:.1f} s ({args.num / max(seconds, 1e-9):.0f} images/s)")
