@@ -5,7 +5,8 @@ import torch
 
 from ldm import schedule as S
 from ldm.text import PromptEncoder
-from ldm.train.unet import ObjectiveConfig, TextEncoderConfig, diffusion_loss, draw_randomness, load_text_encoder, text_conditioning
+from ldm.train.unet import (ObjectiveConfig, TextEncoderConfig, check_config, diffusion_loss, draw_randomness, load_text_encoder, text_conditioning,
+                            timestep_weights)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,35 @@ def test_draws_depend_only_on_seed_step_and_global_index():
     assert not torch.equal(c.noise, a.noise)
     t = draw_randomness(0, 0, list(range(3000)), p_uncond=0.1, num_train_timesteps=1000, latent_shape=(1, 1, 1)).timesteps
     assert t.min() >= 0 and t.max() <= 999 and abs(t.float().mean().item() - 499.5) < 20
+
+
+@pytest.mark.parametrize("strategy", ["later", "earlier"])
+def test_timestep_bias_draws_the_biased_portion_as_often_as_its_weight(strategy):
+    """portion 0.25, multiplier 3: the biased quarter holds 3·250 / (3·250 + 750) = 1/2 of the mass."""
+    obj = ObjectiveConfig(timestep_bias_strategy=strategy, timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    w = timestep_weights(obj)
+    assert w.shape == (1000,) and abs(w.sum().item() - 1) < 1e-12
+    biased = slice(750, 1000) if strategy == "later" else slice(0, 250)
+    assert abs(w[biased].sum().item() - 0.5) < 1e-12 and torch.allclose(w[biased], 3 * w[500])
+    t = draw_randomness(0, 0, list(range(4000)), p_uncond=0.1, num_train_timesteps=1000, latent_shape=(1, 1, 1), timestep_weights=w).timesteps
+    inside = ((t >= biased.start) & (t < biased.stop)).float().mean().item()
+    assert abs(inside - 0.5) < 3 * (0.25 / 4000) ** 0.5, inside  # within 3σ of 1/2 (uniform t: 1/4)
+    assert t.min() >= 0 and t.max() <= 999
+
+
+def test_no_timestep_bias_means_uniform_draws():
+    assert timestep_weights(ObjectiveConfig()) is None  # strategy none
+    assert timestep_weights(ObjectiveConfig(timestep_bias_strategy="later", timestep_bias_multiplier=1.0)) is None
+
+
+@pytest.mark.parametrize("key, value", [("timestep_bias_multiplier", 0.0), ("timestep_bias_portion", 0.0), ("timestep_bias_portion", 1.5)])
+def test_bad_timestep_bias_is_a_value_error_naming_the_key(key, value):
+    from ldm.train.unet import UNetTrainConfig
+
+    config = UNetTrainConfig(vae="some/vae")
+    setattr(config.objective, key, value)
+    with pytest.raises(ValueError, match=key):
+        check_config(config)
 
 
 class Recorder(torch.nn.Module):

@@ -40,6 +40,17 @@ def test_loss_falls_on_a_tiny_run(setup, tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
+def test_timestep_bias_reaches_the_training_draws(setup, tmp_path, monkeypatch):
+    import ldm.train.unet as unet_train
+
+    drawn, draw = [], unet_train.draw_randomness
+    monkeypatch.setattr(unet_train, "draw_randomness", lambda *a, **k: drawn.append(draw(*a, **k).timesteps) or draw(*a, **k))
+    run_cli(setup, tmp_path, "bias", "--max-steps", "3", "objective.timestep_bias_strategy=later",
+            "objective.timestep_bias_multiplier=1000", "objective.timestep_bias_portion=0.01")
+    t = torch.cat(drawn)
+    assert (t >= 990).float().mean() > 0.6, t  # the top 1% holds 10·1000 / (10·1000 + 990) = 91% of the mass (uniform: 1%)
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path, grad_accum):
     accum = f"run.grad_accum={grad_accum}"

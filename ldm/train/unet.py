@@ -88,6 +88,11 @@ class ObjectiveConfig:
     loss_weighting: Literal["uniform", "min_snr"] = "uniform"
     snr_gamma: float = 5.0  # γ of min-SNR-γ
     offset_noise: float = 0.0  # strength of offset noise (0: off; ~0.1 typical)
+    # How t is drawn: uniformly (none), or with the noisiest (later) / least noisy (earlier) `portion`
+    # of the timesteps `multiplier` times as likely: diffusers' --timestep_bias_* of its SDXL script
+    timestep_bias_strategy: Literal["none", "later", "earlier"] = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
 
 
 @dataclass
@@ -143,6 +148,9 @@ def check_config(config: UNetTrainConfig) -> None:
         raise ValueError(f"objective.beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, got {obj.beta_start}, {obj.beta_end}")
     if obj.snr_gamma <= 0 or obj.offset_noise < 0:
         raise ValueError("objective.snr_gamma must be > 0 and objective.offset_noise ≥ 0")
+    if not (obj.timestep_bias_multiplier > 0 and 0 < obj.timestep_bias_portion <= 1):
+        raise ValueError(f"objective.timestep_bias_multiplier must be > 0 and timestep_bias_portion in (0, 1], "
+                         f"got {obj.timestep_bias_multiplier} and {obj.timestep_bias_portion}")
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
         if getattr(run, key) < 1:
             raise ValueError(f"run.{key} must be ≥ 1, got {getattr(run, key)}")
@@ -335,9 +343,31 @@ class Draws:
     posterior: torch.Tensor  # (B, C, h, w) ξ of z = mean + std · ξ, the VAE posterior draw
 
 
-def draw_randomness(seed: int, step: int, global_indices: list[int], *, p_uncond: float, num_train_timesteps: int, latent_shape: tuple[int, int, int]) -> Draws:
+def timestep_weights(obj: ObjectiveConfig) -> torch.Tensor | None:
+    """The probabilities of t = 0 … T−1 under objective.timestep_bias_*, or None for uniform.
+
+    As diffusers' `generate_timestep_weights` (examples/text_to_image/train_text_to_image_sdxl.py):
+    the last (later: the noisiest) or first (earlier) int(portion · T) timesteps get `multiplier`
+    times the weight of the others. Why "later" exists here: at the noisiest timesteps a
+    zero-terminal-SNR model learns the layout a caption asks for, from targets whose variance
+    hides it (scripts/probe_binding.py); drawing those timesteps more often gives it more samples.
+    """
+    T = obj.num_train_timesteps
+    if obj.timestep_bias_strategy == "none" or obj.timestep_bias_multiplier == 1:
+        return None
+    weights = torch.ones(T, dtype=torch.float64)
+    n = max(1, int(obj.timestep_bias_portion * T))
+    if obj.timestep_bias_strategy == "later":
+        weights[T - n:] *= obj.timestep_bias_multiplier
+    else:
+        weights[:n] *= obj.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+def draw_randomness(seed: int, step: int, global_indices: list[int], *, p_uncond: float, num_train_timesteps: int,
+                    latent_shape: tuple[int, int, int], timestep_weights: torch.Tensor | None = None) -> Draws:
     """Every random choice of the objective, per sample, from a generator seeded by
-    (seed, step, global sample index).
+    (seed, step, global sample index). t is uniform, or drawn from `timestep_weights` (T probabilities).
 
     Why not the processes' global RNG streams: with K processes each would draw its own stream, so
     a 2-process run with batch B would drop different captions and add different noise than a
@@ -353,7 +383,8 @@ def draw_randomness(seed: int, step: int, global_indices: list[int], *, p_uncond
         gen = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
         rows.append((
             torch.rand((), generator=gen) < p_uncond,
-            torch.randint(num_train_timesteps, (), generator=gen),
+            torch.randint(num_train_timesteps, (), generator=gen) if timestep_weights is None
+            else torch.multinomial(timestep_weights, 1, generator=gen)[0],
             torch.randn((C, h, w), generator=gen),
             torch.randn((C, 1, 1), generator=gen),
             torch.randn((C, h, w), generator=gen),
@@ -507,6 +538,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
             text_encoder.gradient_checkpointing_enable()
     noise_scheduler = make_training_scheduler(obj)
     alphas_cumprod = training_alphas_cumprod(obj)  # (T,) float64, on the CPU
+    t_weights = timestep_weights(obj)  # None: t uniform
     if is_main:
         log.info("U-Net %.2fM parameters, text encoder %.2fM (%s)", count_parameters(unet) / 1e6, count_parameters(text_encoder) / 1e6, config.text_encoder.mode)
 
@@ -610,7 +642,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
                 # sample i of this process is at position i·W + rank of the global batch (ResumableSampler's split)
                 first = micro * global_batch
                 draws = draw_randomness(run.seed, step, [first + i * world + rank for i in range(run.batch_size)],
-                                        p_uncond=obj.p_uncond, num_train_timesteps=obj.num_train_timesteps, latent_shape=latent_shape)
+                                        p_uncond=obj.p_uncond, num_train_timesteps=obj.num_train_timesteps, latent_shape=latent_shape,
+                                        timestep_weights=t_weights)
                 with accelerator.accumulate(*trained.values()):
                     z0 = encode_latents(batch, vae, draws.posterior).to(accelerator.device)  # (B, C, h, w)
                     with accelerator.autocast():
@@ -669,6 +702,6 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
 
 __all__ = [
     "UNetTrainConfig", "UNetModelConfig", "TextEncoderConfig", "ObjectiveConfig", "SampleConfig", "CacheConfig", "check_config",
-    "load_vae", "load_text_encoder", "build_unet", "make_training_scheduler", "training_alphas_cumprod", "Draws", "draw_randomness",
+    "load_vae", "load_text_encoder", "build_unet", "make_training_scheduler", "training_alphas_cumprod", "Draws", "draw_randomness", "timestep_weights",
     "encode_latents", "text_conditioning", "diffusion_loss", "build_models", "export_checkpoint", "train",
 ]
