@@ -24,7 +24,7 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing metadata.jsonl in --out")
     m.add_argument("--unnamed-background", choices=("random", "white", "gray", "black"), default="random",
                    help="the background of scenes whose caption names none (default: random, as the spec says; "
-                        "the embedded default model is trained with gray, see ldm/data/shapes.py)")
+                        "the default model's recipe uses gray, see docs/data.md)")
 
     s = sub.add_parser("score", help="score a folder of images against their captions",
                        description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")
