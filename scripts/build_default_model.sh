@@ -19,7 +19,9 @@
 # per-image targets when the backgrounds that captions do not name are random, as in those runs,
 # and reaches 0.88 on the same scenes with them gray. So the U-Net now trains on
 # --unnamed-background gray (the spec's scenes otherwise; its evaluation asks for a background only
-# when one is named). Results of that recipe: in progress. To follow a run:
+# when one is named). That recipe's run so far (EMA, CFG 7.5, 96 held-out prompts): 37.5% at
+# step 4,000, 55.2% at 6,000 (position 31%); its relation contrast is still 0 at 6,000, and at
+# 8,000 after 2,000 steps with objective.timestep_bias_strategy=later (59.4%). To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
 set -euo pipefail
