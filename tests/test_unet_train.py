@@ -44,7 +44,13 @@ def test_timestep_bias_reaches_the_training_draws(setup, tmp_path, monkeypatch):
     import ldm.train.unet as unet_train
 
     drawn, draw = [], unet_train.draw_randomness
-    monkeypatch.setattr(unet_train, "draw_randomness", lambda *a, **k: drawn.append(draw(*a, **k).timesteps) or draw(*a, **k))
+
+    def recording_draw(*args, **kwargs):
+        draws = draw(*args, **kwargs)
+        drawn.append(draws.timesteps)
+        return draws
+
+    monkeypatch.setattr(unet_train, "draw_randomness", recording_draw)
     run_cli(setup, tmp_path, "bias", "--max-steps", "3", "objective.timestep_bias_strategy=later",
             "objective.timestep_bias_multiplier=1000", "objective.timestep_bias_portion=0.01")
     t = torch.cat(drawn)
