@@ -68,7 +68,8 @@ def test_no_timestep_bias_means_uniform_draws():
     assert timestep_weights(ObjectiveConfig(timestep_bias_strategy="later", timestep_bias_multiplier=1.0)) is None
 
 
-@pytest.mark.parametrize("key, value", [("timestep_bias_multiplier", 0.0), ("timestep_bias_portion", 0.0), ("timestep_bias_portion", 1.5)])
+@pytest.mark.parametrize("key, value", [("timestep_bias_multiplier", 0.0), ("timestep_bias_portion", 0.0), ("timestep_bias_portion", 1.5),
+                                        ("timestep_bias_from_step", -1)])
 def test_bad_timestep_bias_is_a_value_error_naming_the_key(key, value):
     from ldm.train.unet import UNetTrainConfig
 

@@ -57,6 +57,25 @@ def test_timestep_bias_reaches_the_training_draws(setup, tmp_path, monkeypatch):
     assert (t >= 990).float().mean() > 0.6, t  # the top 1% holds 10·1000 / (10·1000 + 990) = 91% of the mass (uniform: 1%)
 
 
+def test_timestep_bias_from_step_keeps_the_earlier_steps_uniform(setup, tmp_path, monkeypatch):
+    import ldm.train.unet as unet_train
+
+    drawn, draw = {}, unet_train.draw_randomness
+
+    def recording_draw(seed, step, *args, **kwargs):
+        draws = draw(seed, step, *args, **kwargs)
+        drawn[step] = (draws.timesteps, kwargs["timestep_weights"] is None)
+        return draws
+
+    monkeypatch.setattr(unet_train, "draw_randomness", recording_draw)
+    run_cli(setup, tmp_path, "bias-from", "--max-steps", "4", "objective.timestep_bias_strategy=later",
+            "objective.timestep_bias_multiplier=1000", "objective.timestep_bias_portion=0.01", "objective.timestep_bias_from_step=2")
+    # uniform (so these steps are those of a run without the bias, which can resume into this one), then biased
+    assert [drawn[s][1] for s in range(4)] == [True, True, False, False]
+    late = torch.cat([drawn[2][0], drawn[3][0]])
+    assert (late >= 990).float().mean() > 0.6, late
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path, grad_accum):
     accum = f"run.grad_accum={grad_accum}"

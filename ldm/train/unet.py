@@ -93,6 +93,7 @@ class ObjectiveConfig:
     timestep_bias_strategy: Literal["none", "later", "earlier"] = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
+    timestep_bias_from_step: int = 0  # the bias applies from this optimizer step on; t is uniform before it
 
 
 @dataclass
@@ -151,6 +152,8 @@ def check_config(config: UNetTrainConfig) -> None:
     if not (obj.timestep_bias_multiplier > 0 and 0 < obj.timestep_bias_portion <= 1):
         raise ValueError(f"objective.timestep_bias_multiplier must be > 0 and timestep_bias_portion in (0, 1], "
                          f"got {obj.timestep_bias_multiplier} and {obj.timestep_bias_portion}")
+    if obj.timestep_bias_from_step < 0:
+        raise ValueError(f"objective.timestep_bias_from_step must be ≥ 0, got {obj.timestep_bias_from_step}")
     for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
         if getattr(run, key) < 1:
             raise ValueError(f"run.{key} must be ≥ 1, got {getattr(run, key)}")
@@ -643,7 +646,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
                 first = micro * global_batch
                 draws = draw_randomness(run.seed, step, [first + i * world + rank for i in range(run.batch_size)],
                                         p_uncond=obj.p_uncond, num_train_timesteps=obj.num_train_timesteps, latent_shape=latent_shape,
-                                        timestep_weights=t_weights)
+                                        timestep_weights=t_weights if step >= obj.timestep_bias_from_step else None)
                 with accelerator.accumulate(*trained.values()):
                     z0 = encode_latents(batch, vae, draws.posterior).to(accelerator.device)  # (B, C, h, w)
                     with accelerator.autocast():
