@@ -39,6 +39,17 @@ def test_make_unnamed_background(tmp_path, capsys):
         assert (np.asarray(Image.open(tmp_path / "g" / row["file_name"]).convert("RGB")) == render_array(scene)).all()
 
 
+def test_make_kinds_cycles_through_the_given_list(tmp_path):
+    kinds = ["position", "background", "background"]
+    assert main(["make", "--out", str(tmp_path / "k"), "--num", "9", "--seed", "5", "--kinds", ",".join(kinds)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "k" / "metadata.jsonl").read_text().splitlines()]
+    assert [row["kind"] for row in rows] == kinds * 3
+    for i, row in enumerate(rows):
+        assert row["text"] == make_scene(5, i, kinds=kinds).caption
+    # a scene whose kind the list keeps in place is the spec's own scene
+    assert rows[0]["text"] != make_scene(5, 0).caption and make_scene(5, 3, kinds=["position"] * 6).caption == make_scene(5, 3).caption
+
+
 @pytest.mark.parametrize("argv, message", [
     (["make", "--out", "{tmp}/x", "--num", "0"], "--num"),
     (["make", "--out", "{tmp}/x", "--num", "3", "--size", "8"], "--size"),
@@ -50,6 +61,8 @@ def test_make_unnamed_background(tmp_path, capsys):
     (["make", "--out", "{tmp}/a_file", "--num", "2"], "exists and is not a folder"),
     (["make", "--out", "{tmp}/x", "--num", "2", "--seed", "-1"], "--seed must be non-negative"),
     (["make", "--out", "{tmp}/x", "--num", "2", "--unnamed-background", "blue"], "invalid choice"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--kinds", "position,sky"], "unknown kind(s) 'sky'"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--kinds", ""], "unknown kind(s) ''"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     (tmp_path / "a_file").write_text("")

@@ -119,6 +119,21 @@ def test_final_folder_is_a_pipeline_that_ldm_txt2img_samples(setup, tmp_path, ca
     assert len(printed) == 1 and printed[0].endswith("-1.png")
 
 
+def test_fine_tuning_a_joint_model_starts_from_its_unet_and_text_encoder(setup, tmp_path):
+    """model.pretrained + text_encoder.path with mode joint: both networks start from the given
+    pipeline and both keep training (a fine-tuning phase of a jointly trained model)."""
+    source = run_cli(setup, tmp_path, "source", "--max-steps", "2", "run.seed=1") / "final"  # other seed, other initial weights
+    tuned = run_cli(setup, tmp_path, "tuned", "--max-steps", "1", f"model.pretrained={source}", f"text_encoder.path={source}")
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        before = load_file(source / part / f"{name}.safetensors")
+        after = load_file(tuned / "final" / part / f"{name}.safetensors")  # EMA, at most one Adam step (lr 1e-3) away
+        raw = load_file(tuned / "checkpoints" / "step-0000001" / f"model-{part}.safetensors")
+        assert max((after[k] - before[k]).abs().max().item() for k in before) < 1.1e-3, part
+        assert max((raw[k] - before[k]).abs().max().item() for k in before) > 1e-5, part  # it trained
+    fresh = load_file(run_cli(setup, tmp_path, "fresh", "--max-steps", "1") / "final" / "text_encoder" / "model.safetensors")
+    assert max((fresh[k] - before[k]).abs().max().item() for k in before) > 1e-2  # without text_encoder.path: new weights
+
+
 def test_export_writes_a_checkpoint_as_the_final_folder_would(setup, tmp_path, capsys):
     """--export of the last checkpoint is final/ again (EMA weights, every file); of an earlier one,
     its own EMA; from the run's saved config.yaml alone. Bad targets are one-line errors."""

@@ -25,6 +25,9 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--unnamed-background", choices=("random", "white", "gray", "black"), default="random",
                    help="the background of scenes whose caption names none (default: random, as the spec says; "
                         "the default model's recipe uses gray, see docs/data.md)")
+    m.add_argument("--kinds", default=None, metavar="K1,K2,...",
+                   help="caption kinds to cycle through: scene i has kind K[i mod n]; list a kind twice to draw it "
+                        "twice as often (default: the spec's six, balanced: single,two,counting,position,attributes,background)")
 
     s = sub.add_parser("score", help="score a folder of images against their captions",
                        description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")
@@ -54,7 +57,7 @@ def build_parser() -> ArgumentParser:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make":
-        from ldm.data.shapes import write_dataset
+        from ldm.data.shapes import KINDS, check_kinds, write_dataset
 
         if args.num < 1:
             raise ValueError(f"--num must be at least 1, got {args.num}")
@@ -64,7 +67,9 @@ def _main(argv=None) -> int:
             raise ValueError(f"--seed must be non-negative, got {args.seed}")
         start = time.time()
         unnamed = None if args.unnamed_background == "random" else args.unnamed_background
-        written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite, unnamed_background=unnamed)
+        kinds = KINDS if args.kinds is None else check_kinds([k.strip() for k in args.kinds.split(",")])
+        written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite,
+                                unnamed_background=unnamed, kinds=kinds)
         seconds = time.time() - start
         print(f"wrote {args.num} images ({written / 2**20:.1f} MiB) and metadata.jsonl to {args.out} "
               f"in {seconds:.1f} s ({args.num / max(seconds, 1e-9):.0f} images/s)")

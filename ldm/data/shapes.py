@@ -28,7 +28,8 @@ Seeds: scene i of training seed K is drawn from `np.random.default_rng([TRAIN_DO
 evaluation prompts from `[EVAL_DOMAIN, K, i]`. The first word differs, so no evaluation prompt is
 ever drawn from a training seed stream, whatever K. (The grammar is finite, so an evaluation
 caption may still occur in training data: what is new is the draw, i.e. the scene.)
-Kinds are balanced by index: scene i has kind KINDS[i % 6].
+Kinds are balanced by index: scene i has kind KINDS[i % 6]. (`kinds=` / `ldm-shapes make --kinds`
+changes the cycle, e.g. to weight one kind for a fine-tuning set; the default is the spec's.)
 
 The unnamed background (an addition to the fixed spec, off by default): `unnamed_background="gray"`
 (`ldm-shapes make --unnamed-background gray`) paints every scene whose caption names no background
@@ -44,6 +45,7 @@ a contrast of 0.80 by step 400 (0.88 at 600; 1 = the data's) on the same scenes 
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -330,9 +332,21 @@ def scene_rng(seed: int, index: int, domain: int = TRAIN_DOMAIN) -> np.random.Ge
     return np.random.default_rng([domain, seed, index])
 
 
-def make_scene(seed: int, index: int, size: int = 64, domain: int = TRAIN_DOMAIN, unnamed_background: str | None = None) -> Scene:
-    """Scene `index` of a dataset with `seed`: kind KINDS[index % 6], independent of other indices."""
-    return sample_scene(scene_rng(seed, index, domain), size, KINDS[index % len(KINDS)], unnamed_background)
+def check_kinds(kinds: typing.Sequence[str]) -> tuple[str, ...]:
+    """`kinds` as a tuple, or a ValueError naming what is wrong with it."""
+    if isinstance(kinds, str) or not kinds:
+        raise ValueError(f"kinds must be a non-empty list of {KINDS}, got {kinds!r}")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown kind(s) {', '.join(map(repr, bad))}; kinds are {', '.join(KINDS)}")
+    return tuple(kinds)
+
+
+def make_scene(seed: int, index: int, size: int = 64, domain: int = TRAIN_DOMAIN, unnamed_background: str | None = None,
+               kinds: typing.Sequence[str] = KINDS) -> Scene:
+    """Scene `index` of a dataset with `seed`: kind kinds[index % len(kinds)] (the spec's balanced
+    KINDS by default; a kind listed twice is drawn twice as often), independent of other indices."""
+    return sample_scene(scene_rng(seed, index, domain), size, kinds[index % len(kinds)], unnamed_background)
 
 
 def eval_prompts(num: int, seed: int, size: int = 64) -> list[Prompt]:
@@ -401,12 +415,12 @@ def scene_record(scene: Scene) -> dict:
 
 
 def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrite: bool = False,
-                  unnamed_background: str | None = None) -> int:
+                  unnamed_background: str | None = None, kinds: typing.Sequence[str] = KINDS) -> int:
     """Write `num` scenes of training seed `seed` as `out/0000000.png`... + `out/metadata.jsonl`.
 
     Rows are {"file_name", "text", "seed", "index", "kind", "background", "objects"}; image i is
-    `make_scene(seed, i, size, unnamed_background=...)`, so a dataset is reproducible from (seed,
-    size, unnamed_background) and can be extended.
+    `make_scene(seed, i, size, unnamed_background=..., kinds=...)`, so a dataset is reproducible from
+    (seed, size, unnamed_background, kinds) and can be extended.
     Refuses to overwrite an existing metadata.jsonl unless `overwrite`. Returns bytes of PNG written.
     """
     import json
@@ -415,6 +429,7 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
     _check_unnamed_background(unnamed_background)
+    kinds = check_kinds(kinds)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
     os.makedirs(out, exist_ok=True)
@@ -425,7 +440,7 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     written = 0
     with open(meta_path + ".partial", "w") as meta:
         for i in range(num):
-            scene = make_scene(seed, i, size, unnamed_background=unnamed_background)
+            scene = make_scene(seed, i, size, unnamed_background=unnamed_background, kinds=kinds)
             name = f"{i:0{width}d}.png"
             path = os.path.join(out, name)
             # compress_level 1: these flat images compress almost as well, several times faster

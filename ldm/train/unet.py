@@ -67,7 +67,9 @@ class TextEncoderConfig:
 
     mode: Literal["frozen", "joint"] = "joint"
     architecture: Literal["clip", "t5", "bert"] = "clip"  # joint: CLIPTextModel, T5EncoderModel (v1.1, gated GELU) or BertModel
-    path: str | None = None  # frozen: a pipeline folder (text_encoder/ + tokenizer/) or a text-encoder folder
+    # frozen: a pipeline folder (text_encoder/ + tokenizer/) or a text-encoder folder. joint: optional, the
+    # encoder to start from instead of new weights (fine-tuning a jointly trained model; the sizes below are then its own)
+    path: str | None = None
     tokenizer: str | None = None  # a tokenizer folder; default: the encoder's own (frozen) or assets/clip-tokenizer (joint)
     max_length: int = 77  # joint: context length in tokens (position embeddings)
     hidden_size: int = 256  # joint: width = the U-Net's cross-attention width
@@ -204,7 +206,8 @@ def load_vae(path: str | Path):
 
 def load_text_encoder(config: TextEncoderConfig):
     """(text_encoder, tokenizer). Frozen: loaded from config.path, eval mode, no gradients.
-    Joint: a new CLIPTextModel, T5EncoderModel or BertModel over CLIP's BPE vocabulary, in train mode."""
+    Joint: a new CLIPTextModel, T5EncoderModel or BertModel over CLIP's BPE vocabulary, in train mode;
+    or, with config.path, the one there (and its tokenizer), in train mode."""
     import transformers
     from transformers import (
         BertConfig,
@@ -217,7 +220,7 @@ def load_text_encoder(config: TextEncoderConfig):
 
     from ldm.models import REGISTRY
 
-    if config.mode == "joint":
+    if config.mode == "joint" and not config.path:
         tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else CLIP_TOKENIZER, config.max_length)
         if config.architecture == "t5":
             # T5 v1.1's encoder (Raffel et al. 2020, with Shazeer 2020's gated GELU), no dropout at this size. It is trained with the
@@ -268,6 +271,11 @@ def load_text_encoder(config: TextEncoderConfig):
         raise ValueError(f"cannot load the text encoder from {path} ({' '.join(str(e).split())[:200]})") from None
     if type(tokenizer).__name__ not in REGISTRY["tokenizer"]:
         raise ValueError(f"{tokenizer_dir}: tokenizer {type(tokenizer).__name__} is not one ldm loads ({', '.join(REGISTRY['tokenizer'])})")
+    if config.mode == "joint":  # fine-tuning a jointly trained encoder: trained on, as when it was new
+        encoder.train().requires_grad_(True)
+        if class_name == "BertModel":
+            encoder.pooler.requires_grad_(False)
+        return encoder, tokenizer
     return encoder.eval().requires_grad_(False), tokenizer
 
 
