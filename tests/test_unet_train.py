@@ -11,7 +11,7 @@ from unet_fixtures import make_shapes_data, make_vae_dir, write_config
 
 from ldm.cli.train_unet import main
 from ldm.config import load_config
-from ldm.train.unet import UNetTrainConfig, check_config
+from ldm.train.unet import CLIP_TOKENIZER, UNetTrainConfig, check_config
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,9 @@ def test_fine_tuning_a_joint_model_starts_from_its_unet_and_text_encoder(setup, 
     """model.pretrained + text_encoder.path with mode joint: both networks start from the given
     pipeline and both keep training (a fine-tuning phase of a jointly trained model)."""
     source = run_cli(setup, tmp_path, "source", "--max-steps", "2", "run.seed=1") / "final"  # other seed, other initial weights
-    tuned = run_cli(setup, tmp_path, "tuned", "--max-steps", "1", f"model.pretrained={source}", f"text_encoder.path={source}")
+    # the tokenizer given as a bare BPE folder (vocab.json + merges.txt), as the shapes preset gives its own
+    tuned = run_cli(setup, tmp_path, "tuned", "--max-steps", "1", f"model.pretrained={source}", f"text_encoder.path={source}",
+                    f"text_encoder.tokenizer={CLIP_TOKENIZER}")
     for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
         before = load_file(source / part / f"{name}.safetensors")
         after = load_file(tuned / "final" / part / f"{name}.safetensors")  # EMA, at most one Adam step (lr 1e-3) away
