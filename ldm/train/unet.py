@@ -218,7 +218,7 @@ def load_text_encoder(config: TextEncoderConfig):
         T5EncoderModel,
     )
 
-    from ldm.models import REGISTRY, _read_json
+    from ldm.models import REGISTRY
 
     if config.mode == "joint" and not config.path:
         tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else CLIP_TOKENIZER, config.max_length)
@@ -266,15 +266,11 @@ def load_text_encoder(config: TextEncoderConfig):
         raise ValueError(f"{encoder_dir}: expected a CLIPTextModel, T5EncoderModel or BertModel config.json (model_type clip_text_model, t5 or bert)")
     try:
         encoder = getattr(transformers, class_name).from_pretrained(encoder_dir, use_safetensors=True, trust_remote_code=False)
-        # the class the folder names, as LatentPipeline loads it (AutoTokenizer cannot rebuild a pruned
-        # CLIP BPE such as the shapes tokenizer from tokenizer.json alone)
-        tokenizer_config = tokenizer_dir / "tokenizer_config.json"
-        named = _read_json(tokenizer_config).get("tokenizer_class") if tokenizer_config.is_file() else None
-        tokenizer_class = getattr(transformers, named) if named in REGISTRY["tokenizer"] else transformers.AutoTokenizer
-        if named is None and (tokenizer_dir / "vocab.json").is_file() and (tokenizer_dir / "merges.txt").is_file():
-            tokenizer = _load_tokenizer(tokenizer_dir, config.max_length)  # a bare CLIP BPE folder, as joint mode reads it
+        if not (tokenizer_dir / "tokenizer_config.json").is_file() and (tokenizer_dir / "merges.txt").is_file():
+            # a bare CLIP BPE folder (vocab.json + merges.txt, like the shapes preset's), which AutoTokenizer cannot read
+            tokenizer = _load_tokenizer(tokenizer_dir, config.max_length)
         else:
-            tokenizer = tokenizer_class.from_pretrained(tokenizer_dir, trust_remote_code=False)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except (OSError, EnvironmentError, ValueError) as e:
         raise ValueError(f"cannot load the text encoder from {path} ({' '.join(str(e).split())[:200]})") from None
     if type(tokenizer).__name__ not in REGISTRY["tokenizer"]:
