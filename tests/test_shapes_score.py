@@ -111,8 +111,14 @@ def test_score_folder_report(tmp_path):
     assert kinds["single"]["passed"] == kinds["single"]["n"] - 1  # row 0 is kind "single"
     assert sum(kinds[k]["n"] for k in KINDS) == 36
     assert {f["file_name"] for f in report["failures"]} == {rows[0]["file_name"], rows[1]["file_name"]}
+    # the background kind split by the colour its captions name
+    named = [r for r in rows if " background" in r["text"]]
+    for colour, split in report["backgrounds"].items():
+        assert split["n"] == sum(f"on a {colour} background" in r["text"] for r in named)
+    assert sum(split["n"] for split in report["backgrounds"].values()) == kinds["background"]["n"] == len(named) > 0
     table = format_report(report)
     assert "overall" in table and "94.4%" in table
+    assert [line.split()[1] for line in table.splitlines() if line.startswith("  on ")] == [c for c, s in report["backgrounds"].items() if s["n"]]
 
     rows[2]["text"] = "a red hexagon"
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

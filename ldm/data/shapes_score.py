@@ -236,19 +236,23 @@ def score_image(image, caption: str) -> ScoreResult:
 
 
 def summarize(results: list[tuple[str, str, ScoreResult]], max_failures: int = 20) -> dict:
-    """Per-kind and overall pass rates from (file, caption, result) triples."""
+    """Per-kind and overall pass rates from (file, caption, result) triples, and the background kind's
+    split by the colour the caption names ("backgrounds": a model can pass gray and fail white)."""
     per_kind = {kind: {"title": KIND_TITLES[kind], "n": 0, "passed": 0} for kind in KINDS}
     per_kind["overall"] = {"title": "overall", "n": 0, "passed": 0}
+    per_background = {name: {"title": f"  on {name}", "n": 0, "passed": 0} for name in BACKGROUNDS}
     failures = []
     for file_name, text, result in results:
-        for kind in (parse_caption(text).kind, "overall"):
-            per_kind[kind]["n"] += 1
-            per_kind[kind]["passed"] += int(result.passed)
+        prompt = parse_caption(text)
+        rows = [per_kind[prompt.kind], per_kind["overall"]] + ([per_background[prompt.background]] if prompt.background else [])
+        for row in rows:
+            row["n"] += 1
+            row["passed"] += int(result.passed)
         if not result.passed and len(failures) < max_failures:
             failures.append({"file_name": file_name, "text": text, "reason": result.reason})
-    for row in per_kind.values():
+    for row in [*per_kind.values(), *per_background.values()]:
         row["accuracy"] = row["passed"] / row["n"] if row["n"] else None
-    return {"kinds": per_kind, "failures": failures}
+    return {"kinds": per_kind, "backgrounds": per_background, "failures": failures}
 
 
 def read_metadata(folder: str) -> list[tuple[str, str]]:
@@ -290,11 +294,19 @@ def score_folder(folder: str) -> dict:
 def format_report(report: dict) -> str:
     """The report as a small table: kind, images, passed, accuracy."""
     lines = [f"{'kind':<24}{'images':>8}{'passed':>8}{'accuracy':>10}"]
+
+    def add(row):
+        accuracy = f"{100 * row['accuracy']:.1f}%" if row["accuracy"] is not None else "-"
+        lines.append(f"{row['title']:<24}{row['n']:>8}{row['passed']:>8}{accuracy:>10}")
+
     for kind, row in report["kinds"].items():
         if row["n"] == 0 and kind != "overall":
             continue
-        accuracy = f"{100 * row['accuracy']:.1f}%" if row["accuracy"] is not None else "-"
-        lines.append(f"{row['title']:<24}{row['n']:>8}{row['passed']:>8}{accuracy:>10}")
+        add(row)
+        if kind == "background":  # then its split by colour
+            for split in report.get("backgrounds", {}).values():
+                if split["n"]:
+                    add(split)
     return "\n".join(lines)
 
 
