@@ -57,7 +57,7 @@ def build_parser() -> ArgumentParser:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make":
-        from ldm.data.shapes import KINDS, check_kinds, write_dataset
+        from ldm.data.shapes import KINDS, write_dataset
 
         if args.num < 1:
             raise ValueError(f"--num must be at least 1, got {args.num}")
@@ -67,7 +67,7 @@ def _main(argv=None) -> int:
             raise ValueError(f"--seed must be non-negative, got {args.seed}")
         start = time.time()
         unnamed = None if args.unnamed_background == "random" else args.unnamed_background
-        kinds = KINDS if args.kinds is None else check_kinds([k.strip() for k in args.kinds.split(",")])
+        kinds = KINDS if args.kinds is None else [k.strip() for k in args.kinds.split(",")]  # write_dataset checks them
         written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite,
                                 unnamed_background=unnamed, kinds=kinds)
         seconds = time.time() - start
