@@ -77,7 +77,7 @@ def build_sd15_random(folder: Path, size: int) -> Path:
     clip = asset_path("clip-tokenizer")
     tokenizer = CLIPTokenizer(vocab=str(clip / "vocab.json"), merges=str(clip / "merges.txt"), model_max_length=77)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                              steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+                              steps_offset=1, clip_sample=False)
     pipe = LatentPipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval(), scheduler)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.to(torch.float16)
