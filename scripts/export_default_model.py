@@ -10,6 +10,7 @@ model card (README.md) across the replacement. Prints the size of the folder.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def main(src: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python scripts/export_default_model.py RUN/final [OUT]")
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else str(ROOT / "assets" / "default-model"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="a trained shapes pipeline folder (RUN/final, or an --export of a checkpoint)")
+    p.add_argument("out", nargs="?", default=str(ROOT / "assets" / "default-model"), help="default: assets/default-model")
+    args = p.parse_args()
+    try:
+        main(args.src, args.out)
+    except (FileNotFoundError, ValueError) as e:  # a wrong folder: one line, exit status 2
+        p.exit(2, f"export_default_model.py: error: {e}\n")
