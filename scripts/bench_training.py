@@ -76,10 +76,15 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict) -> dict:
+    start = time.perf_counter()
     result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{spec['name']} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    # progress as each configuration ends, so a run cut short (a GPU lease ending) still shows what it measured
+    print(f"[bench_training] {spec['name']}: {time.perf_counter() - start:.0f} s" + (f", {row['images_per_s']:.1f} img/s, peak {row['peak_mb']:.0f} MiB"
+          if "images_per_s" in row else ""), file=sys.stderr, flush=True)
+    return row
 
 
 def unet_flops_per_image(config_path: Path, overrides: list[str], batch: int, device: str) -> float:
@@ -134,6 +139,7 @@ def main(argv=None) -> int:
             sys.path.insert(0, str(ROOT / "scripts"))
             from bench_sampling import build_sd15_random
 
+            print("[bench_training] data written; building SD 1.5 with random weights", file=sys.stderr, flush=True)
             folder = build_sd15_random(tmp / "sd15", size)
             unet_cfg, vae_cfg, vae = ROOT / "configs/unet/sd15.yaml", ROOT / "configs/vae/sd-kl-f8.yaml", str(folder)
             extra = [f"text_encoder.path={folder}", "run.mixed_precision=bf16"]
