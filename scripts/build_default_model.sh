@@ -32,6 +32,20 @@
 # Fine-tuning on data with the background kind weighted (ldm-shapes make --kinds ...,
 # text_encoder.path + model.pretrained; white and black a third of its scenes) moved them from 0 to
 # 3 of 22 in 2,000 steps (lr 1e-4). Not solved yet.
+# On a lent H200 (2026-11-23; 10 steps/s per run, four runs side by side), two runs reached ~8,000
+# steps (EMA, 240 prompts, CFG 7.5). text_encoder.architecture=bert on the gray data: 77.1% (single
+# 100, two 95, counting 57.5, position 90, attributes 75, background 45: white 0/11, gray 17/18,
+# black 1/11). The bidirectional encoder reads the relation words thousands of steps earlier than
+# the causal CLIP one, which at 9,470 steps still had a relation contrast of 0. The CLIP preset on
+# data with the background kind x3 (--kinds ...,background,background,background): 52.5%
+# (position 22.5; white 3/11, black 0/11). Neither fixes white and black by 8,000 steps, and BERT
+# on the spec's random backgrounds (CPU) still leaves most white and black scenes empty at 4,000
+# steps (11.2% overall). scripts/probe_latent_contrast.py shows why those two are hard: in this
+# VAE's latents a single object on white or black has a third of the contrast it has on gray
+# (0.90 and 0.79 against 2.39, with the background's offset 2.8 against 0.8), so its SNR at every
+# timestep is about a ninth. Those objects only emerge late in sampling, where little of the
+# prompt still steers. The lever is the latent space (the VAE), not the text encoder or the share
+# of the data.
 # To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
