@@ -34,13 +34,15 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=48, help="images per background (default 48)")
     p.add_argument("--kind", default="single", help="caption kind to measure (default: single, one object per scene)")
     args = p.parse_args(argv)
-    from diffusers import AutoencoderKL
+    from ldm.train.unet import load_vae
 
-    vae_dir = Path(args.vae) / "vae" if (Path(args.vae) / "vae").is_dir() else Path(args.vae)
     meta = Path(args.data) / "metadata.jsonl"
     if not meta.is_file():
         p.error(f"no metadata.jsonl in {args.data}")
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    try:
+        vae = load_vae(args.vae)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     scale = vae.config.scaling_factor
     groups: dict[str, list[str]] = {}
     with meta.open(encoding="utf-8") as f:
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
             row = json.loads(line)
             if row.get("kind") == args.kind and len(groups.setdefault(row["background"], [])) < args.num:
                 groups[row["background"]].append(row["file_name"])
-            if groups and all(len(v) >= args.num for v in groups.values()) and len(groups) == 3:
+            if len(groups) == 3 and all(len(v) == args.num for v in groups.values()):  # white, gray, black: all full
                 break
     print(f"{'background':<12}{'images':>8}{'contrast':>10}{'DC':>8}{'posterior std':>15}")
     for background, files in sorted(groups.items()):
