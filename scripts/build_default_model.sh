@@ -38,9 +38,10 @@
 # black 1/11). The bidirectional encoder reads the relation words thousands of steps earlier than
 # the causal CLIP one, which at 9,470 steps still had a relation contrast of 0. The CLIP preset on
 # data with the background kind x3 (--kinds ...,background,background,background): 52.5%
-# (position 22.5; white 3/11, black 0/11). Neither fixes white and black by 8,000 steps, and BERT
-# on the spec's random backgrounds (CPU) still leaves most white and black scenes empty at 4,000
-# steps (11.2% overall). scripts/probe_latent_contrast.py shows why those two are hard: in this
+# (position 22.5; white 3/11, black 0/11). Neither fixes white and black by 8,000 steps. BERT on
+# the spec's random backgrounds (CPU, same config) is far behind BERT on gray at 8,000 steps: 27.1%
+# (position 10, white 3/11, gray 6/18, black 1/11). So gray data stays, and BERT over it is the
+# best start seen. scripts/probe_latent_contrast.py shows why white and black are hard: in this
 # VAE's latents a single object on white or black has a third of the contrast it has on gray
 # (0.90 and 0.79 against 2.39, with the background's offset 2.8 against 0.8), so its SNR at every
 # timestep is about a ninth. Those objects only emerge late in sampling, where little of the
