@@ -179,3 +179,29 @@ def test_a_resave_that_dies_between_its_renames_keeps_the_parked_copy_usable(tmp
     save_checkpoint(tmp_path, 2, **kw)  # the resumed run re-reaches step 2: the new copy replaces the parked one
     save_checkpoint(tmp_path, 3, **kw)
     assert sorted(p.name for p in root.iterdir()) == ["step-0000002", "step-0000003"]  # leftovers cleaned, step 1 pruned
+
+
+def test_foreach_ema_matches_the_loop_and_shares_checkpoints():
+    """The trainers ask diffusers' EMAModel for its multi-tensor update on CUDA (make_ema(foreach=True)):
+    it must give the loop's numbers, with warm-up, and a state dict either kind loads (a run saved on
+    a GPU resumes on a CPU)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    config = EMAConfig(enabled=True, decay=0.999, warmup=True)
+    loop, fused = make_ema(model, config), make_ema(model, config, foreach=True)
+    assert not loop.foreach and fused.foreach
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        loop.step(model.parameters())
+        fused.step(model.parameters())
+    moved = sum((s - p).abs().sum().item() for s, p in zip(loop.shadow_params, model.parameters()))
+    assert moved > 0  # the shadows lag the weights: the update did something
+    for a, b in zip(loop.shadow_params, fused.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    resumed = make_ema(model, config)
+    resumed.load_state_dict(fused.state_dict())
+    assert resumed.optimization_step == fused.optimization_step == 5
+    for a, b in zip(resumed.shadow_params, fused.shadow_params):
+        assert torch.equal(a, b)

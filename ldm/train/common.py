@@ -202,11 +202,16 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_
     return ConfiguredLR(optimizer, lambda step: lr_factor(step, optim, max_steps))
 
 
-def make_ema(model: torch.nn.Module, ema: EMAConfig):
+def make_ema(model: torch.nn.Module, ema: EMAConfig, foreach: bool = False):
     """diffusers' EMAModel over `model`'s parameters, or None when EMA is off.
 
     With warm-up the decay at update k is 1 − (1 + k / inv_gamma)^(−power), capped at `decay`, so
     early weights (mostly noise) are forgotten fast.
+
+    `foreach=True` updates all shadow tensors with two multi-tensor kernels instead of a Python loop
+    over parameters (three kernel launches and two library checks each): the same numbers, and
+    what a GPU wants, where a step of a small model is bound by launches. On the CPU the loop is
+    as fast (15 against 18 ms for the shapes U-Net), so the trainers ask for it on CUDA only.
     """
     if not ema.enabled:
         return None
@@ -214,7 +219,7 @@ def make_ema(model: torch.nn.Module, ema: EMAConfig):
 
     return EMAModel(
         model.parameters(), decay=ema.decay, update_after_step=ema.update_after_step, use_ema_warmup=ema.warmup,
-        inv_gamma=ema.inv_gamma, power=ema.power,
+        inv_gamma=ema.inv_gamma, power=ema.power, foreach=foreach,
     )
 
 

@@ -589,7 +589,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     params = [p for m in trained.values() for p in m.parameters()]
     optimizer = make_optimizer(params, config.optim)
     lr_scheduler = make_lr_scheduler(optimizer, config.optim, run.max_steps)
-    emas = {name: ema for name, m in trained.items() if (ema := make_ema(m, config.ema)) is not None}
+    emas = {name: ema for name, m in trained.items() if (ema := make_ema(m, config.ema, foreach=accelerator.device.type == "cuda")) is not None}
     for ema in emas.values():
         ema.to(accelerator.device)
     prepared = accelerator.prepare(*trained.values(), optimizer)
