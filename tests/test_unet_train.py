@@ -270,3 +270,25 @@ def test_joint_bidirectional_text_encoder_trains_and_its_pipeline_samples_as_dif
     b = ref(["a red circle", "two blue squares"], num_inference_steps=3, height=32, width=32, output_type="np",
             generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]).images
     assert np.abs(a - b).max() <= 1e-3 and np.abs(a[0] - a[1]).max() > 0.01
+
+
+def test_bf16_on_the_cpu_trains_like_float32(setup, tmp_path):
+    """run.mixed_precision=bf16 on the CPU (autocast, float32 attention cores): the loss falls as in
+    float32 and starts at the same value. In a child process: accelerate's state is per process,
+    and the other tests here run in float32."""
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path / "c.yaml", objective={"p_uncond": 0.1}, optim={"lr": 2e-3})
+    common = ["--config", str(config), "--vae", str(setup["vae"]), "--data", str(setup["data"]), "--max-steps", "40"]
+    result = subprocess.run([sys.executable, "-m", "ldm.cli.train_unet", *common, "--output-dir", str(tmp_path / "bf16"),
+                             "run.mixed_precision=bf16"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main([*common, "--output-dir", str(tmp_path / "fp32")]) == 0
+    bf16, fp32 = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
+    assert len(bf16) == len(fp32) == 40
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.05)  # same draws, same weights: only rounding differs
+    first, last = sum(bf16[:8]) / 8, sum(bf16[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+    assert last == pytest.approx(sum(fp32[-8:]) / 8, rel=0.25)

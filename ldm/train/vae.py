@@ -31,7 +31,7 @@ from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_confi
 from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
 from ldm.train.guards import StepGuard
 from ldm.train.common import (
-    DataPosition, MetricsLog, check_run_paths, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
+    DataPosition, MetricsLog, check_run_paths, fit_attention_to_precision, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
     progress_bar, save_grid, seed_everything,
 )
 from ldm.train.metrics import psnr, ssim
@@ -190,6 +190,7 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
 
     # Models, losses, optimizers. The learned log-variance trains with the autoencoder.
     vae = build_vae(cfg.model, cfg.data.resolution)
+    fit_attention_to_precision(vae, accelerator)  # bf16 on the CPU: float32 attention cores (its backward is 10× faster)
     if run.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     lpips = _load_lpips(cfg.loss, device)
