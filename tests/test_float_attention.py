@@ -69,3 +69,23 @@ def test_only_bf16_on_the_cpu_changes_the_processors():
         assert fit_attention_to_precision(model, Accelerator(precision, device)) is changed
         assert (type(attn.processor).__name__ == "FloatSDPAProcessor") is changed
     assert fit_attention_to_precision(torch.nn.Linear(2, 2), Accelerator("bf16")) is False
+
+
+def test_vae_attention_keeps_its_arguments(monkeypatch):
+    """A VAE's mid-block passes `temb` to its processor; diffusers hands a processor only the
+    arguments its signature names and warns on each call about the rest."""
+    from diffusers import AutoencoderKL
+    from diffusers.models import attention_processor
+
+    warned = []
+    monkeypatch.setattr(attention_processor.logger, "warning", lambda msg, *a, **k: warned.append(msg))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=8, layers_per_block=1, sample_size=32)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        vae.set_attn_processor(AttnProcessor2_0())
+        reference = vae(x).sample
+        vae.set_attn_processor(float_attention_processor())
+        assert torch.equal(vae(x).sample, reference)
+    assert warned == []

@@ -77,9 +77,11 @@ def float_attention_processor():
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     class FloatSDPAProcessor(AttnProcessor2_0):
-        def __call__(self, *args, **kwargs):
+        # The parent's named arguments, spelled out: diffusers' Attention passes a processor only
+        # the keyword arguments its signature names (it would drop `temb`, with a warning per call).
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
             with _FloatSDPA():
-                return super().__call__(*args, **kwargs)
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
     return FloatSDPAProcessor()
 
