@@ -16,6 +16,8 @@ Cases
   gpu: batch 1 and batch 8 in half precision; diffusers' default fp16 pipeline vs ours with SDPA,
        channels-last and fused QKV projections (and --compile). Guided steps/s = steps / seconds
        per image at batch 1.
+--dtype bf16 (cpu case) runs both pipelines in bfloat16, fast on CPUs with AMX or AVX512-BF16,
+and also reports how far our bf16 images are from our fp32 ones (same seeds).
 Prints a table and a one-line summary; --json PATH writes the rows.
 """
 
@@ -98,12 +100,14 @@ def load_both(folder: Path, device: str, dtype: torch.dtype, levers: dict):
 
 
 def run_case(name: str, ours, theirs, prompts: list[str], *, steps: int, cfg: float, repeats: int, device: str,
-             size: int, loop: bool = False) -> dict:
-    """Time ours (one call for all prompts) and theirs (one call, or one call per prompt if loop)."""
+             size: int, loop: bool = False, reference=None) -> dict:
+    """Time ours (one call for all prompts) and theirs (one call, or one call per prompt if loop).
+    `reference`: a float32 LatentPipeline of the same model; the row then also says how far ours
+    (in a lower precision) is from it."""
     seeds = list(range(len(prompts)))
 
-    def run_ours():
-        return ours(prompts, seed=seeds, guidance_scale=cfg, num_inference_steps=steps, sampler="dpm++2m",
+    def run_ours(pipe=ours):
+        return pipe(prompts, seed=seeds, guidance_scale=cfg, num_inference_steps=steps, sampler="dpm++2m",
                     height=size, width=size, output_type="np", progress=False).images
 
     def run_theirs():
@@ -129,6 +133,10 @@ def run_case(name: str, ours, theirs, prompts: list[str], *, steps: int, cfg: fl
     }
     if n == 1:
         row["ours_steps_s"], row["diffusers_steps_s"] = steps * ours_ips, steps * theirs_ips
+    if reference is not None:
+        exact = run_ours(reference)
+        row["max_pixel_diff_vs_fp32"] = float(np.abs(np.asarray(a, np.float64) - np.asarray(exact, np.float64)).max() * 255)
+        row["mean_pixel_diff_vs_fp32"] = float(np.abs(np.asarray(a, np.float64) - np.asarray(exact, np.float64)).mean() * 255)
     return row
 
 
@@ -145,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="channels-last layout for ours (always on in the gpu case)")
     p.add_argument("--fuse-qkv", action="store_true", help="fused QKV projections for ours (always on in the gpu case)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="cpu case: both pipelines in this dtype; with bf16 the rows also give ours' largest pixel difference from ours in fp32")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     if args.threads:
@@ -157,11 +167,18 @@ def main(argv=None) -> int:
     if args.case == "cpu":
         device, size = args.device or "cpu", args.size or 64
         levers = dict(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
-        ours, theirs = load_both(Path(args.model or DEFAULT_MODEL), device, torch.float32, levers)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        folder = Path(args.model or DEFAULT_MODEL)
+        ours, theirs = load_both(folder, device, dtype, levers)
         common = dict(steps=args.steps, cfg=args.cfg, repeats=args.repeats, device=device, size=size)
-        rows.append(run_case("cpu batch 1", ours, theirs, PROMPTS_16[:1], **common))
-        rows.append(run_case("cpu 16 prompts vs diffusers list", ours, theirs, PROMPTS_16, **common))
-        rows.append(run_case("cpu 16 prompts vs diffusers loop", ours, theirs, PROMPTS_16, loop=True, **common))
+        if dtype != torch.float32:  # what the lower precision costs: ours against ours in fp32, same seeds
+            from ldm import LatentPipeline
+
+            common["reference"] = LatentPipeline.from_pretrained(folder, device=device, dtype=torch.float32)
+        tag = "" if args.dtype == "fp32" else f" {args.dtype}"
+        rows.append(run_case(f"cpu{tag} batch 1", ours, theirs, PROMPTS_16[:1], **common))
+        rows.append(run_case(f"cpu{tag} 16 prompts vs diffusers list", ours, theirs, PROMPTS_16, **common))
+        rows.append(run_case(f"cpu{tag} 16 prompts vs diffusers loop", ours, theirs, PROMPTS_16, loop=True, **common))
     else:
         device, size = args.device or "cuda", args.size or 512
         dtype = torch.float16
@@ -175,7 +192,8 @@ def main(argv=None) -> int:
 
     print(f"{'case':<36}{'ours img/s':>12}{'diffusers':>12}{'ratio':>8}{'max Δ px':>10}")
     for r in rows:
-        print(f"{r['case']:<36}{r['ours_img_s']:>12.3f}{r['diffusers_img_s']:>12.3f}{r['ratio']:>7.2f}×{r['max_pixel_diff']:>10.2f}")
+        print(f"{r['case']:<36}{r['ours_img_s']:>12.3f}{r['diffusers_img_s']:>12.3f}{r['ratio']:>7.2f}×{r['max_pixel_diff']:>10.2f}"
+              + (f"   vs ours fp32: max Δ {r['max_pixel_diff_vs_fp32']:.1f}, mean Δ {r['mean_pixel_diff_vs_fp32']:.2f}" if "max_pixel_diff_vs_fp32" in r else ""))
     hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     ratios = ", ".join(f"{r['ratio']:.2f}× ({r['case']})" for r in rows)
     on = [k for k, v in levers.items() if v]

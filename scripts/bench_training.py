@@ -3,7 +3,9 @@
 Stage 2 compares the project's loop reading the latent cache (VAE posteriors, and text embeddings
 when the text encoder is frozen; built once beforehand) with the same loop without a cache, which
 runs the VAE encoder (and a frozen text encoder) on every batch as common fine-tuning scripts do.
-Stage 1 (the VAE) is timed with and without gradient checkpointing. Each configuration runs in its
+Stage 1 (the VAE) is timed with and without gradient checkpointing. On the CPU both stages are also
+timed under bf16 autocast (fast where the CPU has AMX or AVX512-BF16; attention cores stay float32,
+ldm.train.common.float_attention_processor). Each configuration runs in its
 own process, so peak memory (CPU: max RSS; GPU: torch.cuda.max_memory_allocated) is its own.
 Throughput counts images between the first and last logged step after a warm-up.
 
@@ -161,14 +163,16 @@ def main(argv=None) -> int:
         flops = unet_flops_per_image(unet_cfg, common, 4, device) if device == "cuda" else None
         for name, cache_dir, more in [("unet: plain loop (VAE encoder every step)", tmp / "no-cache", []),
                                       ("unet: ldm loop with latent cache", cache, []),
-                                      ("unet: latent cache + grad checkpointing", cache, ["run.gradient_checkpointing=true"])]:
+                                      ("unet: latent cache + grad checkpointing", cache, ["run.gradient_checkpointing=true"]),
+                                      *([("unet: latent cache + bf16 autocast", cache, ["run.mixed_precision=bf16"])] if device == "cpu" else [])]:
             spec = unet_spec(name, cache_dir, more)
             spec["flops_per_image"] = flops
             rows.append(run_worker(spec))
         vae_common = [f"data.path={tmp / 'data'}", f"data.resolution={size}", f"run.max_steps={steps}", "run.log_every=5",
                       "run.checkpoint_every=0", "run.sample_every=0", "validate_every=0", f"run.batch_size={vae_batch}",
                       *(["run.mixed_precision=bf16"] if device == "cuda" else [])]
-        for name, more in [("vae", []), ("vae + grad checkpointing", ["run.gradient_checkpointing=true"])]:
+        for name, more in [("vae", []), ("vae + grad checkpointing", ["run.gradient_checkpointing=true"]),
+                           *([("vae + bf16 autocast", ["run.mixed_precision=bf16"])] if device == "cpu" else [])]:
             out = tmp / name.replace(" ", "_")
             rows.append(run_worker({"name": name, "stage": "vae", "config": str(vae_cfg), "device": device, "threads": args.threads,
                                     "out": str(out), "warmup_steps": warm, "overrides": [*vae_common, f"run.output_dir={out}", *more]}))
