@@ -68,7 +68,27 @@ def test_only_bf16_on_the_cpu_changes_the_processors():
         model.set_attn_processor = attn.set_processor
         assert fit_attention_to_precision(model, Accelerator(precision, device)) is changed
         assert (type(attn.processor).__name__ == "FloatSDPAProcessor") is changed
-    assert fit_attention_to_precision(torch.nn.Linear(2, 2), Accelerator("bf16")) is False
+
+
+def test_a_text_encoder_runs_its_sdpa_in_float32():
+    """A transformers encoder has no attention processors: its whole forward runs under the rule."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 max_position_embeddings=16, attn_implementation="sdpa")).eval()
+    ids = torch.randint(0, 50, (3, 9))
+    reference = model(ids).last_hidden_state
+    assert fit_attention_to_precision(model, SimpleNamespace(mixed_precision="bf16", device=torch.device("cpu")))
+    assert torch.equal(model(ids).last_hidden_state, reference)  # float32 in: nothing changes
+    with _SDPASpy() as spy, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids).last_hidden_state
+    assert spy.dtypes == [(torch.float32,) * 3] * 2  # one float32 core per layer
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
 
 
 def test_vae_attention_keeps_its_arguments(monkeypatch):
