@@ -50,6 +50,11 @@
 # random-background run drew them after 22,000 steps with a third of its scenes on each.
 # A stronger KL term is not that lever: 2,500-step VAEs at loss.kl_weight 1e-6 / 1e-4 / 1e-3 keep
 # the white:gray contrast ratio at 0.31 / 0.34 / 0.29 and lose PSNR (24.2 / 22.7 / 20.5 dB).
+# Stage 1 is not reliable yet: rerun on 2026-11-23 (fresh VM, current data generator) the same
+# script ended at 30.7 dB with a scorer ceiling of 81.2%, not 32.8 dB and 96.7% (docs/train-vae.md),
+# which caps any U-Net on it below the gate. Check the VAE with scripts/score_vae_shapes.py before
+# stage 2. run.mixed_precision=bf16 makes both stages 1.4x faster on an AMX CPU; not yet used here
+# (the VAE learned more slowly per step in bf16; the U-Net's gate score in bf16 is unmeasured).
 # To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
