@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("data", help="a shapes folder written by ldm-shapes make (metadata.jsonl + PNGs)")
     p.add_argument("--num", type=int, default=512, help="images to score (the first N)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--min-accuracy", type=float, help="exit with status 1 if the overall pass rate (0-1) is below this")
     args = p.parse_args(argv)
     from PIL import Image
 
@@ -50,6 +51,11 @@ def main(argv=None) -> int:
     print(format_report(report))
     for failure in report.get("failures", [])[:10]:
         print(f"  {failure['file_name']}: {failure['text']!r}: {failure['reason']}")
+    accuracy = report["kinds"]["overall"]["accuracy"]
+    if args.min_accuracy is not None and accuracy < args.min_accuracy:
+        print(f"score_vae_shapes: the reconstructions pass {accuracy:.1%}, below --min-accuracy {args.min_accuracy:.0%}: "
+              "a U-Net on these latents cannot pass a gate above that", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -124,3 +124,23 @@ def test_score_folder_report(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="hexagon"):
         score_folder(tmp_path)
+
+
+def test_score_vae_script_fails_below_its_floor(tmp_path, capsys):
+    """scripts/score_vae_shapes.py --min-accuracy: the build script's stop between the stages. A random
+    autoencoder reconstructs no scene, so it passes 0% and any floor above that fails."""
+    import importlib.util
+    from pathlib import Path
+
+    from unet_fixtures import make_vae_dir
+
+    write_dataset(str(tmp_path / "data"), 6, size=64, seed=1)
+    vae = make_vae_dir(tmp_path / "vae")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "score_vae_shapes.py"
+    spec = importlib.util.spec_from_file_location("score_vae_shapes", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(vae), str(tmp_path / "data")]) == 0
+    assert "overall" in capsys.readouterr().out
+    assert script.main([str(vae), str(tmp_path / "data"), "--min-accuracy", "0.5"]) == 1
+    assert "below --min-accuracy 50%" in capsys.readouterr().err
