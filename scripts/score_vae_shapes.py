@@ -7,9 +7,10 @@ the shapes scorer (the same scorer as `ldm-shapes eval`).
 A U-Net can at best reproduce the training latents, so this per-kind table bounds the default
 model's quality gate from above (which asks 85%). On the 512 held-out images of
 ldm-shapes make --seed 1, the recipe's VAE (configs/vae/shapes-f8.yaml: 8×8×8 latents, 10,000
-steps) passes 96.7% (worst kind: counting, 94%). Its four-channel predecessor passed only 83.0%,
-with the same PSNR: it decoded yellow as orange, rounded small squares into circles and added
-specks that count as objects.
+steps on scripts/train_vae_shapes.sh's data) passes 97.1% (worst kind: counting, 91.8%). Trained
+on the spec's one-third-per-background data it passed 81-97% depending on the run, failing small
+shapes on gray; its four-channel predecessor passed 83.0% with the same PSNR. See
+docs/train-vae.md.
 """
 
 from __future__ import annotations
