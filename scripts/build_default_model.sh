@@ -54,7 +54,7 @@
 # 2026-11-23 it ended at a scorer ceiling of 81.2% (seed 0) and 88.3% (seed 1), not the recorded
 # 96.7%, failing small shapes on gray, the U-Net's background. Trained on the U-Net's gray data it
 # failed white and black instead (70.7%). It now trains on gray-unnamed data with the background
-# kind x6 (white and black 18% each): 97.1%, every background >= 95% (one seed so far;
+# kind x6 (white and black 18% each): 97.1%, every background >= 95% (rerun 2026-12-01: 97.9%;
 # docs/train-vae.md), and its latents hold white and black objects' contrast better (1.03 and 1.33
 # against gray's 1.50, from 0.81 / 0.81 / 1.75). Check the VAE with scripts/score_vae_shapes.py
 # before stage 2. run.mixed_precision=bf16 makes both stages 1.4x faster on an AMX CPU; not yet used here
