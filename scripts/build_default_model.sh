@@ -57,8 +57,20 @@
 # kind x6 (white and black 18% each): 97.1%, every background >= 95% (rerun 2026-12-01: 97.9%;
 # docs/train-vae.md), and its latents hold white and black objects' contrast better (1.03 and 1.33
 # against gray's 1.50, from 0.81 / 0.81 / 1.75). Check the VAE with scripts/score_vae_shapes.py
-# before stage 2. run.mixed_precision=bf16 makes both stages 1.4x faster on an AMX CPU; not yet used here
-# (the VAE learned more slowly per step in bf16; the U-Net's gate score in bf16 is unmeasured).
+# before stage 2. run.mixed_precision=bf16 makes both stages 1.4x faster on an AMX CPU (1.64x for the
+# U-Net on an AMD EPYC with AVX512-BF16); the presets stay float32 (the VAE learned more slowly per
+# step in bf16). The whole recipe in one CPU session (2026-12-01, 2-core AMD EPYC, runs/unet-bert):
+# data 1 min, this VAE 19 min (97.9%), cache 4 min, then the U-Net with
+# text_encoder.architecture=bert run.mixed_precision=bf16 run.max_steps=16000 (cosine over 16,000,
+# bias from 6,000) in 102 min at 0.36 s/step. EMA model, 240 held-out prompts: 35.4% at 4,000 and
+# 45.8% at 8,000 (48 prompts each), and at 16,000 **63.3% at CFG 7.5** (single 100, two 72.5,
+# counting 60, position 37.5, attributes 65, background 45: white 3/11, gray 14/18, black 1/11) and
+# 72.5% at CFG 3 (position 50, background 47.5). Behind fp32 BERT on the H200 at 8,000 steps of
+# the preset's 22,000-step cosine (77.1%, position 90) and v4b (80.0%): this run changed three
+# things at once (bf16, the new VAE, the shorter cosine), so which one cost the relation words is
+# not known. Failures at 8,000 were mostly wrong shapes (square drawn as circle) and extra objects.
+# What it did show: the new VAE's better white/black contrast does not by itself make the U-Net
+# draw on white and black (4/22, as before).
 # To follow a run:
 #   ldm-train-unet --config runs/unet-shapes/config.yaml --export latest runs/eval/latest
 #   ldm-shapes eval --model runs/eval/latest --num-prompts 48
