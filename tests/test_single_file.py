@@ -27,7 +27,11 @@ def test_single_file_loads_to_the_same_weights_and_images(single_file):
         assert ours.keys() == theirs.keys()
         assert all(np.array_equal(ours[k].numpy(), theirs[k].reshape(ours[k].shape).numpy()) for k in ours)
     kw = dict(seed=1, num_inference_steps=4, output_type="np", progress=False)
-    assert np.array_equal(pipe("a red circle", **kw).images, loaded("a red circle", **kw).images)
+    # The weights are bit-identical (above); the images agree to float rounding only. Where a tensor
+    # lands in memory (its 64-byte alignment differs between the two loads) picks the CPU kernel's
+    # summation order on some CPUs: on a 2-core AMD EPYC (AVX512) the two drew images 1.8e-6 apart,
+    # and 0 apart once every weight was copied into fresh memory.
+    np.testing.assert_allclose(pipe("a red circle", **kw).images, loaded("a red circle", **kw).images, rtol=0, atol=1e-5)
 
 
 def test_single_file_through_the_cli(single_file, tmp_path, capsys):
