@@ -67,8 +67,8 @@
 # counting 60, position 37.5, attributes 65, background 45: white 3/11, gray 14/18, black 1/11) and
 # 72.5% at CFG 3 (position 50, background 47.5). Behind fp32 BERT on the H200 at 8,000 steps of
 # the preset's 22,000-step cosine (77.1%, position 90) and v4b (80.0%): this run changed three
-# things at once (bf16, the new VAE, the shorter cosine), so which one cost the relation words is
-# not known. It does read the relation words (scripts/probe_relations.py --num 16: the relation
+# things at once (bf16, the new VAE, the shorter cosine), so which one cost the score is not
+# known. It does read the relation words (scripts/probe_relations.py --num 16: the relation
 # holds in 78% of images where both objects are found, 46% if the word were ignored); what fails is
 # drawing the objects: both were found in only 143 of 192 probe images, and the failures at 8,000
 # were mostly wrong shapes (square drawn as circle) and extra objects.
