@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from ldm.data.shapes import KINDS, make_scene, render, write_dataset
-from ldm.data.shapes_score import analyze, format_report, score_folder, score_image
+from ldm.data.shapes_score import ScoreResult, analyze, format_report, score_folder, score_image, summarize
 
 N = 300
 SEED = 2024  # not a seed any other test uses: these scenes are fresh
@@ -95,6 +95,15 @@ def test_missing_and_extra_objects_fail():
     assert not result.passed and "0 objects" in result.reason
     two = render(make_scene(SEED, 1))  # kind "two": two objects
     assert len(analyze(two).objects) == 2
+
+
+def test_summarize_keeps_every_failure_unless_capped():
+    # report.json is what a run's failures are analysed from: all of them, not the first 20
+    results = [(f"{i:05d}.png", "a red circle", ScoreResult(i % 3 == 0, "ok" if i % 3 == 0 else f"miss {i}", None)) for i in range(60)]
+    report = summarize(results)
+    assert report["kinds"]["single"]["passed"] == 20 and len(report["failures"]) == 40
+    assert [f["reason"] for f in report["failures"][:2]] == ["miss 1", "miss 2"]
+    assert len(summarize(results, max_failures=5)["failures"]) == 5
 
 
 def test_score_folder_report(tmp_path):

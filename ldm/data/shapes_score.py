@@ -235,9 +235,11 @@ def score_image(image, caption: str) -> ScoreResult:
     return ScoreResult(passed, reason, analysis)
 
 
-def summarize(results: list[tuple[str, str, ScoreResult]], max_failures: int = 20) -> dict:
+def summarize(results: list[tuple[str, str, ScoreResult]], max_failures: int | None = None) -> dict:
     """Per-kind and overall pass rates from (file, caption, result) triples, and the background kind's
-    split by the colour the caption names ("backgrounds": a model can pass gray and fail white)."""
+    split by the colour the caption names ("backgrounds": a model can pass gray and fail white).
+    "failures" lists every failed image with its reason (the first `max_failures` if given): it is
+    what a run's failures are analysed from, per kind, without scoring the folder again."""
     per_kind = {kind: {"title": KIND_TITLES[kind], "n": 0, "passed": 0} for kind in KINDS}
     per_kind["overall"] = {"title": "overall", "n": 0, "passed": 0}
     per_background = {name: {"title": f"  on {name}", "n": 0, "passed": 0} for name in BACKGROUNDS}
@@ -248,7 +250,7 @@ def summarize(results: list[tuple[str, str, ScoreResult]], max_failures: int = 2
         for row in rows:
             row["n"] += 1
             row["passed"] += int(result.passed)
-        if not result.passed and len(failures) < max_failures:
+        if not result.passed and (max_failures is None or len(failures) < max_failures):
             failures.append({"file_name": file_name, "text": text, "reason": result.reason})
     for row in [*per_kind.values(), *per_background.values()]:
         row["accuracy"] = row["passed"] / row["n"] if row["n"] else None
