@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ldm.assets import asset_path
+from ldm.guidance import default_guidance_rescale
 from ldm.models import inspect_pipeline, load_component, resolve_model
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
 from ldm.text import LdmWarning, PromptEncoder
@@ -546,7 +547,7 @@ class LatentPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | list[int] | None = None,
         sampler: str = DEFAULT_SAMPLER,
-        guidance_rescale: float = 0.0,
+        guidance_rescale: float | None = None,
         eta: float = 0.0,
         dynamic_threshold: float | None = None,
         threshold_bound: float = 1.0,
@@ -562,7 +563,8 @@ class LatentPipeline:
         seed. `generator` (diffusers' way) is the alternative: one torch.Generator, or one per image.
         guidance_scale: w in ε̂ = ε_∅ + w(ε_c − ε_∅); 0 samples the unconditional model, 1 the
         conditional one without guidance (unlike diffusers, which skips guidance for any w ≤ 1).
-        guidance_rescale: φ of Lin et al. (2023), 0.7 suggested with zero-terminal-SNR models.
+        guidance_rescale: φ of Lin et al. (2023); None: the model's default (0.7 for a model trained
+        with zero terminal SNR, as Lin et al. prescribe, else 0; `ldm.guidance.default_guidance_rescale`).
         dynamic_threshold / threshold_bound: Imagen's dynamic thresholding of ẑ_0 (off by default).
         batch_size: images per U-Net batch (default: all at once); does not change the images.
         vae_tiling: decode in overlapping tiles ("auto": above VAE_TILING_PIXELS pixels), so any
@@ -571,6 +573,8 @@ class LatentPipeline:
         prompts, negatives = check_prompts(prompt, negative_prompt)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
+        if guidance_rescale is None:
+            guidance_rescale = default_guidance_rescale(self.scheduler.config)
         check_generation_args(
             latent_factor=self.latent_factor, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, sampler=sampler, guidance_rescale=guidance_rescale, eta=eta,

@@ -35,14 +35,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec("DDPMScheduler", {}, True, "ancestral DDPM (Ho et al. 2020, Alg. 2); needs many steps"),
     "ddim": SamplerSpec("DDIMScheduler", {}, False, "DDIM (Song et al. 2021); eta > 0 adds noise (eta = 1 is DDPM-like)"),
     "plms": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}, False, "pseudo linear multistep (Liu et al. 2022), SD's original default"),
-    "euler": SamplerSpec("EulerDiscreteScheduler", {"use_karras_sigmas": False}, False, "Euler steps on the probability-flow ODE (Karras et al. 2022, Alg. 1 without its 2nd-order correction)"),
+    "euler": SamplerSpec("EulerDiscreteScheduler", {"use_karras_sigmas": False}, False, "Euler steps on the probability-flow ODE (Karras et al. 2022, Alg. 1 without its 2nd-order correction); the default"),
     "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", {}, True, "Euler ancestral (k-diffusion); stochastic"),
     "heun": SamplerSpec("HeunDiscreteScheduler", {"use_karras_sigmas": False}, False, "Heun's 2nd-order method (Karras et al. 2022, Alg. 1); two U-Net calls per step"),
     "dpm++2m": SamplerSpec(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
         False,
-        "DPM-Solver++(2M) (Lu et al. 2022); the default: good images in 20-25 steps",
+        "DPM-Solver++(2M) (Lu et al. 2022); sharp in 20-25 steps, but at CFG 7.5 on a zero-SNR model it scored 8 points below euler",
     ),
     "dpm++2m_karras": SamplerSpec(
         "DPMSolverMultistepScheduler",
@@ -59,7 +59,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "unipc": SamplerSpec("UniPCMultistepScheduler", {"use_karras_sigmas": False}, False, "UniPC (Zhao et al. 2023), predictor-corrector; strong at 10-20 steps"),
 }
 
-DEFAULT_SAMPLER = "dpm++2m"
+# Euler, not DPM-Solver++(2M): on the shapes world's zero-terminal-SNR model at CFG 7.5 and 25 steps
+# (240 held-out prompts, 2026-12-01) euler scored 89.2%, ddim 88.8%, dpm++2m 80.8% (64.2% without
+# guidance rescale). Why was not measured; extrapolating from earlier strongly guided outputs, as a
+# multistep solver does, is the usual suspect.
+DEFAULT_SAMPLER = "euler"
 DEFAULT_STEPS = 25
 
 

@@ -104,17 +104,19 @@ def run_case(name: str, ours, theirs, prompts: list[str], *, steps: int, cfg: fl
     """Time ours (one call for all prompts) and theirs (one call, or one call per prompt if loop).
     `reference`: a float32 LatentPipeline of the same model; the row then also says how far ours
     (in a lower precision) is from it."""
-    seeds = list(range(len(prompts)))
+    from ldm.guidance import default_guidance_rescale
 
+    seeds = list(range(len(prompts)))
+    rescale = default_guidance_rescale(ours.scheduler.config)  # ours applies it by default; diffusers is told the same
     def run_ours(pipe=ours):
         return pipe(prompts, seed=seeds, guidance_scale=cfg, num_inference_steps=steps, sampler="dpm++2m",
                     height=size, width=size, output_type="np", progress=False).images
 
     def run_theirs():
         if loop:
-            return np.concatenate([theirs(p, generator=torch.Generator().manual_seed(s), guidance_scale=cfg, num_inference_steps=steps,
+            return np.concatenate([theirs(p, generator=torch.Generator().manual_seed(s), guidance_scale=cfg, guidance_rescale=rescale, num_inference_steps=steps,
                                           height=size, width=size, output_type="np").images for p, s in zip(prompts, seeds)])
-        return theirs(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], guidance_scale=cfg,
+        return theirs(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], guidance_scale=cfg, guidance_rescale=rescale,
                       num_inference_steps=steps, height=size, width=size, output_type="np").images
 
     _, a = timed(run_ours, device)  # warm-up (and compilation, with --compile)

@@ -7,6 +7,7 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -22,6 +23,7 @@ SEEDS = [7, 8]
 REFERENCE = {
     "ddim": lambda c: DDIMScheduler.from_config(c),
     "plms": lambda c: PNDMScheduler.from_config(c, skip_prk_steps=True),
+    "euler": lambda c: EulerDiscreteScheduler.from_config(c),
     "euler_a": lambda c: EulerAncestralDiscreteScheduler.from_config(c),
     "heun": lambda c: HeunDiscreteScheduler.from_config(c),
     "dpm++2m": lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++", solver_order=2),

@@ -77,9 +77,9 @@ def test_save_load_round_trip_and_diffusers_loads_our_folder(tiny_pipe, tmp_path
 
     ref = StableDiffusionPipeline.from_pretrained(saved)
     ref.set_progress_bar_config(disable=True)
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import EulerDiscreteScheduler
 
-    ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)  # ours samples with euler by default
     theirs = ref(PROMPTS[:2], num_inference_steps=5, generator=[torch.Generator().manual_seed(s) for s in (11, 12)], output_type="np").images
     assert np.abs(theirs - before).max() <= 1e-3
 
@@ -106,7 +106,7 @@ def test_output_save_writes_parameters_and_never_overwrites(tiny_pipe, tmp_path)
     assert [p.name for p in first + second] == ["00000-4.png", "00001-4.png"]
     text = Image.open(first[0]).info["parameters"]
     assert text.splitlines()[0] == "a red circle" and text.splitlines()[1] == "Negative prompt: blue"
-    for part in ("Steps: 2", "Sampler: dpm++2m", "CFG scale: 3.0", "Seed: 4", "Size: 64x64", "Model: "):
+    for part in ("Steps: 2", "Sampler: euler", "CFG scale: 3.0", "Seed: 4", "Size: 64x64", "Model: "):
         assert part in text
 
 
@@ -219,6 +219,27 @@ def test_a_vae_that_overflows_in_half_precision_is_decoded_in_fp32_with_a_warnin
         image = pipe.decode_latents(z)
     assert torch.isfinite(image).all() and torch.allclose(image, reference, atol=2e-3)  # weights went through fp16
     assert pipe.vae.dtype == torch.float16  # the fallback was for this batch only
+
+
+def test_a_zero_terminal_snr_model_rescales_guidance_by_default(tiny_pipeline_dir):
+    """guidance_rescale=None (the default) is φ = 0.7 on a zero-terminal-SNR model, as Lin et al.
+    (2023, §3.4) prescribe, and plain guidance (φ = 0) on any other; an explicit φ always wins."""
+    from diffusers import DDPMScheduler
+
+    from ldm import LatentPipeline
+    from ldm.guidance import default_guidance_rescale
+
+    pipe = LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    kw = dict(seed=3, num_inference_steps=4, guidance_scale=9.0, output_type="np", progress=False)
+    assert default_guidance_rescale(pipe.scheduler.config) == 0.0
+    assert np.array_equal(pipe("a red circle", **kw).images, pipe("a red circle", guidance_rescale=0.0, **kw).images)
+    zsnr = dict(pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    pipe.scheduler = DDPMScheduler.from_config(zsnr)
+    assert default_guidance_rescale(pipe.scheduler.config) == 0.7
+    default = pipe("a red circle", **kw)
+    assert np.array_equal(default.images, pipe("a red circle", guidance_rescale=0.7, **kw).images)
+    assert np.abs(default.images - pipe("a red circle", guidance_rescale=0.0, **kw).images).max() > 0.01
+    assert "Guidance rescale: 0.7" in default.parameters[0]  # the infotext says what was used
 
 
 def test_karras_spacing_is_refused_on_a_zero_terminal_snr_schedule(tiny_pipe):

@@ -43,8 +43,8 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--sampler", default=None, help="sampler name (default: the project's default sampler)")
     e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the project's default)")
     e.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
-    e.add_argument("--guidance-rescale", type=float, default=0.0,
-                   help="guidance rescale φ (Lin et al. 2023), 0-1; 0.7 suits zero-terminal-SNR models")
+    e.add_argument("--guidance-rescale", type=float, metavar="PHI",
+                   help="guidance rescale φ (Lin et al. 2023), 0-1 (default: the model's, as ldm-txt2img: 0.7 for a zero-terminal-SNR model, else 0)")
     e.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
     e.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     e.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")

@@ -37,7 +37,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--outdir", type=Path, default=Path("outputs"), help="folder for the PNGs (never overwritten; numbering continues)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp32 on the CPU, bf16/fp16 on a GPU (the VAE decodes in a dtype that cannot overflow)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale φ (Lin et al. 2023), 0-1; 0.7 suits zero-terminal-SNR models")
+    p.add_argument("--guidance-rescale", type=float, metavar="PHI",
+                   help="guidance rescale φ (Lin et al. 2023), 0-1 (default: 0.7 for a zero-terminal-SNR model, as Lin et al. prescribe, else 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's η (ddim sampler only): 0 deterministic, 1 DDPM-like")
     p.add_argument("--dynamic-threshold", type=float, metavar="P", help="Imagen dynamic thresholding of the predicted latent at percentile P (e.g. 0.995); off by default")
     p.add_argument("--threshold-bound", type=float, default=1.0, help="the range dynamic thresholding pulls the predicted latent into")
@@ -79,6 +80,7 @@ def check_outdir(outdir: Path) -> None:
 def _main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # prompts may stand between flags
     _quiet_libraries()
+    from ldm.guidance import default_guidance_rescale
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, check_generation_args, resolve_device, resolve_dtype
 
@@ -103,9 +105,10 @@ def _main(argv=None) -> int:
     info = inspect_pipeline(resolve_model(args.config if single_file else model), allow_pickle=args.allow_pickle and not single_file)
     height = args.height if args.height is not None else info.default_size
     width = args.width if args.width is not None else info.default_size
+    rescale = default_guidance_rescale(info.scheduler_config) if args.guidance_rescale is None else args.guidance_rescale
     check_generation_args(
         latent_factor=info.latent_factor, height=height, width=width, num_inference_steps=args.steps,
-        guidance_scale=args.cfg, sampler=args.sampler, guidance_rescale=args.guidance_rescale, eta=args.eta,
+        guidance_scale=args.cfg, sampler=args.sampler, guidance_rescale=rescale, eta=args.eta,
         num_images_per_prompt=args.num_images, batch_size=args.batch_size, dynamic_threshold=args.dynamic_threshold,
         threshold_bound=args.threshold_bound, scheduler_config=info.scheduler_config,
     )
@@ -130,7 +133,7 @@ def _main(argv=None) -> int:
         out = pipe(
             batch, negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,
             height=height, width=width, seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
-            guidance_rescale=args.guidance_rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
+            guidance_rescale=rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
             threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling,
         )
         for path in out.save(args.outdir):

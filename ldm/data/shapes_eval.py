@@ -18,15 +18,17 @@ from .shapes_score import score_folder, write_report
 
 def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_prompts: int, seed: int, sampler: str | None,
                     steps: int | None, cfg: float, batch_size: int, size: int | None, overwrite: bool,
-                    guidance_rescale: float = 0.0, scheduler_config: dict | None = None) -> tuple[str, int, int]:
-    """Validate every evaluation setting (before any weights load); returns (sampler, steps, size)
-    with the defaults filled in. Raises ValueError naming the bad setting."""
+                    guidance_rescale: float | None = None, scheduler_config: dict | None = None) -> tuple[str, int, int, float]:
+    """Validate every evaluation setting (before any weights load); returns (sampler, steps, size,
+    guidance_rescale) with the defaults filled in. Raises ValueError naming the bad setting."""
+    from ldm.guidance import default_guidance_rescale
     from ldm.pipeline import check_generation_args
     from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
 
     sampler = DEFAULT_SAMPLER if sampler is None else sampler
     steps = DEFAULT_STEPS if steps is None else steps  # not `or`: 0 steps is an error, not the default
     size = default_size if size is None else size
+    guidance_rescale = default_guidance_rescale(scheduler_config) if guidance_rescale is None else guidance_rescale
     if num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {num_prompts}")
     if seed < 0:
@@ -39,16 +41,16 @@ def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_p
     meta_path = os.path.join(outdir, "metadata.jsonl")
     if os.path.exists(meta_path) and not overwrite:
         raise ValueError(f"{meta_path} exists; choose another --outdir (or --overwrite)")
-    return sampler, steps, size
+    return sampler, steps, size, guidance_rescale
 
 
 def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
-                         overwrite: bool = False, progress: bool = False, guidance_rescale: float = 0.0) -> list[dict]:
+                         overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None) -> list[dict]:
     """Generate one image per evaluation prompt with `pipe` (a LatentPipeline) into `outdir`
     as PNGs + metadata.jsonl (format (b)); returns the rows written. `guidance_rescale` is φ of
-    Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance)."""
-    sampler, steps, size = check_eval_args(
+    Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance; None: the model's default)."""
+    sampler, steps, size, guidance_rescale = check_eval_args(
         latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
         sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
         guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config)
@@ -73,7 +75,7 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
 
 def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
-             device: str | None = None, overwrite: bool = False, progress: bool = False, guidance_rescale: float = 0.0) -> dict:
+             device: str | None = None, overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None) -> dict:
     """Load `model`, generate the evaluation folder, score it; writes and returns `outdir/report.json`."""
     from ldm import LatentPipeline
     from ldm.models import inspect_pipeline, resolve_model
@@ -81,7 +83,7 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
 
     info = inspect_pipeline(resolve_model(model))  # configs only: every setting is checked before weights load
     device = resolve_device(device)
-    sampler, steps, size = check_eval_args(
+    sampler, steps, size, guidance_rescale = check_eval_args(
         latent_factor=info.latent_factor, default_size=info.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
         sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
         guidance_rescale=guidance_rescale, scheduler_config=info.scheduler_config)
