@@ -17,7 +17,7 @@ from ldm.pipeline import DEFAULT_MODEL
 # default sampler and steps, CFG 7.5): the shipped model scores SUBSET_MEASURED overall on them
 # (assets/default-model/README.md has the full 600-prompt table). A drop of more than 0.15 fails.
 SUBSET_PROMPTS = 48
-SUBSET_MEASURED = None
+SUBSET_MEASURED = 0.938  # 45 of 48 (2026-12-01, the shipped float16 folder)
 SUBSET_TOLERANCE = 0.15
 
 # Until the model ships (issue 6: it ships once it passes the quality gate) these tests are
@@ -51,14 +51,15 @@ def test_loads_with_no_argument_in_float32_on_the_cpu(default_pipe):
 
 
 def test_diffusers_loads_it_and_draws_the_same_picture(default_pipe):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
     ref = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    ref.scheduler = DPMSolverMultistepScheduler.from_config(default_pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2)
+    ref.scheduler = EulerDiscreteScheduler.from_config(default_pipe.scheduler.config)  # the default sampler
     prompt = "a red circle to the left of a blue square"
     ours = default_pipe(prompt, seed=5, output_type="np", progress=False).images
-    theirs = ref(prompt, generator=torch.Generator().manual_seed(5), num_inference_steps=25, output_type="np").images
+    theirs = ref(prompt, generator=torch.Generator().manual_seed(5), num_inference_steps=25, output_type="np",
+                 guidance_rescale=0.7).images  # a zero-terminal-SNR model: ours rescales guidance by default
     assert np.abs(ours - theirs).max() <= 1e-3
 
 
