@@ -42,8 +42,9 @@ def default_guidance_rescale(scheduler_config: dict | None) -> float:
     """The guidance rescale φ a model gets when the caller names none: 0.7 for a model trained with
     zero terminal SNR (its scheduler config has `rescale_betas_zero_snr`), 0 (plain guidance) for any
     other. Lin et al. (2023) pair the two: with zero terminal SNR, large guidance over-inflates the
-    output's std (§3.4) and φ = 0.7 is their setting. On the shapes world's zero-SNR model at CFG 7.5
-    it measured better than φ = 0 (docs/sampling.md)."""
+    output's std (§3.4) and φ = 0.7 is their setting. On the default model (zero SNR) at CFG 7.5, 240
+    held-out prompts: dpm++2m 80.8% against 64.2% with φ = 0, euler 89.2% against 88.8%
+    (assets/default-model/README.md)."""
     return ZERO_SNR_GUIDANCE_RESCALE if (scheduler_config or {}).get("rescale_betas_zero_snr") else 0.0
 
 
