@@ -108,6 +108,7 @@ def run_case(name: str, ours, theirs, prompts: list[str], *, steps: int, cfg: fl
 
     seeds = list(range(len(prompts)))
     rescale = default_guidance_rescale(ours.scheduler.config)  # ours applies it by default; diffusers is told the same
+
     def run_ours(pipe=ours):
         return pipe(prompts, seed=seeds, guidance_scale=cfg, num_inference_steps=steps, sampler="dpm++2m",
                     height=size, width=size, output_type="np", progress=False).images
