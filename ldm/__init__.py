@@ -5,7 +5,14 @@ The pipeline is imported on first use, so `import ldm.data` (and the data comman
 torch, diffusers and transformers when they do not need them.
 """
 
+import logging
+
 __all__ = ["LatentPipeline", "LatentPipelineOutput"]
+
+# diffusers imports bitsandbytes whenever it is installed (for its quantizers), and bitsandbytes'
+# CPU backend then warns that an optional 4-bit matmul kernel package is missing. ldm uses only its
+# 8-bit optimizer (optim.optimizer=adamw8bit), which does not need that package: the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 __version__ = "0.1.0"
 
 

@@ -39,8 +39,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW (Loshchilov & Hutter 2019) with linear warm-up, then a constant or cosine LR."""
+    """AdamW (Loshchilov & Hutter 2019) with linear warm-up, then a constant or cosine LR.
 
+    `optimizer: adamw8bit` keeps AdamW's two moment estimates in 8 bits, quantised block-wise with
+    dynamic (non-linear) 8-bit codes (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+    Quantization", §2): bitsandbytes' `AdamW8bit`, on CPU and GPU. The state per parameter drops from
+    8 bytes to about 2; tensors under 4,096 elements keep 32-bit state, as bitsandbytes decides.
+    """
+
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0

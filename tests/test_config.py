@@ -31,7 +31,7 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optim.lrr=1"], r"unknown config key optim.lrr; valid keys here: lr, betas"),
+        (["optim.lrr=1"], r"unknown config key optim.lrr; valid keys here: optimizer, lr, betas"),
         (["runn.max_steps=1"], r"unknown config key runn"),
         (["run.max_steps=1.5"], r"config key run.max_steps: expected int, got 1.5"),
         (["run.gradient_checkpointing=3"], r"config key run.gradient_checkpointing: expected bool"),

@@ -76,12 +76,14 @@ def test_timestep_bias_from_step_keeps_the_earlier_steps_uniform(setup, tmp_path
     assert (late >= 990).float().mean() > 0.6, late
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path, grad_accum):
-    accum = f"run.grad_accum={grad_accum}"
-    straight = run_cli(setup, tmp_path, "straight", "--max-steps", "4", accum)
-    split = run_cli(setup, tmp_path, "split", "--max-steps", "2", accum)
-    split = run_cli(setup, tmp_path, "split", "--max-steps", "4", "--resume", "latest", accum)
+@pytest.mark.parametrize("grad_accum,optimizer", [(1, "adamw"), (2, "adamw"), (1, "adamw8bit")])
+def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path, grad_accum, optimizer):
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    args = (f"run.grad_accum={grad_accum}", f"optim.optimizer={optimizer}")
+    straight = run_cli(setup, tmp_path, "straight", "--max-steps", "4", *args)
+    split = run_cli(setup, tmp_path, "split", "--max-steps", "2", *args)
+    split = run_cli(setup, tmp_path, "split", "--max-steps", "4", "--resume", "latest", *args)
     a, b = straight / "checkpoints" / "step-0000004", split / "checkpoints" / "step-0000004"
     for name in ("model-unet", "model-text_encoder", "ema-unet", "optimizer-main"):
         ta, tb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
@@ -90,6 +92,8 @@ def test_resume_n_plus_n_equals_2n_bit_for_bit(setup, tmp_path, grad_accum):
             assert torch.equal(ta[k], tb[k]), f"{name}/{k}"
     assert json.loads((b / "state.json").read_text())["data"] == json.loads((a / "state.json").read_text())["data"]
     assert losses(split)[2:] == losses(straight)[2:]
+    moments = {t.dtype for k, t in load_file(a / "optimizer-main.safetensors").items() if k.endswith((".state1", ".exp_avg"))}
+    assert moments == ({torch.uint8, torch.float32} if optimizer == "adamw8bit" else {torch.float32})  # small tensors keep 32-bit state
 
 
 def test_final_folder_is_a_pipeline_that_ldm_txt2img_samples(setup, tmp_path, capsys):

@@ -91,6 +91,13 @@ def save_state(state: Any, folder: Path, name: str) -> None:
     """Write any nested dict/list of tensors and plain values as NAME.safetensors + NAME.json."""
     tensors: dict[str, torch.Tensor] = {}
     meta = _split_state(state, "t", tensors)
+    # safetensors refuses tensors that share memory; an optimizer may share one tensor between its
+    # parameters' states (bitsandbytes' 8-bit quantisation maps). Each gets its own copy on disk.
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensors[key] = tensor.clone()
+        seen.add(tensors[key].untyped_storage().data_ptr())
     if tensors:
         save_file(tensors, folder / f"{name}.safetensors")
     (folder / f"{name}.json").write_text(json.dumps(meta))

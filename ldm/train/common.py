@@ -220,8 +220,31 @@ class DataPosition:
             self.epoch, self.batch = self.epoch + 1, 0
 
 
+def _bitsandbytes():
+    """bitsandbytes, or a ValueError saying how to get it."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ValueError(f"optim.optimizer=adamw8bit needs bitsandbytes, which is not installed ({e}): pip install bitsandbytes") from None
+    return bitsandbytes
+
+
+def check_optim(optim: OptimConfig) -> None:
+    """Fail before anything loads when the configured optimizer cannot be built."""
+    if optim.optimizer == "adamw8bit":
+        _bitsandbytes()
+
+
 def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps)
+    """AdamW, or bitsandbytes' block-wise 8-bit AdamW for `optim.optimizer=adamw8bit` (see OptimConfig).
+
+    The 8-bit optimizer's state (uint8 moments, their per-block absmax and the quantisation maps) is
+    plain tensors, so checkpoints store it in safetensors like AdamW's, and a resumed run continues
+    bit for bit."""
+    kwargs = dict(lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps)
+    if optim.optimizer == "adamw8bit":
+        return _bitsandbytes().optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:

@@ -175,8 +175,10 @@ def check_config(config: UNetTrainConfig) -> None:
     if config.samples.steps < 1 or config.samples.guidance_scale < 0 or not config.samples.prompts:
         raise ValueError("samples: steps must be ≥ 1, guidance_scale ≥ 0, and prompts not empty")
     from ldm.sampling import check_sampler
+    from ldm.train.common import check_optim
 
     check_sampler(config.samples.sampler)
+    check_optim(config.optim)
 
 
 # ---- building the parts --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_confi
 from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
 from ldm.train.guards import StepGuard
 from ldm.train.common import (
-    DataPosition, MetricsLog, check_run_paths, fit_attention_to_precision, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
+    DataPosition, MetricsLog, check_optim, check_run_paths, fit_attention_to_precision, make_accelerator, make_ema, make_loader, make_lr_scheduler, make_optimizer,
     progress_bar, save_grid, seed_everything,
 )
 from ldm.train.metrics import psnr, ssim
@@ -113,6 +113,7 @@ def check_config(cfg: VAETrainConfig) -> None:
             raise ValueError(f"{key} must be non-negative, got {value}")
     if cfg.scale_samples < 1:
         raise ValueError(f"scale_samples must be at least 1, got {cfg.scale_samples}")
+    check_optim(cfg.optim)
 
 
 # ---- model -------------------------------------------------------------------------------------------
