@@ -178,3 +178,41 @@ def test_max_bad_steps_is_validated(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(args(setup, tmp_path / "x", "run.max_bad_steps=0"))
     assert e.value.code == 2 and "run.max_bad_steps must be ≥ 1" in capsys.readouterr().err
+
+
+# ---- a crash with loader workers alive -------------------------------------------------------------
+
+CRASH = """
+import sys
+import ldm.train.unet as unet
+import ldm.data.datasets as datasets
+from ldm.cli.train_unet import main
+
+where = sys.argv[1]
+if where == "loop":  # an error in the training process, mid-run
+    def diffusion_loss(*a, **k):
+        raise RuntimeError("injected failure in the loop")
+    unet.diffusion_loss = diffusion_loss
+else:  # an error inside a DataLoader worker (forked: it inherits this patch)
+    item = datasets.CaptionDataset.__getitem__
+    def getitem(self, i):
+        if i == 5:
+            raise RuntimeError("injected failure in a worker")
+        return item(self, i)
+    datasets.CaptionDataset.__getitem__ = getitem
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["loop", "worker"])
+def test_a_crash_with_loader_workers_alive_exits_instead_of_hanging(setup, tmp_path, where):
+    # Workers ignore SIGTERM while their parent lives (so a job-wide SIGTERM cannot kill them before
+    # the trainer saves), and multiprocessing's exit handler ends workers with SIGTERM: a crash that
+    # left them running used to hang the process at exit, forever.
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", CRASH, where, *args(setup, tmp_path / "out", "--max-steps", "20", "data.num_workers=2",
+                                                                        "run.batch_size=2", "run.checkpoint_every=0")],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"injected failure in {'the loop' if where == 'loop' else 'a worker'}" in result.stderr
+    assert time.monotonic() - start < 120

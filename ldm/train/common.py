@@ -203,6 +203,10 @@ class DataPosition:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def batches(self) -> Iterator[dict]:
+        """Batches forever. Close the generator when the loop ends, however it ends (the loops use
+        `contextlib.closing`): that ends the loader's worker processes at once. Left alive by an
+        exception's traceback, they would hang the process at exit, since workers ignore the
+        SIGTERM that multiprocessing's exit handler sends them (`ignore_stop_signals_in_worker`)."""
         while True:
             sampler, dataset = self.loader.sampler, self.loader.dataset
             if hasattr(dataset, "set_epoch"):  # per-epoch random crops/flips/captions
@@ -212,11 +216,20 @@ class DataPosition:
                 sampler.set_epoch(self.epoch, start=self.batch * self.loader.batch_size)
             else:
                 skip = self.batch
-            for i, batch in enumerate(self.loader):
-                if i < skip:
-                    continue
-                self.batch += 1
-                yield batch
+            iterator = iter(self.loader)
+            try:
+                for i, batch in enumerate(iterator):
+                    if i < skip:
+                        continue
+                    self.batch += 1
+                    yield batch
+            finally:
+                # torch's multi-process iterator (idempotent; also run by its __del__, but a traceback
+                # from a worker's error can keep the iterator referenced)
+                shutdown = getattr(iterator, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                del iterator
             self.epoch, self.batch = self.epoch + 1, 0
 
 

@@ -13,6 +13,7 @@ then the objective; then `train`, the loop, readable top to bottom. Run it with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -654,7 +655,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     global_batch = run.batch_size * world
     bar = progress_bar(run.max_steps, step, is_main)
     t0, images_seen = time.time(), 0
-    with guard, bar:  # the bar closes however the loop ends, before any one-line message
+    with guard, bar, contextlib.closing(batches):  # the bar closes however the loop ends, before any one-line message
         while step < run.max_steps:
             micro_losses = []
             for micro in range(run.grad_accum):

@@ -16,6 +16,7 @@ OUTPUT/final/ is written as an AutoencoderKL folder (safetensors).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -240,7 +241,7 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
     bar = progress_bar(run.max_steps, step, is_main and progress)
     scores = None  # the latest validation
     images_seen, t0 = 0, time.perf_counter()
-    with guard, bar:  # the bar closes however the loop ends, before any one-line message
+    with guard, bar, contextlib.closing(batches):  # the bar closes however the loop ends, before any one-line message
         while step < run.max_steps:
             gan = loss_fn.gan_active(step)
             g_losses, d_losses = [], []
