@@ -1,6 +1,9 @@
 """ldm-train-unet end to end with a tiny U-Net: learning, resume, the final folder, the cache, errors."""
 
 import json
+import math
+import shutil
+import time
 import warnings
 
 import numpy as np
@@ -222,6 +225,22 @@ def test_frozen_text_encoder_with_cached_embeddings(setup, tmp_path, tiny_pipeli
     assert all(torch.equal(before[k], after[k]) for k in before)  # frozen means frozen
 
 
+def test_a_frozen_encoder_saved_in_float16_trains_without_a_cache(setup, tmp_path, tiny_pipeline_dir):
+    """Pipelines are often saved in float16 (SD's are); transformers keeps a folder's dtype, so the
+    frozen encoder used to hand float16 embeddings to the float32 U-Net and the first step failed."""
+    from transformers import CLIPTextModel
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_pipeline_dir / "tokenizer", half / "tokenizer")
+    CLIPTextModel.from_pretrained(tiny_pipeline_dir / "text_encoder").half().save_pretrained(half / "text_encoder")
+    config = write_config(tmp_path / "h.yaml", text_encoder={"mode": "frozen", "path": str(half)}, run={"max_steps": 2})
+    out = run_cli(setup, tmp_path, "h", f"cache.dir={tmp_path / 'no-cache'}", config=config)
+    assert len(losses(out)) == 2 and all(math.isfinite(x) for x in losses(out))
+    before = load_file(half / "text_encoder" / "model.safetensors")
+    after = load_file(out / "final" / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in before)  # the same weights, frozen
+
+
 def test_config_errors_are_one_line_exit_2(setup, tmp_path, capsys):
     def fails(*args, config=None, **sections):
         config = config or write_config(tmp_path / "e.yaml", **sections)
@@ -300,3 +319,15 @@ def test_bf16_on_the_cpu_trains_like_float32(setup, tmp_path):
     first, last = sum(bf16[:8]) / 8, sum(bf16[-8:]) / 8
     assert last < 0.7 * first, (first, last)
     assert last == pytest.approx(sum(fp32[-8:]) / 8, rel=0.25)
+
+
+def test_the_presets_tokenizer_path_works_from_any_directory_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    from ldm.train.unet import TextEncoderConfig, load_text_encoder
+
+    monkeypatch.chdir(tmp_path)  # outside the checkout: assets/shapes-tokenizer is not under the working directory
+    _, tokenizer = load_text_encoder(TextEncoderConfig(mode="joint", tokenizer="assets/shapes-tokenizer", architecture="bert"))
+    assert len(tokenizer) == 608  # the shipped shapes tokenizer, not CLIP's 49,408
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="text_encoder.tokenizer: no such folder: no/such/tokenizer"):
+        load_text_encoder(TextEncoderConfig(mode="joint", tokenizer="no/such/tokenizer"))
+    assert time.monotonic() - start < 5  # named at once, not looked up on the Hub with retries

@@ -224,7 +224,7 @@ def load_text_encoder(config: TextEncoderConfig):
     from ldm.models import REGISTRY
 
     if config.mode == "joint" and not config.path:
-        tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else CLIP_TOKENIZER, config.max_length)
+        tokenizer = _load_tokenizer(_tokenizer_dir(config.tokenizer) if config.tokenizer else CLIP_TOKENIZER, config.max_length)
         if config.architecture == "t5":
             # T5 v1.1's encoder (Raffel et al. 2020, with Shazeer 2020's gated GELU), no dropout at this size. It is trained with the
             # padding masked, and use_attention_mask=True makes diffusers' StableDiffusionPipeline pass
@@ -262,13 +262,15 @@ def load_text_encoder(config: TextEncoderConfig):
         raise FileNotFoundError(f"text_encoder.path not found: {path}")
     encoder_dir, tokenizer_dir = (path / "text_encoder", path / "tokenizer") if (path / "text_encoder").is_dir() else (path, path)
     if config.tokenizer:
-        tokenizer_dir = Path(config.tokenizer)
+        tokenizer_dir = _tokenizer_dir(config.tokenizer)
     raw = json.loads((encoder_dir / "config.json").read_text()) if (encoder_dir / "config.json").is_file() else {}
     class_name = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "bert": "BertModel"}.get(raw.get("model_type"))
     if class_name is None:
         raise ValueError(f"{encoder_dir}: expected a CLIPTextModel, T5EncoderModel or BertModel config.json (model_type clip_text_model, t5 or bert)")
     try:
-        encoder = getattr(transformers, class_name).from_pretrained(encoder_dir, use_safetensors=True, trust_remote_code=False)
+        # float32 whatever the folder stores (pipelines are often saved in float16; transformers would
+        # keep that): training runs in float32, or autocasts from it
+        encoder = getattr(transformers, class_name).from_pretrained(encoder_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
         if not (tokenizer_dir / "tokenizer_config.json").is_file() and (tokenizer_dir / "merges.txt").is_file():
             # a bare CLIP BPE folder (vocab.json + merges.txt, like the shapes preset's), which AutoTokenizer cannot read
             tokenizer = _load_tokenizer(tokenizer_dir, config.max_length)
@@ -284,6 +286,18 @@ def load_text_encoder(config: TextEncoderConfig):
             encoder.pooler.requires_grad_(False)
         return encoder, tokenizer
     return encoder.eval().requires_grad_(False), tokenizer
+
+
+def _tokenizer_dir(value: str) -> Path:
+    """text_encoder.tokenizer as a folder. A relative assets/NAME that is not there (a run started
+    outside the checkout, or from a wheel) is the shipped asset, as presets mean it; a folder that
+    does not exist is an error now, not a model id looked up on the Hub."""
+    path = Path(value)
+    if not path.is_dir() and not path.is_absolute() and path.parts[:1] == ("assets",) and len(path.parts) > 1:
+        path = asset_path(str(Path(*path.parts[1:])))
+    if not path.is_dir():
+        raise ValueError(f"text_encoder.tokenizer: no such folder: {value}")
+    return path
 
 
 def _load_tokenizer(folder: Path, max_length: int):
