@@ -18,6 +18,11 @@ Cases
        per image at batch 1.
 --dtype bf16 (cpu case) runs both pipelines in bfloat16, fast on CPUs with AMX or AVX512-BF16,
 and also reports how far our bf16 images are from our fp32 ones (same seeds).
+Every row also gives the U-Net's achieved TFLOP/s (its FLOPs per image, counted by torch's
+FlopCounterMode, times images/s), and a last line compares them with the best rate of one large
+matrix product on the device. It is a reference, not a hard ceiling (small compiled kernels that
+stay in cache can beat it), but a network that already runs near it has little room left for an
+exact speed-up, one that keeps the arithmetic (and so the images) as they are.
 Prints a table and a one-line summary; --json PATH writes the rows.
 """
 
@@ -97,6 +102,34 @@ def load_both(folder: Path, device: str, dtype: torch.dtype, levers: dict):
     theirs.set_progress_bar_config(disable=True)
     theirs.scheduler = make_scheduler("dpm++2m", ours.scheduler.config)  # the same scheduler as ours
     return ours, theirs
+
+
+def unet_flops_per_image(pipe, size: int, steps: int) -> float:
+    """U-Net FLOPs to sample one image: `steps` guided steps, each the U-Net on 2 latents (the
+    conditional and unconditional halves) and the pipeline's text length, counted by torch's
+    FlopCounterMode on the eager U-Net."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # a compiled module's eager original
+    p = next(unet.parameters())
+    h = size // pipe.latent_factor
+    x = torch.zeros(2, unet.config.in_channels, h, h, device=p.device, dtype=p.dtype)
+    c = torch.zeros(2, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device=p.device, dtype=p.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500, 500], device=p.device), c)
+    return counter.get_total_flops() * steps
+
+
+def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
+    """The best GFLOP/s of one large square matrix product on this device and dtype: the practical
+    ceiling for a network whose time is mostly convolutions and matrix products."""
+    n = 2048 if device == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(6):
+        t, _ = timed(lambda: a @ b, device)
+        best = min(best, t)
+    return 2 * n**3 / best / 1e9
 
 
 def run_case(name: str, ours, theirs, prompts: list[str], *, steps: int, cfg: float, repeats: int, device: str,
@@ -192,17 +225,28 @@ def main(argv=None) -> int:
             rows.append(run_case(f"gpu sd1.5 {size}px fp16 batch 1", ours, theirs, PROMPTS_16[:1], **common))
             rows.append(run_case(f"gpu sd1.5 {size}px fp16 batch 8", ours, theirs, PROMPTS_16[:8], **common))
 
-    print(f"{'case':<36}{'ours img/s':>12}{'diffusers':>12}{'ratio':>8}{'max Δ px':>10}")
+    # How close each pipeline's U-Net runs to the rate of one large matrix product on the device:
+    # the room an exact speed-up (same arithmetic, same images) has left.
+    flops = unet_flops_per_image(ours, size, args.steps)
+    peak = matmul_peak_gflops(device, dtype) / 1e3
+    for r in rows:
+        r["unet_tflop_per_image"] = flops / 1e12
+        r["ours_unet_tflops"], r["diffusers_unet_tflops"] = r["ours_img_s"] * flops / 1e12, r["diffusers_img_s"] * flops / 1e12
+    print(f"{'case':<36}{'ours img/s':>12}{'diffusers':>12}{'ratio':>8}{'max Δ px':>10}{'U-Net TFLOP/s ours / diffusers':>34}")
     for r in rows:
         print(f"{r['case']:<36}{r['ours_img_s']:>12.3f}{r['diffusers_img_s']:>12.3f}{r['ratio']:>7.2f}×{r['max_pixel_diff']:>10.2f}"
+              f"{r['ours_unet_tflops']:>20.3f} / {r['diffusers_unet_tflops']:.3f}"
               + (f"   vs ours fp32: max Δ {r['max_pixel_diff_vs_fp32']:.1f}, mean Δ {r['mean_pixel_diff_vs_fp32']:.2f}" if "max_pixel_diff_vs_fp32" in r else ""))
     hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     ratios = ", ".join(f"{r['ratio']:.2f}× ({r['case']})" for r in rows)
     on = [k for k, v in levers.items() if v]
     print(f"summary: ours/diffusers = {ratios}; ours with {', '.join(on) or 'no speed levers'}; "
           f"{hardware}; torch {torch.__version__}, diffusers {diffusers_version}; {args.steps} steps, CFG {args.cfg}")
+    print(f"reference: one large {str(dtype).removeprefix('torch.')} matrix product runs at {peak:.3f} TFLOP/s here; the U-Net reached "
+          + ", ".join(f"{r['ours_unet_tflops'] / peak:.0%} (ours) / {r['diffusers_unet_tflops'] / peak:.0%} (diffusers) of it in {r['case']}" for r in rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hardware, "levers": levers, "torch": torch.__version__, "diffusers": diffusers_version,
+                                               "matmul_peak_tflops": peak,
                                                "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
     return 0
 
