@@ -253,7 +253,7 @@ class LatentPipeline:
         if pretrained_model_name_or_path is None:
             if not DEFAULT_MODEL.is_dir():
                 raise FileNotFoundError(
-                    "no default model is installed yet; pass a diffusers pipeline folder, e.g. "
+                    f"the default model is missing from this installation (expected at {DEFAULT_MODEL}); pass a diffusers pipeline folder, e.g. "
                     "LatentPipeline.from_pretrained('path/to/pipeline') or ldm-txt2img --model PATH"
                 )
             pretrained_model_name_or_path = DEFAULT_MODEL

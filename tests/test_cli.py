@@ -74,7 +74,7 @@ def test_no_default_model_yet_says_how_to_pass_one(monkeypatch, tmp_path, capsys
     import ldm.pipeline
 
     monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", tmp_path / "none")
-    assert "no default model is installed yet; pass --model PATH" in _error(["a red circle", "--outdir", str(tmp_path)], capsys)
+    assert "the default model is missing from this installation" in _error(["a red circle", "--outdir", str(tmp_path)], capsys)
 
 
 def test_writes_pngs_with_parameters_and_prints_only_their_paths(tiny_pipeline_dir, tmp_path):

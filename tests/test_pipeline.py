@@ -173,7 +173,7 @@ def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
     import ldm.pipeline
 
     monkeypatch.setattr(ldm.pipeline, "DEFAULT_MODEL", tmp_path / "none")
-    with pytest.raises(FileNotFoundError, match="no default model is installed yet"):
+    with pytest.raises(FileNotFoundError, match="the default model is missing from this installation"):
         LatentPipeline.from_pretrained()
 
 

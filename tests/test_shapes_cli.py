@@ -80,7 +80,7 @@ def test_eval_without_a_model_names_the_missing_default(tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as e:
         main(["eval", "--num-prompts", "2", "--outdir", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "no default model is installed yet; pass --model PATH" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "the default model is missing from this installation" in err and "pass --model PATH" in err
 
 
 def test_make_refuses_to_overwrite(tmp_path, capsys):

@@ -93,7 +93,7 @@ def _main(argv=None) -> int:
     from ldm.pipeline import DEFAULT_MODEL
 
     if args.model is None and not DEFAULT_MODEL.is_dir():
-        raise ValueError("no default model is installed yet; pass --model PATH with a pipeline folder trained in the shapes world")
+        raise ValueError(f"the default model is missing from this installation (expected at {DEFAULT_MODEL}); pass --model PATH with a pipeline folder trained in the shapes world")
     report = evaluate(args.model or str(DEFAULT_MODEL), args.outdir, num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler,
                       steps=args.steps, cfg=args.cfg, batch_size=args.batch_size, size=args.size, device=args.device,
                       overwrite=args.overwrite, progress=not args.quiet, guidance_rescale=args.guidance_rescale)

@@ -89,7 +89,7 @@ def _main(argv=None) -> int:
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)
     if args.model is None and not DEFAULT_MODEL.is_dir():
-        raise ValueError("no default model is installed yet; pass --model PATH with a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        raise ValueError(f"the default model is missing from this installation (expected at {DEFAULT_MODEL}); pass --model PATH with a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     model = args.model or str(DEFAULT_MODEL)
     from ldm.models import PICKLE_SUFFIXES
 
