@@ -11,6 +11,7 @@ Throughput counts images between the first and last logged step after a warm-up.
 
     python scripts/bench_training.py --case cpu   # shapes presets (the default model's recipe), CPU
     python scripts/bench_training.py --case gpu   # SD 1.5's U-Net at 256 px in bf16 (random weights), with MFU
+    python scripts/bench_training.py --case sd15-cpu   # SD 1.5's U-Net on the CPU: the cache at SD scale; memory, AdamW vs 8-bit
 
 GPU: model FLOP utilisation = (U-Net forward+backward FLOPs per image, counted with
 torch.utils.flop_counter on one batch) × images/s ÷ the GPU's dense bf16 peak (--peak-tflops;
@@ -20,6 +21,7 @@ known: H100/H200 989). Prints a table and a one-line summary; --json PATH writes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None  # optim.optimizer=adamw8bit
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "RTX 4090": 165.0}
 
 
@@ -107,10 +110,61 @@ def unet_flops_per_image(config_path: Path, overrides: list[str], batch: int, de
     return counter.get_total_flops() / batch
 
 
+def sd15_cpu(args) -> int:
+    """SD 1.5's U-Net (860M parameters) trained in the project's loop on the CPU, 256 px, batch 2,
+    float32, EMA off (its float32 copy would add 3.4 GB to every row alike), random weights:
+    - the plain loop (SD's VAE encoder and the frozen CLIP ViT-L on every batch) against the loop
+      reading the latent cache: the cache's gain at SD scale, which the shapes preset (a 0.5M
+      encoder, a jointly trained text encoder) cannot show;
+    - peak memory with AdamW and with 8-bit AdamW, each with and without gradient checkpointing.
+    A few steps each (default 6, timed from step 2): minutes per row on 2 cores."""
+    import torch
+
+    steps = args.steps or 6
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run(["ldm-shapes", "make", "--out", str(tmp / "data"), "--num", "16", "--size", "256", "--seed", "0"], check=True, capture_output=True)
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from bench_sampling import build_sd15_random
+
+        print("[bench_training] data written; building SD 1.5 with random weights", file=sys.stderr, flush=True)
+        folder = build_sd15_random(tmp / "sd15", 256)
+        common = [f"data.path={tmp / 'data'}", "data.resolution=256", f"run.max_steps={steps}", "run.log_every=1", "run.checkpoint_every=0",
+                  "run.sample_every=0", "run.batch_size=2", "data.num_workers=0", "ema.enabled=false", f"vae={folder}", f"text_encoder.path={folder}"]
+
+        def spec(name, more=(), cache="cache"):
+            out = tmp / name.replace(" ", "_").replace("+", "").replace(",", "")
+            return {"name": name, "stage": "unet", "config": str(ROOT / "configs/unet/sd15.yaml"), "device": "cpu", "threads": args.threads,
+                    "out": str(out), "warmup_steps": 2, "overrides": [*common, f"run.output_dir={out}", f"cache.dir={tmp / cache}", *more]}
+
+        run_worker({**spec("build cache"), "build_cache": True})
+        rows.append(run_worker(spec("AdamW, plain loop (VAE + CLIP every step)", cache="no-cache")))
+        configs = [("AdamW", []), ("AdamW + grad checkpointing", ["run.gradient_checkpointing=true"])]
+        if HAVE_BNB:
+            configs += [("8-bit AdamW", ["optim.optimizer=adamw8bit"]),
+                        ("8-bit AdamW + grad checkpointing", ["optim.optimizer=adamw8bit", "run.gradient_checkpointing=true"])]
+        else:
+            print("[bench_training] bitsandbytes is not installed: no 8-bit rows", file=sys.stderr)
+        for name, more in configs:
+            rows.append(run_worker(spec(name, more)))
+    print(f"{'SD 1.5 U-Net, 256 px, batch 2, fp32, CPU':<46}{'s/step':>10}{'img/s':>10}{'peak MiB':>10}")
+    for r in rows:
+        print(f"{r['name']:<46}{2 / r['images_per_s']:>10.2f}{r['images_per_s']:>10.3f}{r['peak_mb']:>10.0f}")
+    plain, cached = rows[0]["images_per_s"], rows[1]["images_per_s"]
+    base = rows[1]["peak_mb"]
+    print(f"summary: latent cache {cached / plain:.2f}× the plain loop at SD scale; peak memory "
+          + ", ".join(f"{r['name']} {r['peak_mb'] / 1024:.1f} GiB ({r['peak_mb'] / base:.2f}×)" for r in rows[1:])
+          + f"; {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; {steps} steps per run")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"case": "sd15-cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--steps", type=int, help="steps per configuration (default: 60 cpu, 80 gpu)")
+    p.add_argument("--case", choices=["cpu", "gpu", "sd15-cpu"], default="cpu")
+    p.add_argument("--steps", type=int, help="steps per configuration (default: 60 cpu, 80 gpu, 6 sd15-cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads in each run")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: looked up by name)")
     p.add_argument("--vae", help="cpu case: the shapes VAE (an AutoencoderKL or pipeline folder; default: the embedded default model's)")
@@ -122,6 +176,8 @@ def main(argv=None) -> int:
         return 0
     import torch
 
+    if args.case == "sd15-cpu":
+        return sd15_cpu(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -164,6 +220,7 @@ def main(argv=None) -> int:
         for name, cache_dir, more in [("unet: plain loop (VAE encoder every step)", tmp / "no-cache", []),
                                       ("unet: ldm loop with latent cache", cache, []),
                                       ("unet: latent cache + grad checkpointing", cache, ["run.gradient_checkpointing=true"]),
+                                      *([("unet: latent cache + 8-bit AdamW", cache, ["optim.optimizer=adamw8bit"])] if HAVE_BNB else []),
                                       *([("unet: latent cache + bf16 autocast", cache, ["run.mixed_precision=bf16"])] if device == "cpu" else [])]:
             spec = unet_spec(name, cache_dir, more)
             spec["flops_per_image"] = flops
