@@ -8,6 +8,7 @@ reports the largest pixel difference between the two pipelines' images (0-255 sc
     python scripts/bench_sampling.py --case cpu      # the embedded default model on the CPU
     python scripts/bench_sampling.py --case gpu      # SD 1.5's architecture, random weights, 512 px, fp16
     python scripts/bench_sampling.py --case gpu --compile   # ... with torch.compile + CUDA graphs
+    python scripts/bench_sampling.py --case gpu --device cpu --dtype bf16 --size 64 --steps 2 --repeats 1   # dry run, 40 s
 
 Cases
   cpu: batch 1 (one prompt), and a list of 16 prompts. Ours takes the list in one call (the 16
@@ -216,14 +217,17 @@ def main(argv=None) -> int:
         rows.append(run_case(f"cpu{tag} 16 prompts vs diffusers loop", ours, theirs, PROMPTS_16, loop=True, **common))
     else:
         device, size = args.device or "cuda", args.size or 512
-        dtype = torch.float16
+        # fp16 on a GPU; `--device cpu --dtype bf16 --size 64 --steps 2` is a quick dry run of this
+        # case's code on a machine without one (fp16 is refused on the CPU)
+        dtype = torch.float16 if device.startswith("cuda") else {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         with tempfile.TemporaryDirectory() as tmp:
             folder = build_sd15_random(Path(tmp) / "sd15-random", size)
             levers = dict(channels_last=True, fuse_qkv=True, compile=args.compile)
             ours, theirs = load_both(folder, device, dtype, levers)
             common = dict(steps=args.steps, cfg=args.cfg, repeats=args.repeats, device=device, size=size)
-            rows.append(run_case(f"gpu sd1.5 {size}px fp16 batch 1", ours, theirs, PROMPTS_16[:1], **common))
-            rows.append(run_case(f"gpu sd1.5 {size}px fp16 batch 8", ours, theirs, PROMPTS_16[:8], **common))
+            tag = str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+            rows.append(run_case(f"gpu sd1.5 {size}px {tag} batch 1", ours, theirs, PROMPTS_16[:1], **common))
+            rows.append(run_case(f"gpu sd1.5 {size}px {tag} batch 8", ours, theirs, PROMPTS_16[:8], **common))
 
     # How close each pipeline's U-Net runs to the rate of one large matrix product on the device:
     # the room an exact speed-up (same arithmetic, same images) has left.
