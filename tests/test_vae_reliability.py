@@ -76,3 +76,29 @@ def test_sigterm_saves_exits_75_and_resume_is_bit_exact(shapes, tmp_path, monkey
     fa = load_file(straight / "final" / "diffusion_pytorch_model.safetensors")
     fb = load_file(stopped / "final" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+CRASH = """
+import sys
+from ldm.cli.train_vae import main
+from ldm.train.vae_losses import AutoencoderLoss
+
+def generator_loss(self, *a, **k):
+    raise RuntimeError("injected failure in the loop")
+AutoencoderLoss.generator_loss = generator_loss
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_crash_with_loader_workers_alive_exits_instead_of_hanging(shapes, tmp_path):  # noqa: F811
+    """Stage 1 closes its loader's workers however the loop ends (as stage 2 does; see
+    tests/test_reliability_training.py): a crash used to leave the process waiting on them forever."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", CRASH, *_args(shapes, tmp_path / "out", "--max-steps", "20", "data.num_workers=2")],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1 and "injected failure in the loop" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - start < 120
