@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from ldm.config import load_config
     from ldm.data.shapes import COLORS, RELATIONS, parse_caption
     from ldm.text import PromptEncoder
-    from ldm.train.unet import UNetTrainConfig, build_models, encode_latents
+    from ldm.train.unet import UNetTrainConfig, build_models, encode_latents, load_vae
 
     meta = Path(args.data) / "metadata.jsonl"
     if not meta.is_file():
@@ -114,12 +114,14 @@ def main(argv=None) -> int:
         p.error(f"{meta}: {len(rows)} relation captions; at least 1000 are needed for the group means")
 
     torch.manual_seed(args.seed)
-    vae, text_encoder, tokenizer, unet, _ = build_models(config)  # the config's networks, new weights
-    if args.model:
+    if args.model:  # the trained pipeline's U-Net and text encoder, with the --vae given
         from ldm.pipeline import LatentPipeline
 
+        vae = load_vae(config.vae)
         trained = LatentPipeline.from_pretrained(args.model)
         text_encoder, tokenizer, unet = trained.text_encoder.float(), trained.tokenizer, trained.unet.float()
+    else:
+        vae, text_encoder, tokenizer, unet, _ = build_models(config)  # the config's networks, new weights
     unet.train()
     t0 = time.time()
     latents = []
