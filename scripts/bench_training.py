@@ -41,6 +41,8 @@ def rate_from_metrics(path: Path, batch: int, warmup_steps: int) -> float:
     """Images/s between the first logged step at or after `warmup_steps` and the last one."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "images_per_s" in r and r["step"] >= warmup_steps]
+    if len(rows) < 2:
+        raise ValueError(f"{path}: fewer than two logged steps after step {warmup_steps}; run more steps")
     first, last = rows[0], rows[-1]
     return (last["step"] - first["step"]) * batch / (last["time"] - first["time"])
 
@@ -124,7 +126,7 @@ def sd15_cpu(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run(["ldm-shapes", "make", "--out", str(tmp / "data"), "--num", "16", "--size", "256", "--seed", "0"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "ldm.cli.shapes", "make", "--out", str(tmp / "data"), "--num", "16", "--size", "256", "--seed", "0"], check=True, capture_output=True)
         sys.path.insert(0, str(ROOT / "scripts"))
         from bench_sampling import build_sd15_random
 
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         if args.case == "cpu":
             device, steps, size, batch = "cpu", args.steps or 60, 64, 64
-            subprocess.run(["ldm-shapes", "make", "--out", str(tmp / "data"), "--num", "2048", "--size", str(size), "--seed", "0"],
+            subprocess.run([sys.executable, "-m", "ldm.cli.shapes", "make", "--out", str(tmp / "data"), "--num", "2048", "--size", str(size), "--seed", "0"],
                            check=True, capture_output=True)
             from ldm.pipeline import DEFAULT_MODEL
 
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
             vae_batch = 8
         else:
             device, steps, size, batch = "cuda", args.steps or 80, 256, 32
-            subprocess.run(["ldm-shapes", "make", "--out", str(tmp / "data"), "--num", "4096", "--size", str(size), "--seed", "0"],
+            subprocess.run([sys.executable, "-m", "ldm.cli.shapes", "make", "--out", str(tmp / "data"), "--num", "4096", "--size", str(size), "--seed", "0"],
                            check=True, capture_output=True)
             sys.path.insert(0, str(ROOT / "scripts"))
             from bench_sampling import build_sd15_random
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
             unet_cfg, vae_cfg, vae = ROOT / "configs/unet/sd15.yaml", ROOT / "configs/vae/sd-kl-f8.yaml", str(folder)
             extra = [f"text_encoder.path={folder}", "run.mixed_precision=bf16"]
             vae_batch = 8
-        warm = max(10, steps // 3)
+        warm = max(0, min(max(10, steps // 3), steps - 10))  # leaves at least two logged steps (every 5) to time between
         common = [f"data.path={tmp / 'data'}", f"data.resolution={size}", f"run.max_steps={steps}", "run.log_every=5",
                   "run.checkpoint_every=0", "run.sample_every=0", f"run.batch_size={batch}", f"vae={vae}", *extra]
 
