@@ -72,3 +72,23 @@ def test_dynamic_threshold_analytic_cases():
     assert y.abs().max() == pytest.approx(2.0)
     with pytest.raises(ValueError):
         dynamic_threshold(x, 0.0)
+
+
+@pytest.mark.parametrize("sampler", ["plms", "heun"])
+def test_samplers_without_zero_snr_support_get_the_models_schedule(sampler):
+    """PNDMScheduler and HeunDiscreteScheduler have no rescale_betas_zero_snr: they would silently run
+    the unrescaled β of a zero-terminal-SNR model. make_scheduler hands them the rescaled schedule
+    (Lin et al. 2023, Alg. 1) as trained_betas, ᾱ_T floored at 2^-24 as Euler floors it."""
+    from ldm.sampling import make_scheduler
+    from ldm.schedule import alphas_cumprod_from_betas, make_betas, rescale_zero_terminal_snr
+
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+              "prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "steps_offset": 0}
+    expected = alphas_cumprod_from_betas(rescale_zero_terminal_snr(make_betas("scaled_linear")))  # ours, from the paper
+    expected[-1] = 2.0**-24
+    got = make_scheduler(sampler, config).alphas_cumprod.to(torch.float64)
+    euler = make_scheduler("euler", config).alphas_cumprod.to(torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-9) and torch.allclose(got, euler, rtol=1e-5, atol=1e-9)
+    assert got[-1] < 1e-7 < got[-2]  # SNR at t = T is ~0, not the unrescaled 0.0047
+    plain = make_scheduler(sampler, {**config, "rescale_betas_zero_snr": False}).alphas_cumprod
+    assert torch.allclose(plain.to(torch.float64), alphas_cumprod_from_betas(make_betas("scaled_linear")), rtol=1e-5)  # untouched otherwise
