@@ -42,7 +42,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
         False,
-        "DPM-Solver++(2M) (Lu et al. 2022); sharp in 20-25 steps, but at CFG 7.5 on a zero-SNR model it scored 8 points below euler",
+        "DPM-Solver++(2M) (Lu et al. 2022); sharp in 20-25 steps, but weaker than euler on a zero-SNR model at CFG 7.5 (default model: 80.4% against 89.2%)",
     ),
     "dpm++2m_karras": SamplerSpec(
         "DPMSolverMultistepScheduler",
@@ -116,9 +116,9 @@ def zero_snr_betas(config: dict) -> list[float]:
     """The β of a zero-terminal-SNR model (Lin et al. 2023, Alg. 1) with ᾱ_T floored at 2^-24, as
     explicit `trained_betas`, for diffusers schedulers that do not implement `rescale_betas_zero_snr`
     (PNDMScheduler: plms; HeunDiscreteScheduler: heun). They would otherwise drop the key without a
-    word and run the unrescaled schedule, one the model was not trained on: on the default model
-    plms then scored 12.9% of 240 prompts (euler: 89.2%). The schedule is DDIMScheduler's, so it is
-    the one diffusers' zero-SNR samplers use."""
+    word and run the unrescaled schedule, one the model was not trained on (SNR 0.0047 at t = T, not
+    0): on the default model heun scored 90.8% of 240 prompts with it and 92.1% with this one. The
+    schedule is DDIMScheduler's, so it is the one diffusers' zero-SNR samplers use."""
     import diffusers
 
     alphas_cumprod = diffusers.DDIMScheduler.from_config(config).alphas_cumprod.to(torch.float64).clone()
