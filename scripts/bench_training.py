@@ -214,6 +214,8 @@ def main(argv=None) -> int:
                     "out": str(out), "warmup_steps": warm,
                     "overrides": [*common, f"run.output_dir={out}", f"cache.dir={cache_dir}", *more]}
 
+        if not HAVE_BNB:
+            print("[bench_training] bitsandbytes is not installed: no 8-bit AdamW row", file=sys.stderr)
         cache = tmp / "cache"
         t0 = time.perf_counter()
         run_worker({**unet_spec("build cache", cache), "build_cache": True})
