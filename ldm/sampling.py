@@ -170,10 +170,13 @@ class GuidedDenoiser:
     @torch.no_grad()
     def __call__(self, z_t: torch.Tensor, t) -> torch.Tensor:
         g = self.guidance
+        # At w = 1 or w = 0 the U-Net's output would go to the scheduler as it is, and some keep it
+        # (PNDM's history). A U-Net compiled with CUDA graphs (optimize(compile=True) on a GPU) writes
+        # every output into the same static buffer, overwriting what was kept: hand over a copy.
         if not g.needs_uncond:
-            out = self._unet(z_t, t, self.cond)
+            out = self._unet(z_t, t, self.cond).clone()
         elif not g.needs_cond:
-            out = self._unet(z_t, t, self.uncond)
+            out = self._unet(z_t, t, self.uncond).clone()
         else:
             uncond_out, cond_out = self._unet(torch.cat([z_t, z_t]), t, self._both).chunk(2)
             out = classifier_free_guidance(uncond_out, cond_out, g.scale)
