@@ -121,8 +121,8 @@ def unet_flops_per_image(pipe, size: int, steps: int) -> float:
     return counter.get_total_flops() * steps
 
 
-def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
-    """The best GFLOP/s of one large square matrix product on this device and dtype: the practical
+def matmul_peak_tflops(device: str, dtype: torch.dtype) -> float:
+    """The best TFLOP/s of one large square matrix product on this device and dtype: the practical
     ceiling for a network whose time is mostly convolutions and matrix products."""
     n = 2048 if device == "cpu" else 8192
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
@@ -130,7 +130,7 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
     for _ in range(6):
         t, _ = timed(lambda: a @ b, device)
         best = min(best, t)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best / 1e12
 
 
 def run_case(name: str, ours, theirs, prompts: list[str], *, steps: int, cfg: float, repeats: int, device: str,
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     # How close each pipeline's U-Net runs to the rate of one large matrix product on the device:
     # the room an exact speed-up (same arithmetic, same images) has left.
     flops = unet_flops_per_image(ours, size, args.steps)
-    peak = matmul_peak_gflops(device, dtype) / 1e3
+    peak = matmul_peak_tflops(device, dtype)
     for r in rows:
         r["unet_tflop_per_image"] = flops / 1e12
         r["ours_unet_tflops"], r["diffusers_unet_tflops"] = r["ours_img_s"] * flops / 1e12, r["diffusers_img_s"] * flops / 1e12

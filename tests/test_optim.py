@@ -57,7 +57,7 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
     check_optim(OptimConfig())  # plain AdamW needs nothing
 
 
-def test_an_unknown_optimizer_is_refused_by_the_config_loader(tmp_path):
+def test_an_unknown_optimizer_is_refused_by_the_config_loader():
     from ldm.config import load_config
     from ldm.train.unet import UNetTrainConfig
 
