@@ -14,8 +14,11 @@ opts in with `allow_pickle=True`, and even then they are read by torch's weights
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,35 +55,97 @@ class PipelineInfo:
     latent_factor: int  # pixels per latent cell: 2 ** (number of VAE blocks − 1)
     sample_size: int  # the U-Net's trained latent size; × latent_factor = default image size
     scheduler_config: dict
+    unet_config: dict
+    vae_config: dict
+    weights_bytes: int  # the size on disk of every weights file the components load
+    components: dict[str, "ComponentInfo"]  # each component's checked config and weights
 
     @property
     def default_size(self) -> int:
         return self.sample_size * self.latent_factor
 
 
-def _read_json(path: Path) -> dict:
+# Text files a loader parses whole (configs, indexes, tokenizers) are refused above this size:
+# the largest real ones (multilingual tokenizer.json) are tens of MB; more is garbage or an attack.
+MAX_TEXT_BYTES = 256 * 1024 * 1024
+_SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_problem(path: Path) -> str | None:
+    """None if `path` is (a link to) a regular file; otherwise what it is. Never opens it: opening a
+    FIFO blocks until a writer appears, and reading a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else "missing"
+    except OSError as e:  # a link loop, a name too long, a folder we may not enter
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _SPECIAL_FILES if test(mode)), "not a regular file")
+
+
+def regular_file(path: Path, what: str = "file") -> Path:
+    """`path`, or a ValueError saying that it is missing or is not a regular file."""
+    problem = file_problem(path)
+    if problem == "missing":
+        raise ValueError(f"{path}: missing {what}")
+    if problem:
+        raise ValueError(f"{path}: {problem}, not a regular file; a model folder holds only files and folders")
+    return path
+
+
+def audit_folder(folder: Path) -> None:
+    """Refuse a component folder holding anything a loader could open that is not a regular file or
+    a folder (FIFOs, devices, sockets, broken or looping links): loaders list folders and open what
+    they find, so every entry is checked, not only the names the layout expects."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot list the folder ({e.strerror})") from None
+    for entry in entries:
+        problem = file_problem(Path(entry.path))
+        if problem not in (None, "a folder"):
+            raise ValueError(f"{entry.path}: {problem}, not a regular file; a model folder holds only files and folders")
+
+
+def read_json(path: Path) -> dict:
+    if file_problem(path) == "missing":
+        raise FileNotFoundError(f"{path}: missing")
+    regular_file(path)
+    size = path.stat().st_size
+    if size > MAX_TEXT_BYTES:
+        raise ValueError(f"{path}: {size / 2**20:.0f} MB is too large for a JSON config (limit {MAX_TEXT_BYTES >> 20} MB)")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit on a header's size
+# Bits per element of every dtype the safetensors format defines (safetensors/src/tensor.rs).
+SAFETENSORS_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+    "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
 
 
-def check_safetensors(path: Path) -> None:
-    """Raise ValueError naming `path` unless it looks like a whole safetensors file.
+def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file holds ({name: shape}), or a ValueError naming `path`.
 
-    Reads only the 8-byte length and the JSON header, so a multi-GB file costs nothing: this
-    catches git-lfs pointer files (a clone without `git lfs pull`), truncated downloads, garbage,
-    and headers claiming absurd sizes, before any loader sees them.
+    Reads only the 8-byte length and the JSON header, so a multi-GB file costs nothing, and checks
+    what the safetensors library itself checks (safetensors/src/tensor.rs, `validate`), so no
+    loader meets a file it would fail on: git-lfs pointer files (a clone without `git lfs pull`),
+    truncated downloads, garbage, absurd header sizes, unknown dtypes, and entries whose shape ×
+    dtype size disagrees with their byte range or whose ranges leave gaps, overlap or overrun.
     """
+    regular_file(path, "weights file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -95,20 +160,80 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path}: not a valid safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a valid safetensors file (header is not a JSON object)")
-    end = 0
+    entries = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
+        name = repr(str(key)[:60])
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-            raise ValueError(f"{path}: not a valid safetensors file (malformed entry for {str(key)[:40]!r})")
-        end = max(end, offsets[1])
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: not a valid safetensors file (malformed entry for {name})")
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if dtype not in SAFETENSORS_BITS:
+            raise ValueError(f"{path}: tensor {name} has an unknown dtype {str(dtype)[:20]!r}")
+        if not (isinstance(shape, list) and len(shape) <= 16 and all(_is_int(d) and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: tensor {name} has a malformed shape {str(shape)[:60]}")
+        nbytes = math.prod(shape) * SAFETENSORS_BITS[dtype]
+        if nbytes % 8 or nbytes // 8 != offsets[1] - offsets[0]:
+            raise ValueError(f"{path}: tensor {name} of shape {shape} in {dtype} needs {nbytes / 8:g} bytes, but the header "
+                             f"gives it {offsets[1] - offsets[0]} (bytes {offsets[0]}-{offsets[1]}); the header lies")
+        entries.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(entries):
+        if begin != end:
+            raise ValueError(f"{path}: not a valid safetensors file (tensor {name} starts at byte {begin}, expected {end}: a gap or an overlap)")
+        end = stop
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, the header describes {8 + n + end})")
+    if 8 + n + end < size:
+        raise ValueError(f"{path}: not a valid safetensors file ({size - 8 - n - end} bytes after the last tensor)")
+    return {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# The file names diffusers and transformers look for (use_safetensors=True, no variant).
+WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+
+
+def weight_files(folder: Path, library: str) -> dict[str, tuple[Path, tuple[int, ...]]] | None:
+    """Every weights file the library's loader will open in `folder`, {tensor: (file, shape)}, each one
+    checked (`check_safetensors`); None when the folder has neither the file nor a shard index.
+
+    A shard index (`NAME.safetensors.index.json`) is read as the loaders read it, and every shard
+    it names must be a safetensors file beside it: an index that names `.bin` shards would make
+    diffusers and transformers unpickle them, whatever the folder's other files say."""
+    stem = WEIGHT_STEMS[library]
+    single, index_path = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    found = {p: file_problem(p) for p in (single, index_path)}
+    if all(problem == "missing" for problem in found.values()):
+        return None
+    files: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    if found[index_path] != "missing":  # diffusers prefers the index when both exist, transformers the file: check both
+        weight_map = read_json(index_path).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise ValueError(f"{index_path}: no usable weight_map (expected {{tensor name: shard file name}})")
+        shards = {}
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise ValueError(f"{index_path}: shard {shard[:80]!r} is not a file name in the component folder")
+            if not shard.endswith(".safetensors"):
+                raise ValueError(f"{index_path}: names the shard {shard[:80]!r}, which is not a safetensors file; pickle "
+                                 "shards are refused (loading a pickle can run code), convert them to safetensors")
+            shards[shard] = check_safetensors(folder / shard)
+        for name, shard in weight_map.items():
+            if name not in shards[shard]:
+                raise ValueError(f"{index_path}: names {shard} for the tensor {str(name)[:60]!r}, which that shard does not hold")
+            files[name] = (folder / shard, shards[shard][name])
+    if found[single] != "missing":
+        files.update({name: (single, shape) for name, shape in check_safetensors(single).items()})
+    return files
 
 
 def _pickled_weights(folder: Path) -> list[Path]:
@@ -119,16 +244,15 @@ def _pickled_weights(folder: Path) -> list[Path]:
     return [folder / f for f in files if f.endswith(PICKLE_SUFFIXES)]
 
 
-def _check_weights(folder: Path, component: str, allow_pickle: bool = False) -> None:
-    files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    weights = [f for f in files if f.endswith(".safetensors")]
-    if weights or any(f.endswith(".safetensors.index.json") for f in files):
-        for name in weights:
-            check_safetensors(folder / name)
-        return
+def _check_weights(folder: Path, component: str, library: str, allow_pickle: bool = False) -> dict | None:
+    """The component's safetensors weights ({tensor: (file, shape)}, checked), None for pickle weights the
+    caller allowed, or a ValueError: pickles refused, or no weights at all."""
+    files = weight_files(folder, library)
+    if files is not None:
+        return files
     pickled = _pickled_weights(folder)
     if pickled and allow_pickle:
-        return
+        return None
     if pickled:
         raise ValueError(
             f"{pickled[0]}: pickle-format weights are refused (loading a pickle can run code); "
@@ -136,8 +260,7 @@ def _check_weights(folder: Path, component: str, allow_pickle: bool = False) -> 
             f"save_pretrained(..., safe_serialization=True); or, if you trust the file, pass allow_pickle=True "
             f"(ldm-txt2img --allow-pickle) to read it with torch's weights-only unpickler"
         )
-    expected = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    raise ValueError(f"{folder}: missing {expected} (no safetensors weights for the {component})")
+    raise ValueError(f"{folder}: missing {WEIGHT_STEMS[library]}.safetensors (no safetensors weights for the {component})")
 
 
 def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> PipelineInfo:
@@ -156,7 +279,7 @@ def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> Pip
     index_path = path / "model_index.json"
     if not index_path.is_file():
         raise ValueError(f"{path} is not a pipeline folder: missing model_index.json")
-    index = _read_json(index_path)
+    index = read_json(index_path)
 
     classes = {}
     for component in REQUIRED:
@@ -174,32 +297,120 @@ def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> Pip
     if extra:
         raise ValueError(f"{index_path}: unexpected component(s) {', '.join(extra)}; ldm loads a Stable Diffusion layout ({', '.join(REQUIRED)})")
 
-    for component in WEIGHTED:
-        if not (path / component / "config.json").is_file():
-            raise ValueError(f"{path} is not a complete pipeline folder: missing {component}/config.json")
-        _check_weights(path / component, component, allow_pickle)
     tokenizer_dir = path / "tokenizer"
-    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model")):
+    if not any(file_problem(tokenizer_dir / f) != "missing" for f in ("tokenizer.json", "vocab.json", "spiece.model")):
         raise ValueError(f"{path} is not a complete pipeline folder: missing tokenizer/tokenizer.json (or vocab.json + merges.txt)")
-    scheduler_path = path / "scheduler" / "scheduler_config.json"
-    if not scheduler_path.is_file():
-        raise ValueError(f"{path} is not a complete pipeline folder: missing scheduler/scheduler_config.json")
-
-    vae_config = _read_json(path / "vae" / "config.json")
-    unet_config = _read_json(path / "unet" / "config.json")
-    blocks = vae_config.get("block_out_channels")
-    if not isinstance(blocks, list) or not blocks:
-        raise ValueError(f"{path / 'vae' / 'config.json'}: missing block_out_channels")
-    sample_size = unet_config.get("sample_size", 64)
+    components = {c: check_component(path / c, c, classes[c], allow_pickle) for c in REQUIRED}
+    unet_config, vae_config = components["unet"].config, components["vae"].config
+    sample_size = unet_config.get("sample_size", 64) or 64
     if isinstance(sample_size, list):  # non-square U-Nets store [h, w]
         sample_size = sample_size[0]
     return PipelineInfo(
         path=path,
         classes=classes,
-        latent_factor=2 ** (len(blocks) - 1),
+        latent_factor=2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1),
         sample_size=int(sample_size),
-        scheduler_config=_read_json(scheduler_path),
+        scheduler_config=components["scheduler"].config,
+        unet_config=unet_config,
+        vae_config=vae_config,
+        weights_bytes=sum(c.weights_bytes for c in components.values()),
+        components=components,
     )
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A checked component folder: its config, and {tensor name: (file, shape)} of its safetensors
+    weights (None for pickle weights the caller allowed, and for tokenizers and schedulers)."""
+
+    folder: Path
+    config: dict
+    weights: dict[str, tuple[Path, tuple[int, ...]]] | None = None
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(f.stat().st_size for f in {file for file, _ in (self.weights or {}).values()})
+
+
+CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
+
+
+def check_component(folder: Path, component: str, class_name: str, allow_pickle: bool = False) -> ComponentInfo:
+    """Everything about one component folder that can be known without loading weights, checked.
+
+    Every entry must be a regular file or a folder (`audit_folder`); the config is read with its
+    keys' types and ranges checked (`ldm.component_configs`); every weights file the loader will
+    open is checked (`weight_files`); and the network the config describes is built on torch's
+    meta device (no memory) so that the shape of every parameter can be compared with the weights'
+    headers. A ValueError names the file and the key or tensor that disagree."""
+    from ldm.component_configs import check_component_config, check_scheduler_config
+
+    if not folder.is_dir():
+        raise ValueError(f"{folder.parent} is not a complete pipeline folder: missing {component}/")
+    audit_folder(folder)
+    if component == "tokenizer":
+        for entry in folder.iterdir():
+            if entry.is_file() and entry.stat().st_size > MAX_TEXT_BYTES:
+                raise ValueError(f"{entry}: {entry.stat().st_size >> 20} MB is too large for a tokenizer file (limit {MAX_TEXT_BYTES >> 20} MB)")
+        return ComponentInfo(folder, {})
+    config_path = folder / CONFIG_FILES.get(component, "config.json")
+    if file_problem(config_path) == "missing":
+        raise ValueError(f"{folder.parent} is not a complete pipeline folder: missing {component}/{config_path.name}")
+    config = read_json(config_path)
+    if component == "scheduler":
+        check_scheduler_config(config_path, config)
+        return ComponentInfo(folder, config)
+    check_component_config(config_path, class_name, config)
+    library = REGISTRY[component][class_name]
+    files = _check_weights(folder, component, library, allow_pickle)
+    if files is None:  # allowed pickle weights: load_pickle_weights checks them against the model
+        return ComponentInfo(folder, config)
+    _compare_with_config(config_path, class_name, library, config, files)
+    return ComponentInfo(folder, config, files)
+
+
+# Attention weight names of diffusers' VAEs before 0.14, which diffusers still renames on load.
+_LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _compare_with_config(config_path: Path, class_name: str, library: str, config: dict, files: dict) -> None:
+    """Build `class_name` from `config` on the meta device and compare every parameter's shape with
+    the weights' headers: a config that lies about the weights is named before any memory is used."""
+    import diffusers
+    import torch
+    import transformers
+
+    cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls(cls.config_class.from_dict(config)) if library == "transformers" else cls.from_config(config)
+    except Exception as e:  # noqa: BLE001 — the library's own message says what it could not build
+        raise ValueError(f"{config_path}: {class_name} cannot be built from this config ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]})") from None
+    prefix = f"{getattr(cls, 'base_model_prefix', '')}."
+    stored = {}
+    for name, (file, shape) in files.items():
+        for old, new in _LEGACY_ATTENTION.items() if library == "diffusers" else ():
+            name = name.replace(old, new)
+        stored[name[len(prefix):] if prefix != "." and name.startswith(prefix) else name] = (file, shape)
+    aliases: dict[int, list[str]] = {}  # tied parameters (T5's shared embedding) are one parameter under several names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    missing = []
+    for names in aliases.values():
+        present = [n for n in names if n in stored]
+        if not present:
+            missing.append(names[0])
+        shape = tuple(model.get_parameter(names[0]).shape)
+        for name in present:
+            file, stored_shape = stored[name]
+            if tuple(d for d in stored_shape if d != 1) != tuple(d for d in shape if d != 1):
+                raise ValueError(f"{file}: tensor {name} has shape {list(stored_shape)}, but {config_path} builds {list(shape)}; "
+                                 "the config and the weights disagree")
+    if missing:
+        raise ValueError(f"{config_path}: describes {len(missing)} parameter(s) the weights do not hold (e.g. {', '.join(missing[:3])}); "
+                         "the config and the weights disagree")
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -267,7 +478,10 @@ def _load_pickled_component(cls, folder: Path, files: list[Path], dtype):
     state = {}
     for file in files:
         state.update(load_pickle_weights(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit the config
+        raise ValueError(f"{files[0]}: the weights do not fit {cls.__name__} of {folder / 'config.json'} ({' '.join(str(e).split())[:200]})") from None
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]  # a buffer old transformers saved
     if missing or unexpected:
         raise ValueError(f"{files[0]}: the weights do not fit {cls.__name__} of {folder / 'config.json'} "
@@ -275,29 +489,43 @@ def _load_pickled_component(cls, folder: Path, files: list[Path], dtype):
     return model.to(dtype) if isinstance(dtype, torch.dtype) else model
 
 
-def load_component(path: Path, component: str, class_name: str, dtype=None, allow_pickle: bool = False):
-    """Load one registered component from its subfolder: safetensors, or with `allow_pickle` a
-    pickle-format file read by `load_pickle_weights`."""
-    library = REGISTRY[component][class_name]  # KeyError impossible after inspect_pipeline
-    folder = path / component
-    pickled = _pickled_weights(folder) if component in WEIGHTED else []
-    if pickled:
-        if not allow_pickle:
-            _check_weights(folder, component)  # raises the refusal
+def load_component(folder: Path, component: str, class_name: str, dtype=None, allow_pickle: bool = False,
+                   checked: ComponentInfo | None = None):
+    """Load one registered component from its folder: safetensors, or with `allow_pickle` a
+    pickle-format file read by `load_pickle_weights`. The folder is checked first (`check_component`;
+    `checked` passes a check already made), and loaded weights must be finite, or a ValueError
+    names the tensor: damaged weights are found here, not as a black picture or a NaN loss later."""
+    info = checked or check_component(folder, component, class_name, allow_pickle)
+    library = REGISTRY[component][class_name]
+    if component in WEIGHTED and info.weights is None:  # pickle weights the caller allowed
         import diffusers
         import transformers
 
-        return _load_pickled_component(getattr(diffusers if library == "diffusers" else transformers, class_name), folder, pickled, dtype)
-    if library == "diffusers":
+        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
+        model = _load_pickled_component(cls, folder, _pickled_weights(folder), dtype)
+    elif library == "diffusers":
         import diffusers
 
         cls = getattr(diffusers, class_name)
         if component == "scheduler":
             return cls.from_pretrained(folder)
-        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=True)
-    import transformers
+        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=True)
+    else:
+        import transformers
 
-    cls = getattr(transformers, class_name)
-    if component == "tokenizer":
-        return cls.from_pretrained(folder, trust_remote_code=False)
-    return cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False)
+        cls = getattr(transformers, class_name)
+        if component == "tokenizer":
+            return cls.from_pretrained(folder, trust_remote_code=False)
+        model = cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False)
+    check_finite(model, info)
+    return model
+
+
+def check_finite(model, info: ComponentInfo) -> None:
+    """A ValueError naming the first parameter or buffer of `model` holding NaN or inf, and its file."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            file = (info.weights or {}).get(name, (info.folder, None))[0]
+            raise ValueError(f"{file}: tensor {name} holds non-finite values (NaN or inf); the weights are damaged")

@@ -29,7 +29,7 @@ import torch
 
 from ldm.assets import asset_path
 from ldm.guidance import default_guidance_rescale
-from ldm.models import inspect_pipeline, load_component, resolve_model
+from ldm.models import WEIGHTED, inspect_pipeline, load_component, resolve_model
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
 from ldm.text import LdmWarning, PromptEncoder
 
@@ -264,7 +264,8 @@ class LatentPipeline:
         if attention == "xformers":
             _check_xformers(device)
         info = inspect_pipeline(resolve_model(pretrained_model_name_or_path), allow_pickle=allow_pickle)
-        parts = {c: load_component(info.path, c, info.classes[c], dtype if c in ("unet", "vae", "text_encoder") else None, allow_pickle=allow_pickle)
+        parts = {c: load_component(info.path / c, c, info.classes[c], dtype if c in WEIGHTED else None, allow_pickle=allow_pickle,
+                                   checked=info.components[c])
                  for c in info.classes}
         pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
         pipe.training_words = read_training_words(info.path)

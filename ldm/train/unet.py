@@ -14,7 +14,6 @@ then the objective; then `train`, the loop, readable top to bottom. Run it with 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import warnings
@@ -28,6 +27,7 @@ import torch
 from ldm import schedule
 from ldm.assets import asset_path
 from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
+from ldm.models import audit_folder, load_component, read_json
 from ldm.text import LdmWarning, PromptEncoder
 
 log = logging.getLogger("ldm.train")
@@ -188,21 +188,19 @@ def check_config(config: UNetTrainConfig) -> None:
 def load_vae(path: str | Path):
     """The frozen AutoencoderKL of `path` (or `path/vae`), in eval mode. Its config must carry a
     `scaling_factor` (stage 1 writes it): the latent scale is the model's, never a literal here."""
-    from diffusers import AutoencoderKL
-
     path = Path(path)
     if (path / "vae" / "config.json").is_file():
         path = path / "vae"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"VAE folder not found or without config.json: {path}")
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     if raw.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise ValueError(f"{path}: expected an AutoencoderKL, found {raw.get('_class_name')}")
     if "scaling_factor" not in raw:
         raise ValueError(f"{path}/config.json has no scaling_factor (the latent scale s); stage 1 (ldm-train-vae) writes it")
     try:
-        vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
+        vae = load_component(path, "vae", "AutoencoderKL")
+    except OSError as e:
         raise ValueError(f"{path}: cannot load the VAE ({' '.join(str(e).split())[:200]})") from None
     return vae.eval().requires_grad_(False)
 
@@ -263,14 +261,15 @@ def load_text_encoder(config: TextEncoderConfig):
     encoder_dir, tokenizer_dir = (path / "text_encoder", path / "tokenizer") if (path / "text_encoder").is_dir() else (path, path)
     if config.tokenizer:
         tokenizer_dir = _tokenizer_dir(config.tokenizer)
-    raw = json.loads((encoder_dir / "config.json").read_text()) if (encoder_dir / "config.json").is_file() else {}
+    raw = read_json(encoder_dir / "config.json") if (encoder_dir / "config.json").is_file() else {}
     class_name = {"clip_text_model": "CLIPTextModel", "t5": "T5EncoderModel", "bert": "BertModel"}.get(raw.get("model_type"))
     if class_name is None:
         raise ValueError(f"{encoder_dir}: expected a CLIPTextModel, T5EncoderModel or BertModel config.json (model_type clip_text_model, t5 or bert)")
     try:
         # float32 whatever the folder stores (pipelines are often saved in float16; transformers would
         # keep that): training runs in float32, or autocasts from it
-        encoder = getattr(transformers, class_name).from_pretrained(encoder_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
+        encoder = load_component(encoder_dir, "text_encoder", class_name, dtype=torch.float32)
+        audit_folder(tokenizer_dir)
         if not (tokenizer_dir / "tokenizer_config.json").is_file() and (tokenizer_dir / "merges.txt").is_file():
             # a bare CLIP BPE folder (vocab.json + merges.txt, like the shapes preset's), which AutoTokenizer cannot read
             tokenizer = _load_tokenizer(tokenizer_dir, config.max_length)
@@ -319,7 +318,7 @@ def build_unet(config: UNetModelConfig, *, latent_channels: int, cross_attention
             path = path / "unet"
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model.pretrained: no U-Net config.json in {path}")
-        unet = UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
+        unet = load_component(path, "unet", "UNet2DConditionModel")
     else:
         try:
             unet = UNet2DConditionModel(

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
+from ldm.models import load_component
 from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
 from ldm.train.guards import StepGuard
 from ldm.train.common import (
@@ -130,7 +131,7 @@ def build_vae(model: VAEModelConfig, resolution: int):
             raise FileNotFoundError(f"model.pretrained: no AutoencoderKL folder (config.json) at {folder}")
         if not any(folder.glob("*.safetensors")):
             raise ValueError(f"model.pretrained: {folder} has no .safetensors weights (pickled weights are not loaded)")
-        return AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+        return load_component(folder, "vae", "AutoencoderKL")
     n = len(model.block_out_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3,
