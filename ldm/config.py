@@ -13,6 +13,7 @@ its own training module (`ldm.train.vae`, `ldm.train.unet`) beside the code that
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,6 +87,34 @@ class RunConfig:
     log_every: int = 10
     sample_every: int = 500  # image grids (reconstructions / samples) every N updates; 0: never
     max_bad_steps: int = 10  # non-finite losses/gradients in a row (each update skipped) before the run stops
+
+
+def check_shared_sections(data: DataConfig, optim: OptimConfig, ema: EMAConfig, run: RunConfig) -> None:
+    """The ranges of the sections every stage shares, checked before anything is built; a
+    ValueError names the dotted key. (Types, and finiteness, are checked when the config loads.)"""
+    rules = [
+        ("data.resolution", data.resolution, data.resolution >= 1, "≥ 1"),
+        ("data.num_workers", data.num_workers, data.num_workers >= 0, "≥ 0"),
+        ("data.validation_samples", data.validation_samples, data.validation_samples >= 1, "≥ 1"),
+        ("optim.lr", optim.lr, optim.lr > 0, "> 0"),
+        ("optim.betas", list(optim.betas), all(0 <= b < 1 for b in optim.betas), "two numbers in [0, 1)"),
+        ("optim.weight_decay", optim.weight_decay, optim.weight_decay >= 0, "≥ 0"),
+        ("optim.eps", optim.eps, optim.eps > 0, "> 0"),
+        ("optim.warmup_steps", optim.warmup_steps, optim.warmup_steps >= 0, "≥ 0"),
+        ("optim.min_lr_ratio", optim.min_lr_ratio, 0 <= optim.min_lr_ratio <= 1, "in [0, 1]"),
+        ("optim.max_grad_norm", optim.max_grad_norm, optim.max_grad_norm is None or optim.max_grad_norm > 0, "> 0, or null for no clipping"),
+        ("ema.decay", ema.decay, 0 < ema.decay <= 1, "in (0, 1]"),
+        ("ema.inv_gamma", ema.inv_gamma, ema.inv_gamma > 0, "> 0"),
+        ("ema.power", ema.power, ema.power > 0, "> 0"),
+        ("ema.update_after_step", ema.update_after_step, ema.update_after_step >= 0, "≥ 0"),
+    ]
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
+        rules.append((f"run.{key}", getattr(run, key), getattr(run, key) >= 1, "≥ 1"))
+    for key in ("checkpoint_every", "sample_every", "keep_last"):
+        rules.append((f"run.{key}", getattr(run, key), getattr(run, key) >= 0, "≥ 0"))
+    for key, value, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"config key {key} must be {expected}, got {value}")
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -178,13 +207,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting of ours means anything at nan or inf
+                raise ValueError(f"config key {key}: expected a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -242,5 +276,5 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 __all__ = [
-    "DataConfig", "OptimConfig", "EMAConfig", "RunConfig", "load_config", "from_dict", "config_to_dict", "save_config", "field",
+    "DataConfig", "OptimConfig", "EMAConfig", "RunConfig", "check_shared_sections", "load_config", "from_dict", "config_to_dict", "save_config", "field",
 ]

@@ -208,11 +208,18 @@ class LatentPipelineOutput:
                 path = outdir / f"{index:05d}-{seed if seed is not None else 'nogen'}.png"
                 index += 1
                 try:
-                    with open(path, "xb") as f:
-                        image.save(f, format="PNG", pnginfo=info)
-                    break
+                    f = open(path, "xb")
                 except FileExistsError:
                     continue
+                try:
+                    with f:
+                        image.save(f, format="PNG", pnginfo=info)
+                except BaseException as e:  # a full disk or an interrupt: no half-written PNG is left behind
+                    path.unlink(missing_ok=True)
+                    if isinstance(e, OSError) and not e.filename:
+                        raise OSError(e.errno, e.strerror, str(path)) from None
+                    raise
+                break
             paths.append(path)
         return paths
 

@@ -7,6 +7,7 @@ it. A bug in `ldm` still shows its traceback: hiding those would make them impos
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -14,6 +15,8 @@ from typing import Callable, NoReturn, Sequence
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 EXIT_USAGE = 2
+EXIT_NO_SPACE = 74  # sysexits.h EX_IOERR: the disk filled up; what was already written is kept
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,9 +48,28 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except USER_ERRORS as e:
         message = e.strerror + f": {e.filename}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
         fail(message, prog=prog)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        print(f"{prog or _prog()}: error: {no_space_message(e)}", file=sys.stderr)
+        return EXIT_NO_SPACE
     except KeyboardInterrupt:
         print(f"{prog or _prog()}: interrupted", file=sys.stderr)
         return 130
+
+
+def no_space_message(error: Exception) -> str:
+    """One line for a full disk: what could not be written, and how much room is left there."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(error.filename) if getattr(error, "filename", None) else None
+    free = ""
+    if where is not None:
+        folder = next((p for p in (where, *where.parents) if p.is_dir()), None)
+        if folder is not None:
+            free = f" ({shutil.disk_usage(folder).free / 2**20:,.0f} MB free in {folder})"
+    return f"no space left on device{f' writing {where}' if where else ''}{free}; free space and run again"
 
 
 def _prog() -> str:
@@ -60,7 +82,8 @@ def _prog() -> str:
 
 TRAINING_EXIT_STATUSES = (
     "Exit status: 0 done; 2 bad input; 3 too many non-finite steps in a row (run.max_bad_steps); "
-    "75 stopped by SIGTERM/SIGINT after saving a checkpoint (rerun with --resume latest)."
+    "74 a checkpoint could not be written (disk full); 75 stopped by SIGTERM/SIGINT after saving a checkpoint "
+    "(rerun with --resume latest)."
 )
 
 
@@ -102,7 +125,14 @@ def run_training(train: Callable[[], object], prog: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         result = train()
-    except RunStopped as stopped:  # a signal (75: resume me) or a diverged run (3): one line, no traceback
+    except RunStopped as stopped:  # a signal (75: resume me), a diverged run (3), a failed save (74): one line
         return report_stop(stopped, prog)
+    except Exception as e:  # the disk filled up outside a checkpoint (the final pipeline, a sample grid)
+        from ldm.train.checkpoint import io_error_code
+
+        if io_error_code(e) not in NO_SPACE:
+            raise
+        print(f"{prog}: error: {no_space_message(e)}; the last checkpoint is intact, rerun with --resume latest", file=sys.stderr)
+        return EXIT_NO_SPACE
     print(result)
     return 0

@@ -21,6 +21,7 @@ process writes its own RNG file, the main process writes the rest. Sharded train
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -33,7 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from ldm.train.guards import EXIT_SAVE_FAILED, RunStopped
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -233,11 +237,27 @@ def save_checkpoint(
     final = step_dir(output_dir, step)
     tmp = final.parent / f".tmp-{final.name}"
 
-    def barrier():
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+    def write(work) -> None:
+        """Do this process's part of the save, then learn whether every process managed its part
+        (the collective is also the barrier between parts). A failure anywhere (a full disk, a
+        quota, an I/O error) removes the partial folder and raises SaveFailed on every process:
+        the previous checkpoint stays as it was, and no process waits forever for another."""
+        error, code = None, 0
+        try:
+            work()
+        except (OSError, SafetensorError) as e:
+            error, code = e, io_error_code(e)
+            if code is None:  # not an I/O failure: a bug, shown as one
+                raise
+        code = _max_over_processes(accelerator, code)
+        if code:
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            needed = _state_nbytes([m.state_dict() for m in models.values()]
+                                   + [o.state_dict() for o in (optimizers or {}).values()] + [e.state_dict() for e in (emas or {}).values()])
+            raise SaveFailed(step, final.parent, code, needed, latest_checkpoint(output_dir), error)
 
-    if is_main:
+    def prepare():
         root = final.parent
         if root.is_dir():  # leftovers of saves that were killed: one run writes one folder at a time
             for stale in root.glob(".tmp-step-*"):
@@ -247,10 +267,8 @@ def save_checkpoint(
                 if m and (root / f"step-{m[1]}").is_dir():
                     shutil.rmtree(parked, ignore_errors=True)  # its re-save completed; else keep it (see latest_checkpoint)
         tmp.mkdir(parents=True)
-    barrier()
-    save_state(rng_state(), tmp, f"rng-{rank}")
-    barrier()
-    if is_main:
+
+    def write_main():
         unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
         for name, model in models.items():
             save_model(unwrap(model), str(tmp / f"model-{name}.safetensors"))
@@ -275,8 +293,67 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _prune(output_dir, keep_last, keep={final, protect})
-    barrier()
+
+    write(prepare if is_main else lambda: None)
+    write(lambda: save_state(rng_state(), tmp, f"rng-{rank}"))
+    write(write_main if is_main else lambda: None)
     return final
+
+
+class SaveFailed(RunStopped):
+    """A checkpoint could not be written (no space left, a quota, an I/O error). Its partial folder
+    is removed; the previous checkpoint is intact. Exit status 74 (sysexits.h EX_IOERR)."""
+
+    exit_status = EXIT_SAVE_FAILED
+
+    def __init__(self, step: int, folder: Path, errno_code: int, needed: int, checkpoint: Path | None, error: Exception | None):
+        self.step, self.folder, self.needed, self.checkpoint = step, folder, needed, checkpoint
+        try:
+            free = f"{shutil.disk_usage(folder if folder.is_dir() else folder.parent).free / 2**20:,.0f} MB free"
+        except OSError:
+            free = "free space unknown"
+        if errno_code in (errno.ENOSPC, errno.EDQUOT):
+            what = f"no space left on device: the checkpoint of step {step} needs ~{needed / 2**20:,.0f} MB in {folder} ({free})"
+        elif error is not None:
+            what = f"cannot write the checkpoint of step {step} in {folder}: {os.strerror(errno_code)}"
+        else:
+            what = f"another process could not write its part of the checkpoint of step {step} in {folder} ({os.strerror(errno_code) if errno_code > 0 else 'I/O error'})"
+        last = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no complete checkpoint exists yet"
+        super().__init__(f"{what}; the partial checkpoint was removed and {last}; free space, then rerun with --resume latest")
+
+
+def io_error_code(error: BaseException) -> int | None:
+    """The errno of an I/O failure, from an OSError or from the safetensors library (which reports
+    a full disk as `SafetensorError: ... I/O error: No space left on device (os error 28)`); None
+    for any other error."""
+    if isinstance(error, OSError):
+        return error.errno or errno.EIO
+    if isinstance(error, SafetensorError) and "I/O error" in str(error):
+        found = re.search(r"os error (\d+)", str(error))
+        return int(found[1]) if found else errno.EIO
+    return None
+
+
+def _max_over_processes(accelerator, value: int) -> int:
+    """The largest of `value` over the processes of a distributed run (`value` alone otherwise)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _state_nbytes(state: Any) -> int:
+    """The bytes of the tensors in a nested state: about what a checkpoint of it takes on disk."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_nbytes(v) for v in state)
+    return 0
 
 
 def load_model_weights(folder: Path, name: str, model: torch.nn.Module) -> None:

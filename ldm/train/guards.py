@@ -42,6 +42,7 @@ log = logging.getLogger("ldm.train")
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later" — resume me
 EXIT_NUMERICAL_FAULT = 3
+EXIT_SAVE_FAILED = 74  # sysexits.h EX_IOERR: a checkpoint could not be written (full disk, quota, I/O error)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ldm import schedule
 from ldm.assets import asset_path
-from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
+from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, check_shared_sections, save_config
 from ldm.models import audit_folder, load_component, read_json
 from ldm.text import LdmWarning, PromptEncoder
 
@@ -157,12 +157,7 @@ def check_config(config: UNetTrainConfig) -> None:
                          f"got {obj.timestep_bias_multiplier} and {obj.timestep_bias_portion}")
     if obj.timestep_bias_from_step < 0:
         raise ValueError(f"objective.timestep_bias_from_step must be ≥ 0, got {obj.timestep_bias_from_step}")
-    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
-        if getattr(run, key) < 1:
-            raise ValueError(f"run.{key} must be ≥ 1, got {getattr(run, key)}")
-    for key in ("checkpoint_every", "sample_every", "keep_last"):
-        if getattr(run, key) < 0:
-            raise ValueError(f"run.{key} must be ≥ 0, got {getattr(run, key)}")
+    check_shared_sections(config.data, config.optim, config.ema, run)
     te = config.text_encoder
     if te.mode == "frozen" and not te.path:
         raise ValueError("text_encoder.mode=frozen needs text_encoder.path (a pipeline or text-encoder folder)")

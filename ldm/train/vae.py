@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, save_config
+from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, check_shared_sections, save_config
 from ldm.models import load_component
 from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
 from ldm.train.guards import StepGuard
@@ -106,11 +106,8 @@ def check_config(cfg: VAETrainConfig) -> None:
     for key in ("kl_weight", "perceptual_weight", "disc_weight"):
         if getattr(cfg.loss, key) < 0:
             raise ValueError(f"loss.{key} must be non-negative, got {getattr(cfg.loss, key)}")
-    for key in ("max_steps", "batch_size", "grad_accum"):
-        if getattr(r, key) < 1:
-            raise ValueError(f"run.{key} must be at least 1, got {getattr(r, key)}")
-    for key, value in (("run.checkpoint_every", r.checkpoint_every), ("run.sample_every", r.sample_every),
-                       ("run.log_every", r.log_every), ("validate_every", cfg.validate_every), ("loss.disc_start", cfg.loss.disc_start)):
+    check_shared_sections(cfg.data, cfg.optim, cfg.ema, r)
+    for key, value in (("validate_every", cfg.validate_every), ("loss.disc_start", cfg.loss.disc_start)):
         if value < 0:
             raise ValueError(f"{key} must be non-negative, got {value}")
     if cfg.scale_samples < 1:
