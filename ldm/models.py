@@ -216,9 +216,12 @@ def weight_files(folder: Path, library: str) -> dict[str, tuple[Path, tuple[int,
         return None
     files: dict[str, tuple[Path, tuple[int, ...]]] = {}
     if found[index_path] != "missing":  # diffusers prefers the index when both exist, transformers the file: check both
-        weight_map = read_json(index_path).get("weight_map")
+        index = read_json(index_path)
+        weight_map = index.get("weight_map")
         if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
             raise ValueError(f"{index_path}: no usable weight_map (expected {{tensor name: shard file name}})")
+        if not isinstance(index.get("metadata"), dict):  # diffusers reads index["metadata"] unguarded
+            raise ValueError(f"{index_path}: no metadata object (a shard index holds {{\"metadata\": {{...}}, \"weight_map\": {{...}}}})")
         shards = {}
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard or shard in (".", ".."):

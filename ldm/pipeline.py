@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ldm.assets import asset_path
+from ldm.budget import check_fits, estimate
 from ldm.guidance import default_guidance_rescale
 from ldm.models import WEIGHTED, inspect_pipeline, load_component, resolve_model
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
@@ -75,6 +76,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if resolved == torch.float16 and device.type == "cpu":
         raise ValueError("fp16 is not supported on the CPU (slow and inexact there); use fp32 or bf16")
     return resolved
+
+
+def vae_dtype_for(dtype: torch.dtype, vae_config) -> torch.dtype:
+    """The VAE's dtype beside networks in `dtype`: fp32 instead of fp16 when its config says it
+    overflows there (`force_upcast`, true for SD's VAE), so fp16 never decodes to NaN."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
 
 
 def check_generation_args(
@@ -386,7 +393,7 @@ class LatentPipeline:
         config says it overflows there (`force_upcast`, true for SD's VAE): no NaN black images."""
         device = resolve_device(device) if device is not None else self.device
         dtype = dtype or self.dtype
-        vae_dtype = torch.float32 if dtype == torch.float16 and self.vae.config.get("force_upcast", True) else dtype
+        vae_dtype = vae_dtype_for(dtype, self.vae.config)
         for module, module_dtype in ((self.unet, dtype), (self.text_encoder, dtype), (self.vae, vae_dtype)):
             # Cast only when needed: diffusers warns on every dtype cast, even a no-op one.
             module.to(device) if module.dtype == module_dtype else module.to(device, module_dtype)
@@ -589,7 +596,7 @@ class LatentPipeline:
             num_images_per_prompt=num_images_per_prompt, batch_size=batch_size, dynamic_threshold=dynamic_threshold,
             threshold_bound=threshold_bound, scheduler_config=self.scheduler.config,
         )
-        self.uses_vae_tiling(height, width, vae_tiling)  # checks the value before any work
+        tiled = self.uses_vae_tiling(height, width, vae_tiling)  # checks the value before any work
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # image order: prompt by prompt
@@ -606,6 +613,12 @@ class LatentPipeline:
             seeds, generators = [None] * n, generator
         else:
             seeds, generators = [None] * n, None  # one shared generator: images depend on the batch
+
+        rows = min(batch_size or n, n)
+        need = estimate(self.unet.config, self.vae.config, height, width, rows, self.unet.dtype.itemsize, self.vae.dtype.itemsize, tiled)
+        check_fits(need, self.device, f"a batch of {rows} image(s) of {width}x{height} (VAE tiling {'on' if tiled else 'off'})",
+                   "use a smaller height/width" + (" or batch_size" if rows > 1 else "") + ("" if tiled else ", or vae_tiling=True"),
+                   include_weights=False)
 
         self.prompt_encoder.warn_if_truncated(prompts)
         self.warn_unseen_words(prompts + negatives)

@@ -1,14 +1,16 @@
 """Training checkpoints: exact restore without pickle, atomic saves, pruning; sampler and LR schedule."""
 
 import pickle
+from pathlib import Path
 import random
 
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from ldm.config import EMAConfig, OptimConfig
-from ldm.train.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, step_dir
+from ldm.train.checkpoint import SaveFailed, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, step_dir, verify_checkpoint
 from ldm.train.common import ResumableSampler, lr_factor, make_ema, make_lr_scheduler, make_optimizer
 
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=3, schedule="cosine", weight_decay=0.01)
@@ -99,20 +101,35 @@ def test_incomplete_or_corrupt_checkpoints_are_skipped_and_pruning_keeps_the_las
     assert step_dir(other, 1).exists() and not step_dir(other, 2).exists()
 
 
-def test_a_full_disk_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),  # what Python's own writes raise
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),  # what safetensors raises
+])
+def test_a_full_disk_during_a_save_removes_the_partial_folder_and_says_how_much_room_it_needs(tmp_path, monkeypatch, error):
     import ldm.train.checkpoint as ckpt
 
-    model, optimizer, *_ = _setup()
-    save_checkpoint(tmp_path, 1, models={"net": model}, optimizers={"net": optimizer})
+    model = torch.nn.Linear(256, 256)
+    optimizer = make_optimizer(model.parameters(), OPTIM)
+    model(torch.randn(2, 256)).sum().backward()
+    optimizer.step()  # the moments exist: a checkpoint holds ~3x the weights
+    first = save_checkpoint(tmp_path, 1, models={"net": model}, optimizers={"net": optimizer})
+    written = sum(p.stat().st_size for p in first.iterdir())
+    real_save_file = ckpt.save_file
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def fills_the_disk(tensors, path, *a, **k):  # half a file lands, then the disk is full
+        real_save_file(tensors, path, *a, **k)
+        Path(path).write_bytes(Path(path).read_bytes()[: Path(path).stat().st_size // 2])
+        raise error
 
-    monkeypatch.setattr(ckpt, "save_state", disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(ckpt, "save_file", fills_the_disk)
+    with pytest.raises(SaveFailed) as info:
         save_checkpoint(tmp_path, 2, models={"net": model}, optimizers={"net": optimizer})
-    assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 1)
-    assert not step_dir(tmp_path, 2).exists()
+    assert info.value.exit_status == 74 and info.value.checkpoint == first
+    message = str(info.value)
+    assert message.startswith("no space left on device: the checkpoint of step 2 needs ~") and str(first) in message
+    assert 0.7 * written <= info.value.needed <= 1.3 * written  # the estimate is about what a checkpoint takes
+    assert latest_checkpoint(tmp_path) == first and verify_checkpoint(first) is None
+    assert sorted(p.name for p in first.parent.iterdir()) == ["step-0000001"]  # no temporary folder left to fill the disk
 
 
 def test_sampler_splits_a_global_batch_across_ranks_and_resumes_mid_epoch():

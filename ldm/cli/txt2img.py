@@ -14,6 +14,8 @@ from pathlib import Path
 from ldm.cli.common import ArgumentParser, run
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
+MAX_PROMPTS_BYTES = 16 * 2**20  # ~200,000 prompts; a file that never ends is refused at this size
+
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
@@ -54,7 +56,11 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
         try:
-            text = args.prompts_file.read_text(encoding="utf-8")
+            with open(args.prompts_file, "rb") as f:  # a pipe or a device is read too, but never past the limit
+                data = f.read(MAX_PROMPTS_BYTES + 1)
+            if len(data) > MAX_PROMPTS_BYTES:
+                raise ValueError(f"prompts file {args.prompts_file} is longer than {MAX_PROMPTS_BYTES >> 20} MB; split it into several runs")
+            text = data.decode("utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"prompts file not found: {args.prompts_file}") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -75,6 +81,29 @@ def check_outdir(outdir: Path) -> None:
         raise ValueError(f"cannot create --outdir {outdir}: {e.strerror}") from None
     if not os.access(outdir, os.W_OK | os.X_OK):
         raise ValueError(f"--outdir {outdir} is not writable")
+
+
+def check_request_fits(info, args, device, height: int, width: int, images: int) -> None:
+    """Refuse, before any weights load, a request whose memory or disk needs cannot be met."""
+    import shutil
+
+    from ldm.budget import check_fits, estimate, weights_bytes
+    from ldm.pipeline import VAE_TILING_PIXELS, resolve_dtype, vae_dtype_for
+
+    dtype = resolve_dtype(args.dtype, device)
+    itemsize, vae_itemsize = dtype.itemsize, vae_dtype_for(dtype, info.vae_config).itemsize
+    tiled = {"on": True, "off": False}.get(args.vae_tiling, height * width > VAE_TILING_PIXELS)
+    batch = min(args.batch_size, images)
+    need = estimate(info.unet_config, info.vae_config, height, width, batch, itemsize, vae_itemsize, tiled,
+                    weights=weights_bytes(info, itemsize, vae_itemsize))
+    check_fits(need, device, f"a batch of {batch} image(s) of {width}x{height} (VAE tiling {'on' if tiled else 'off'})",
+               "use a smaller --height/--width" + (" or --batch-size" if batch > 1 else "") + ("" if tiled else ", or --vae-tiling on"))
+    # PNGs of drawn pictures compress ~10:1 at best; fewer free bytes than that cannot hold them
+    smallest = images * height * width * 3 // 10
+    free = shutil.disk_usage(args.outdir).free
+    if smallest > free:
+        raise ValueError(f"{images:,} image(s) of {width}x{height} need at least ~{smallest / 2**20:,.0f} MB in --outdir "
+                         f"{args.outdir}, which has {free / 2**20:,.0f} MB free")
 
 
 def _main(argv=None) -> int:
@@ -115,6 +144,7 @@ def _main(argv=None) -> int:
     if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
         raise ValueError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     check_outdir(args.outdir)
+    check_request_fits(info, args, device, height, width, len(prompts) * args.num_images)
 
     # 2. Load, then generate batch by batch, writing each batch's PNGs as soon as they exist.
     if single_file:

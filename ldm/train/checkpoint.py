@@ -253,8 +253,8 @@ def save_checkpoint(
         if code:
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            needed = _state_nbytes([m.state_dict() for m in models.values()]
-                                   + [o.state_dict() for o in (optimizers or {}).values()] + [e.state_dict() for e in (emas or {}).values()])
+            needed = _state_nbytes([m.state_dict() for m in models.values()] + [o.state_dict() for o in (optimizers or {}).values()]
+                                   + [e.state_dict() for e in (emas or {}).values()] + [rng_state()])
             raise SaveFailed(step, final.parent, code, needed, latest_checkpoint(output_dir), error)
 
     def prepare():
