@@ -151,3 +151,25 @@ def check_scheduler_config(path: Path, config: dict) -> None:
     betas = config.get("trained_betas")
     if isinstance(betas, list) and len(betas) != config.get("num_train_timesteps", 1000):
         raise ValueError(f"{path}: trained_betas has {len(betas)} values for {config.get('num_train_timesteps', 1000)} timesteps")
+
+
+def _token(v) -> str | None:
+    ok = v is None or isinstance(v, str) or (isinstance(v, dict) and isinstance(v.get("content"), str))
+    return None if ok else "expected a token string"
+
+
+TOKENIZER_RULES: dict[str, Rule] = {
+    **{key: _token for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")},
+    "model_max_length": lambda v: None if (_is_int(v) and v >= 1) or (isinstance(v, float) and v >= 1) else "expected a whole number ≥ 1",
+    "tokenizer_class": optional(text),
+    "padding_side": optional(lambda v: None if v in ("left", "right") else "expected left or right"),
+    "truncation_side": optional(lambda v: None if v in ("left", "right") else "expected left or right"),
+    "do_lower_case": optional(lambda v: None if isinstance(v, bool) else "expected true or false"),
+    "add_prefix_space": optional(lambda v: None if isinstance(v, bool) else "expected true or false"),
+    "extra_ids": optional(integer(0, 100_000)),
+    "additional_special_tokens": optional(lambda v: None if isinstance(v, list) and all(_token(t) is None for t in v) else "expected a list of tokens"),
+}
+
+
+def check_tokenizer_config(path: Path, config: dict) -> None:
+    check_values(path, config, TOKENIZER_RULES)

@@ -173,7 +173,7 @@ def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"{path}: not a valid safetensors file (malformed entry for {name})")
         dtype, shape = entry.get("dtype"), entry.get("shape")
-        if dtype not in SAFETENSORS_BITS:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
             raise ValueError(f"{path}: tensor {name} has an unknown dtype {str(dtype)[:20]!r}")
         if not (isinstance(shape, list) and len(shape) <= 16 and all(_is_int(d) and d >= 0 for d in shape)):
             raise ValueError(f"{path}: tensor {name} has a malformed shape {str(shape)[:60]}")
@@ -304,6 +304,10 @@ def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> Pip
     if not any(file_problem(tokenizer_dir / f) != "missing" for f in ("tokenizer.json", "vocab.json", "spiece.model")):
         raise ValueError(f"{path} is not a complete pipeline folder: missing tokenizer/tokenizer.json (or vocab.json + merges.txt)")
     components = {c: check_component(path / c, c, classes[c], allow_pickle) for c in REQUIRED}
+    context, positions = components["tokenizer"].config.get("model_max_length"), components["text_encoder"].config.get("max_position_embeddings")
+    if isinstance(context, int) and isinstance(positions, int) and positions < context < 100_000:  # larger: transformers' "no limit"
+        raise ValueError(f"{path / 'tokenizer' / 'tokenizer_config.json'}: model_max_length {context} exceeds the text encoder's "
+                         f"{positions} positions (text_encoder/config.json max_position_embeddings)")
     unet_config, vae_config = components["unet"].config, components["vae"].config
     sample_size = unet_config.get("sample_size", 64) or 64
     if isinstance(sample_size, list):  # non-square U-Nets store [h, w]
@@ -346,7 +350,7 @@ def check_component(folder: Path, component: str, class_name: str, allow_pickle:
     open is checked (`weight_files`); and the network the config describes is built on torch's
     meta device (no memory) so that the shape of every parameter can be compared with the weights'
     headers. A ValueError names the file and the key or tensor that disagree."""
-    from ldm.component_configs import check_component_config, check_scheduler_config
+    from ldm.component_configs import check_component_config, check_scheduler_config, check_tokenizer_config
 
     if not folder.is_dir():
         raise ValueError(f"{folder.parent} is not a complete pipeline folder: missing {component}/")
@@ -355,7 +359,10 @@ def check_component(folder: Path, component: str, class_name: str, allow_pickle:
         for entry in folder.iterdir():
             if entry.is_file() and entry.stat().st_size > MAX_TEXT_BYTES:
                 raise ValueError(f"{entry}: {entry.stat().st_size >> 20} MB is too large for a tokenizer file (limit {MAX_TEXT_BYTES >> 20} MB)")
-        return ComponentInfo(folder, {})
+        config_path = folder / CONFIG_FILES["tokenizer"]
+        config = read_json(config_path) if file_problem(config_path) != "missing" else {}
+        check_tokenizer_config(config_path, config)
+        return ComponentInfo(folder, config)
     config_path = folder / CONFIG_FILES.get(component, "config.json")
     if file_problem(config_path) == "missing":
         raise ValueError(f"{folder.parent} is not a complete pipeline folder: missing {component}/{config_path.name}")
@@ -499,6 +506,18 @@ def load_component(folder: Path, component: str, class_name: str, dtype=None, al
     `checked` passes a check already made), and loaded weights must be finite, or a ValueError
     names the tensor: damaged weights are found here, not as a black picture or a NaN loss later."""
     info = checked or check_component(folder, component, class_name, allow_pickle)
+    try:
+        return _load_checked(folder, component, class_name, dtype, info)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a library failing on a folder we could not fully check: the folder's fault
+        if isinstance(e, MemoryError):
+            raise
+        raise ValueError(f"{folder}: {class_name} cannot be loaded from this folder ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from None
+
+
+def _load_checked(folder: Path, component: str, class_name: str, dtype, info: ComponentInfo):
     library = REGISTRY[component][class_name]
     if component in WEIGHTED and info.weights is None:  # pickle weights the caller allowed
         import diffusers

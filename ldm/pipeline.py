@@ -31,7 +31,8 @@ from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.guidance import default_guidance_rescale
 from ldm.models import WEIGHTED, inspect_pipeline, load_component, resolve_model
-from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, denoise, make_scheduler
+from ldm.sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise,
+                          make_scheduler)
 from ldm.text import LdmWarning, PromptEncoder
 
 # The embedded default model (trained by this project on the shapes world) lives here once shipped.
@@ -118,6 +119,8 @@ def check_generation_args(
     if not _finite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance scale (cfg) must be a number ≥ 0, got {guidance_scale!r}")
     check_sampler(sampler, scheduler_config)
+    if scheduler_config is not None:
+        check_schedule(sampler, scheduler_config, num_inference_steps)
     if not _finite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
     if not _finite(eta) or eta < 0:

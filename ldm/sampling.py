@@ -90,6 +90,20 @@ def check_sampler(name: str, training_config: dict | None = None) -> SamplerSpec
     return spec
 
 
+def check_schedule(name: str, training_config: dict, steps: int) -> None:
+    """A ValueError when sampler `name` cannot be built from the model's scheduler config or cannot
+    lay out `steps` steps on it: a config that diffusers would fail on mid-call fails here first."""
+    try:
+        make_scheduler(name, training_config).set_timesteps(steps)
+    except ValueError as e:
+        if str(e).startswith(("unknown sampler", "sampler ")):
+            raise
+        raise ValueError(f"the model's scheduler config cannot drive sampler {name} for {steps} steps ({' '.join(str(e).split())[:160]})") from None
+    except Exception as e:  # noqa: BLE001 — whatever diffusers raises on a config it cannot use
+        raise ValueError(f"the model's scheduler config cannot drive sampler {name} for {steps} steps "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+
+
 def make_scheduler(name: str, training_config: dict):
     """A fresh diffusers scheduler for sampler `name`, configured from the training scheduler.
 
