@@ -307,22 +307,16 @@ class LatentPipeline:
         are used; without one, diffusers looks the architecture up in the local Hugging Face cache.
         Pickle checkpoints (`.ckpt`) are refused. `save_pretrained` then writes the folder layout.
         """
-        from safetensors import SafetensorError, safe_open
-
-        from ldm.models import PICKLE_SUFFIXES
+        from ldm.models import PICKLE_SUFFIXES, ComponentInfo, check_finite, check_safetensors, file_problem
 
         path = Path(checkpoint)
-        if not path.is_file():
+        if file_problem(path) == "missing":
             raise FileNotFoundError(f"checkpoint not found: {path}")
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ValueError(f"{path}: pickle checkpoints are refused (loading a pickle can run code); use the .safetensors release of the model")
         if path.suffix.lower() != ".safetensors":
             raise ValueError(f"{path}: expected a .safetensors checkpoint")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        keys = list(check_safetensors(path))  # a regular file with an honest header, or a ValueError naming it
         if not any(k.startswith("model.diffusion_model.") for k in keys):
             raise ValueError(f"{path}: not an original-format Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
         if config is not None:
@@ -343,6 +337,8 @@ class LatentPipeline:
             hint = "" if config else "; pass config=<a diffusers pipeline folder of the same architecture> (--config)"
             reason = " ".join(str(e).split())  # diffusers' messages span lines; ours are one
             raise ValueError(f"{path}: diffusers could not convert this checkpoint offline ({type(e).__name__}: {reason}){hint}") from None
+        for network in (sd.unet, sd.vae, sd.text_encoder):
+            check_finite(network, ComponentInfo(path, {}))
         pipe = cls(sd.vae, sd.text_encoder, sd.tokenizer, sd.unet, sd.scheduler, name_or_path=str(path))
         pipe.to(device, dtype)
         pipe.set_attention(attention)

@@ -10,6 +10,7 @@ corrections, and `denoise` is a loop over a scheduler that never knows guidance 
 from __future__ import annotations
 
 import inspect
+import warnings
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -94,7 +95,9 @@ def check_schedule(name: str, training_config: dict, steps: int) -> None:
     """A ValueError when sampler `name` cannot be built from the model's scheduler config or cannot
     lay out `steps` steps on it: a config that diffusers would fail on mid-call fails here first."""
     try:
-        make_scheduler(name, training_config).set_timesteps(steps)
+        with warnings.catch_warnings():  # a trial run: what it says, the real run says again
+            warnings.simplefilter("ignore")
+            make_scheduler(name, training_config).set_timesteps(steps)
     except ValueError as e:
         if str(e).startswith(("unknown sampler", "sampler ")):
             raise

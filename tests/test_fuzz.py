@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ldm.cli.txt2img import main as txt2img
@@ -142,6 +142,7 @@ def run_and_check(argv: list[str], root: Path, outdir: Path, capsys, monkeypatch
         except SystemExit as e:
             code = e.code
     out, err = capsys.readouterr()
+    event(f"exit {code}")  # the outcome mix, shown by --hypothesis-show-statistics
     assert snapshot(root, outdir) == before, "files were written outside the output folder"
     if code == 0:
         pngs = [line for line in out.splitlines() if line.endswith(".png")]

@@ -59,7 +59,7 @@ def test_single_file_bad_inputs(single_file, tmp_path):
     with pytest.raises(ValueError, match="pickle checkpoints are refused"):
         LatentPipeline.from_single_file(tmp_path / "model.ckpt")
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match="garbage.safetensors: not a valid safetensors file"):
         LatentPipeline.from_single_file(tmp_path / "garbage.safetensors")
     save_file({"something.else": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not an original-format Stable Diffusion checkpoint"):
