@@ -47,7 +47,10 @@ class Estimate:
 
     def describe(self, with_weights: bool = True) -> str:
         parts = ([f"weights {_size(self.weights)}"] if with_weights else []) + [
-            f"U-Net {_size(self.unet)}", f"VAE decode {_size(self.vae)}", f"images {_size(self.images)}"]
+            f"U-Net {_size(self.unet)}",
+            f"VAE decode {_size(self.vae)}",
+            f"images {_size(self.images)}",
+        ]
         return ", ".join(parts)
 
 
@@ -71,7 +74,9 @@ def unet_call_bytes(config: dict, latent_h: int, latent_w: int, rows: int, items
     # then 4C and 4C) with the residual stream and the attention projections ~24C
     working = max(12 * c * hw for c, hw in zip(channels, cells))
     attention = max((24 * c * hw for c, hw, b in zip(channels, cells, blocks) if "Attn" in b), default=0)
-    unfold = max(9 * 2 * c * hw for c, hw in zip(channels, cells))  # a 3×3 convolution's im2col buffer, one row at a time
+    unfold = max(
+        9 * 2 * c * hw for c, hw in zip(channels, cells)
+    )  # a 3×3 convolution's im2col buffer, one row at a time
     return (rows * (skips + max(working, attention)) + unfold) * itemsize
 
 
@@ -93,8 +98,17 @@ def vae_decode_bytes(config: dict, height: int, width: int, images: int, itemsiz
     return decode(tile, tile, 1) + images * kept
 
 
-def estimate(unet_config, vae_config, height: int, width: int, batch: int, itemsize: int, vae_itemsize: int | None = None,
-             tiled: bool = False, weights: int = 0) -> Estimate:
+def estimate(
+    unet_config,
+    vae_config,
+    height: int,
+    width: int,
+    batch: int,
+    itemsize: int,
+    vae_itemsize: int | None = None,
+    tiled: bool = False,
+    weights: int = 0,
+) -> Estimate:
     """The memory a batch of `batch` images of height × width needs with these U-Net and VAE
     configs, the networks in `itemsize`-byte floats (the VAE in `vae_itemsize`); `weights` is the
     bytes of the weights themselves (0 once they are loaded: they are not available memory then)."""
@@ -109,8 +123,12 @@ def estimate(unet_config, vae_config, height: int, width: int, batch: int, items
 def weights_bytes(info, itemsize: int, vae_itemsize: int | None = None) -> int:
     """The memory the weights of a checked pipeline folder (`ldm.models.PipelineInfo`) take once
     loaded in `itemsize`-byte floats, counted from the headers."""
-    params = {c: sum(math.prod(shape) for _, shape in (part.weights or {}).values()) for c, part in info.components.items()}
-    return (params.get("unet", 0) + params.get("text_encoder", 0)) * itemsize + params.get("vae", 0) * (vae_itemsize or itemsize)
+    params = {
+        c: sum(math.prod(shape) for _, shape in (part.weights or {}).values()) for c, part in info.components.items()
+    }
+    return (params.get("unet", 0) + params.get("text_encoder", 0)) * itemsize + params.get("vae", 0) * (
+        vae_itemsize or itemsize
+    )
 
 
 def available_bytes(device) -> tuple[int, str]:
@@ -154,6 +172,6 @@ def check_fits(need: Estimate, device, what: str, hint: str, include_weights: bo
     available, source = available_bytes(device)
     if total > available:
         raise ValueError(
-            f"{what} needs ~{_size(total)} of memory ({need.describe(include_weights)}), but only {_size(available)} is "
-            f"{source}; {hint} (LDM_SKIP_MEMORY_CHECK=1 skips this check)"
+            f"{what} needs ~{_size(total)} of memory ({need.describe(include_weights)}), "
+            f"but only {_size(available)} is {source}; {hint} (LDM_SKIP_MEMORY_CHECK=1 skips this check)"
         )

@@ -28,25 +28,40 @@ def integer(lo: int, hi: int) -> Rule:
 
 def number(lo: float, hi: float, *, open_low: bool = False) -> Rule:
     def rule(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (lo < v if open_low else lo <= v) and v <= hi
+        ok = (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and (lo < v if open_low else lo <= v)
+            and v <= hi
+        )
         return None if ok else f"expected a finite number in {'(' if open_low else '['}{lo:g}, {hi:g}]"
+
     return rule
 
 
 def integers(lo: int, hi: int, max_len: int = 16) -> Rule:
     """A non-empty list of whole numbers in [lo, hi]."""
-    return lambda v: None if isinstance(v, list) and 0 < len(v) <= max_len and all(_is_int(x) and lo <= x <= hi for x in v) \
+    return lambda v: (
+        None
+        if isinstance(v, list) and 0 < len(v) <= max_len and all(_is_int(x) and lo <= x <= hi for x in v)
         else f"expected a list of 1-{max_len} whole numbers in [{lo}, {hi}]"
+    )
 
 
 def integer_or_list(lo: int, hi: int) -> Rule:
     one, many = integer(lo, hi), integers(lo, hi)
-    return lambda v: None if one(v) is None or many(v) is None else f"expected a whole number in [{lo}, {hi}] or a list of them"
+    return lambda v: (
+        None if one(v) is None or many(v) is None else f"expected a whole number in [{lo}, {hi}] or a list of them"
+    )
 
 
 def strings(max_len: int = 16) -> Rule:
-    return lambda v: None if isinstance(v, list) and 0 < len(v) <= max_len and all(isinstance(x, str) for x in v) \
+    return lambda v: (
+        None
+        if isinstance(v, list) and 0 < len(v) <= max_len and all(isinstance(x, str) for x in v)
         else f"expected a list of 1-{max_len} block names"
+    )
 
 
 def text(v) -> str | None:
@@ -89,17 +104,30 @@ RULES: dict[str, dict[str, Rule]] = {
         "shift_factor": optional(number(-1e6, 1e6)),
     },
     "CLIPTextModel": {
-        "hidden_size": integer(1, WIDTH), "intermediate_size": integer(1, 4 * WIDTH), "num_hidden_layers": integer(1, DEPTH),
-        "num_attention_heads": integer(1, 1024), "vocab_size": integer(1, 10**7), "max_position_embeddings": integer(1, 10**6),
+        "hidden_size": integer(1, WIDTH),
+        "intermediate_size": integer(1, 4 * WIDTH),
+        "num_hidden_layers": integer(1, DEPTH),
+        "num_attention_heads": integer(1, 1024),
+        "vocab_size": integer(1, 10**7),
+        "max_position_embeddings": integer(1, 10**6),
         "projection_dim": optional(integer(1, WIDTH)),
     },
     "T5EncoderModel": {
-        "d_model": integer(1, WIDTH), "d_ff": integer(1, 4 * WIDTH), "d_kv": integer(1, WIDTH), "num_layers": integer(1, DEPTH),
-        "num_heads": integer(1, 1024), "vocab_size": integer(1, 10**7), "relative_attention_num_buckets": optional(integer(1, 4096)),
+        "d_model": integer(1, WIDTH),
+        "d_ff": integer(1, 4 * WIDTH),
+        "d_kv": integer(1, WIDTH),
+        "num_layers": integer(1, DEPTH),
+        "num_heads": integer(1, 1024),
+        "vocab_size": integer(1, 10**7),
+        "relative_attention_num_buckets": optional(integer(1, 4096)),
     },
     "BertModel": {
-        "hidden_size": integer(1, WIDTH), "intermediate_size": integer(1, 4 * WIDTH), "num_hidden_layers": integer(1, DEPTH),
-        "num_attention_heads": integer(1, 1024), "vocab_size": integer(1, 10**7), "max_position_embeddings": integer(1, 10**6),
+        "hidden_size": integer(1, WIDTH),
+        "intermediate_size": integer(1, 4 * WIDTH),
+        "num_hidden_layers": integer(1, DEPTH),
+        "num_attention_heads": integer(1, 1024),
+        "vocab_size": integer(1, 10**7),
+        "max_position_embeddings": integer(1, 10**6),
         "type_vocab_size": optional(integer(1, 1024)),
     },
 }
@@ -109,11 +137,20 @@ SCHEDULER_RULES: dict[str, Rule] = {
     "beta_start": number(0, 1, open_low=True),
     "beta_end": number(0, 1, open_low=True),
     "beta_schedule": text,
-    "prediction_type": optional(lambda v: None if v in ("epsilon", "v_prediction", "sample") else "expected epsilon, v_prediction or sample"),
-    "timestep_spacing": optional(lambda v: None if v in ("leading", "trailing", "linspace") else "expected leading, trailing or linspace"),
+    "prediction_type": optional(
+        lambda v: None if v in ("epsilon", "v_prediction", "sample") else "expected epsilon, v_prediction or sample"
+    ),
+    "timestep_spacing": optional(
+        lambda v: None if v in ("leading", "trailing", "linspace") else "expected leading, trailing or linspace"
+    ),
     "steps_offset": optional(integer(0, 1000)),
-    "trained_betas": optional(lambda v: None if isinstance(v, list) and all(number(0, 1, open_low=True)(b) is None for b in v)
-                              else "expected a list of numbers in (0, 1]"),
+    "trained_betas": optional(
+        lambda v: (
+            None
+            if isinstance(v, list) and all(number(0, 1, open_low=True)(b) is None for b in v)
+            else "expected a list of numbers in (0, 1]"
+        )
+    ),
     "rescale_betas_zero_snr": optional(lambda v: None if isinstance(v, bool) else "expected true or false"),
 }
 
@@ -133,11 +170,20 @@ def check_component_config(path: Path, class_name: str, config: dict) -> None:
     if isinstance(blocks, list):
         for key in ("down_block_types", "up_block_types"):
             if key in config and len(config[key]) != len(blocks):
-                raise ValueError(f"{path}: {key} has {len(config[key])} entries but block_out_channels has {len(blocks)}; one per block")
-        for key in ("layers_per_block", "attention_head_dim", "cross_attention_dim", "num_attention_heads", "transformer_layers_per_block"):
+                n, m = len(config[key]), len(blocks)
+                raise ValueError(f"{path}: {key} has {n} entries but block_out_channels has {m}; one per block")
+        for key in (
+            "layers_per_block",
+            "attention_head_dim",
+            "cross_attention_dim",
+            "num_attention_heads",
+            "transformer_layers_per_block",
+        ):
             value = config.get(key)
             if isinstance(value, list) and len(value) != len(blocks):
-                raise ValueError(f"{path}: {key} has {len(value)} entries but block_out_channels has {len(blocks)}; one per block")
+                raise ValueError(
+                    f"{path}: {key} has {len(value)} entries but block_out_channels has {len(blocks)}; one per block"
+                )
         groups = config.get("norm_num_groups")
         if _is_int(groups) and any(c % groups for c in blocks):
             raise ValueError(f"{path}: block_out_channels {blocks} must be multiples of norm_num_groups {groups}")
@@ -150,7 +196,9 @@ def check_scheduler_config(path: Path, config: dict) -> None:
         raise ValueError(f"{path}: beta_start {start} must be below beta_end {end}")
     betas = config.get("trained_betas")
     if isinstance(betas, list) and len(betas) != config.get("num_train_timesteps", 1000):
-        raise ValueError(f"{path}: trained_betas has {len(betas)} values for {config.get('num_train_timesteps', 1000)} timesteps")
+        raise ValueError(
+            f"{path}: trained_betas has {len(betas)} values for {config.get('num_train_timesteps', 1000)} timesteps"
+        )
 
 
 def _token(v) -> str | None:
@@ -159,15 +207,22 @@ def _token(v) -> str | None:
 
 
 TOKENIZER_RULES: dict[str, Rule] = {
-    **{key: _token for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")},
-    "model_max_length": lambda v: None if (_is_int(v) and v >= 1) or (isinstance(v, float) and v >= 1) else "expected a whole number ≥ 1",
+    **{
+        key: _token
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+    },
+    "model_max_length": lambda v: (
+        None if (_is_int(v) and v >= 1) or (isinstance(v, float) and v >= 1) else "expected a whole number ≥ 1"
+    ),
     "tokenizer_class": optional(text),
     "padding_side": optional(lambda v: None if v in ("left", "right") else "expected left or right"),
     "truncation_side": optional(lambda v: None if v in ("left", "right") else "expected left or right"),
     "do_lower_case": optional(lambda v: None if isinstance(v, bool) else "expected true or false"),
     "add_prefix_space": optional(lambda v: None if isinstance(v, bool) else "expected true or false"),
     "extra_ids": optional(integer(0, 100_000)),
-    "additional_special_tokens": optional(lambda v: None if isinstance(v, list) and all(_token(t) is None for t in v) else "expected a list of tokens"),
+    "additional_special_tokens": optional(
+        lambda v: None if isinstance(v, list) and all(_token(t) is None for t in v) else "expected a list of tokens"
+    ),
 }
 
 

@@ -102,7 +102,8 @@ def check_shared_sections(data: DataConfig, optim: OptimConfig, ema: EMAConfig, 
         ("optim.eps", optim.eps, optim.eps > 0, "> 0"),
         ("optim.warmup_steps", optim.warmup_steps, optim.warmup_steps >= 0, "≥ 0"),
         ("optim.min_lr_ratio", optim.min_lr_ratio, 0 <= optim.min_lr_ratio <= 1, "in [0, 1]"),
-        ("optim.max_grad_norm", optim.max_grad_norm, optim.max_grad_norm is None or optim.max_grad_norm > 0, "> 0, or null for no clipping"),
+        ("optim.max_grad_norm", optim.max_grad_norm, optim.max_grad_norm is None or optim.max_grad_norm > 0,
+         "> 0, or null for no clipping"),
         ("ema.decay", ema.decay, 0 < ema.decay <= 1, "in (0, 1]"),
         ("ema.inv_gamma", ema.inv_gamma, ema.inv_gamma > 0, "> 0"),
         ("ema.power", ema.power, ema.power > 0, "> 0"),
@@ -276,5 +277,6 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 __all__ = [
-    "DataConfig", "OptimConfig", "EMAConfig", "RunConfig", "check_shared_sections", "load_config", "from_dict", "config_to_dict", "save_config", "field",
+    "DataConfig", "OptimConfig", "EMAConfig", "RunConfig", "check_shared_sections",
+    "load_config", "from_dict", "config_to_dict", "save_config", "field",
 ]

@@ -68,8 +68,9 @@ class PipelineInfo:
 # Text files a loader parses whole (configs, indexes, tokenizers) are refused above this size:
 # the largest real ones (multilingual tokenizer.json) are tens of MB; more is garbage or an attack.
 MAX_TEXT_BYTES = 256 * 1024 * 1024
-_SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+NOT_REGULAR = "not a regular file; a model folder holds only files and folders"
 
 
 def file_problem(path: Path) -> str | None:
@@ -92,7 +93,7 @@ def regular_file(path: Path, what: str = "file") -> Path:
     if problem == "missing":
         raise ValueError(f"{path}: missing {what}")
     if problem:
-        raise ValueError(f"{path}: {problem}, not a regular file; a model folder holds only files and folders")
+        raise ValueError(f"{path}: {problem}, {NOT_REGULAR}")
     return path
 
 
@@ -107,7 +108,7 @@ def audit_folder(folder: Path) -> None:
     for entry in entries:
         problem = file_problem(Path(entry.path))
         if problem not in (None, "a folder"):
-            raise ValueError(f"{entry.path}: {problem}, not a regular file; a model folder holds only files and folders")
+            raise ValueError(f"{entry.path}: {problem}, {NOT_REGULAR}")
 
 
 def read_json(path: Path) -> dict:
@@ -116,12 +117,13 @@ def read_json(path: Path) -> dict:
     regular_file(path)
     size = path.stat().st_size
     if size > MAX_TEXT_BYTES:
-        raise ValueError(f"{path}: {size / 2**20:.0f} MB is too large for a JSON config (limit {MAX_TEXT_BYTES >> 20} MB)")
+        raise ValueError(f"{path}: {size >> 20} MB is too large for a JSON config (limit {MAX_TEXT_BYTES >> 20} MB)")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+        reason = " ".join(str(e).split())[:120]
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {reason})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -170,7 +172,8 @@ def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
             continue
         name = repr(str(key)[:60])
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"{path}: not a valid safetensors file (malformed entry for {name})")
         dtype, shape = entry.get("dtype"), entry.get("shape")
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
@@ -179,13 +182,15 @@ def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"{path}: tensor {name} has a malformed shape {str(shape)[:60]}")
         nbytes = math.prod(shape) * SAFETENSORS_BITS[dtype]
         if nbytes % 8 or nbytes // 8 != offsets[1] - offsets[0]:
-            raise ValueError(f"{path}: tensor {name} of shape {shape} in {dtype} needs {nbytes / 8:g} bytes, but the header "
-                             f"gives it {offsets[1] - offsets[0]} (bytes {offsets[0]}-{offsets[1]}); the header lies")
+            begin, end = offsets
+            raise ValueError(f"{path}: tensor {name} of shape {shape} in {dtype} needs {nbytes / 8:g} bytes, but the "
+                             f"header gives it {end - begin} (bytes {begin}-{end}); the header lies")
         entries.append((offsets[0], offsets[1], name))
     end = 0
     for begin, stop, name in sorted(entries):
         if begin != end:
-            raise ValueError(f"{path}: not a valid safetensors file (tensor {name} starts at byte {begin}, expected {end}: a gap or an overlap)")
+            raise ValueError(f"{path}: not a valid safetensors file (tensor {name} starts at byte {begin}, "
+                             f"expected {end}: a gap or an overlap)")
         end = stop
     if 8 + n + end > size:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes, the header describes {8 + n + end})")
@@ -221,18 +226,20 @@ def weight_files(folder: Path, library: str) -> dict[str, tuple[Path, tuple[int,
         if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
             raise ValueError(f"{index_path}: no usable weight_map (expected {{tensor name: shard file name}})")
         if not isinstance(index.get("metadata"), dict):  # diffusers reads index["metadata"] unguarded
-            raise ValueError(f"{index_path}: no metadata object (a shard index holds {{\"metadata\": {{...}}, \"weight_map\": {{...}}}})")
+            raise ValueError(f"{index_path}: no metadata object (a shard index holds "
+                             '{"metadata": {...}, "weight_map": {...}})')
         shards = {}
         for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard or shard in (".", ".."):
                 raise ValueError(f"{index_path}: shard {shard[:80]!r} is not a file name in the component folder")
             if not shard.endswith(".safetensors"):
-                raise ValueError(f"{index_path}: names the shard {shard[:80]!r}, which is not a safetensors file; pickle "
-                                 "shards are refused (loading a pickle can run code), convert them to safetensors")
+                raise ValueError(f"{index_path}: names the shard {shard[:80]!r}, which is not a safetensors file; "
+                                 "pickle shards are refused (loading a pickle can run code); convert them")
             shards[shard] = check_safetensors(folder / shard)
         for name, shard in weight_map.items():
             if name not in shards[shard]:
-                raise ValueError(f"{index_path}: names {shard} for the tensor {str(name)[:60]!r}, which that shard does not hold")
+                raise ValueError(f"{index_path}: names {shard} for the tensor {str(name)[:60]!r}, "
+                                 "which that shard does not hold")
             files[name] = (folder / shard, shards[shard][name])
     if found[single] != "missing":
         files.update({name: (single, shape) for name, shape in check_safetensors(single).items()})
@@ -263,7 +270,8 @@ def _check_weights(folder: Path, component: str, library: str, allow_pickle: boo
             f"save_pretrained(..., safe_serialization=True); or, if you trust the file, pass allow_pickle=True "
             f"(ldm-txt2img --allow-pickle) to read it with torch's weights-only unpickler"
         )
-    raise ValueError(f"{folder}: missing {WEIGHT_STEMS[library]}.safetensors (no safetensors weights for the {component})")
+    expected = f"{WEIGHT_STEMS[library]}.safetensors"
+    raise ValueError(f"{folder}: missing {expected} (no safetensors weights for the {component})")
 
 
 def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> PipelineInfo:
@@ -304,10 +312,11 @@ def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> Pip
     if not any(file_problem(tokenizer_dir / f) != "missing" for f in ("tokenizer.json", "vocab.json", "spiece.model")):
         raise ValueError(f"{path} is not a complete pipeline folder: missing tokenizer/tokenizer.json (or vocab.json + merges.txt)")
     components = {c: check_component(path / c, c, classes[c], allow_pickle) for c in REQUIRED}
-    context, positions = components["tokenizer"].config.get("model_max_length"), components["text_encoder"].config.get("max_position_embeddings")
-    if isinstance(context, int) and isinstance(positions, int) and positions < context < 100_000:  # larger: transformers' "no limit"
-        raise ValueError(f"{path / 'tokenizer' / 'tokenizer_config.json'}: model_max_length {context} exceeds the text encoder's "
-                         f"{positions} positions (text_encoder/config.json max_position_embeddings)")
+    context = components["tokenizer"].config.get("model_max_length")
+    positions = components["text_encoder"].config.get("max_position_embeddings")
+    if isinstance(context, int) and isinstance(positions, int) and positions < context < 100_000:  # larger: "no limit"
+        raise ValueError(f"{path / 'tokenizer' / 'tokenizer_config.json'}: model_max_length {context} exceeds the "
+                         f"text encoder's {positions} positions (text_encoder/config.json max_position_embeddings)")
     unet_config, vae_config = components["unet"].config, components["vae"].config
     sample_size = unet_config.get("sample_size", 64) or 64
     if isinstance(sample_size, list):  # non-square U-Nets store [h, w]
@@ -358,7 +367,8 @@ def check_component(folder: Path, component: str, class_name: str, allow_pickle:
     if component == "tokenizer":
         for entry in folder.iterdir():
             if entry.is_file() and entry.stat().st_size > MAX_TEXT_BYTES:
-                raise ValueError(f"{entry}: {entry.stat().st_size >> 20} MB is too large for a tokenizer file (limit {MAX_TEXT_BYTES >> 20} MB)")
+                raise ValueError(f"{entry}: {entry.stat().st_size >> 20} MB is too large for a tokenizer file "
+                                 f"(limit {MAX_TEXT_BYTES >> 20} MB)")
         config_path = folder / CONFIG_FILES["tokenizer"]
         config = read_json(config_path) if file_problem(config_path) != "missing" else {}
         check_tokenizer_config(config_path, config)
@@ -416,11 +426,11 @@ def _compare_with_config(config_path: Path, class_name: str, library: str, confi
         for name in present:
             file, stored_shape = stored[name]
             if tuple(d for d in stored_shape if d != 1) != tuple(d for d in shape if d != 1):
-                raise ValueError(f"{file}: tensor {name} has shape {list(stored_shape)}, but {config_path} builds {list(shape)}; "
-                                 "the config and the weights disagree")
+                raise ValueError(f"{file}: tensor {name} has shape {list(stored_shape)}, but {config_path} builds "
+                                 f"{list(shape)}; the config and the weights disagree")
     if missing:
-        raise ValueError(f"{config_path}: describes {len(missing)} parameter(s) the weights do not hold (e.g. {', '.join(missing[:3])}); "
-                         "the config and the weights disagree")
+        raise ValueError(f"{config_path}: describes {len(missing)} parameter(s) the weights do not hold "
+                         f"(e.g. {', '.join(missing[:3])}); the config and the weights disagree")
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -491,7 +501,9 @@ def _load_pickled_component(cls, folder: Path, files: list[Path], dtype):
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that do not fit the config
-        raise ValueError(f"{files[0]}: the weights do not fit {cls.__name__} of {folder / 'config.json'} ({' '.join(str(e).split())[:200]})") from None
+        reason = " ".join(str(e).split())[:200]
+        config = folder / "config.json"
+        raise ValueError(f"{files[0]}: the weights do not fit {cls.__name__} of {config} ({reason})") from None
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]  # a buffer old transformers saved
     if missing or unexpected:
         raise ValueError(f"{files[0]}: the weights do not fit {cls.__name__} of {folder / 'config.json'} "
@@ -510,7 +522,7 @@ def load_component(folder: Path, component: str, class_name: str, dtype=None, al
         return _load_checked(folder, component, class_name, dtype, info)
     except ValueError:
         raise
-    except Exception as e:  # noqa: BLE001 — a library failing on a folder we could not fully check: the folder's fault
+    except Exception as e:  # noqa: BLE001 — a library failing on a folder we checked: the folder's fault
         if isinstance(e, MemoryError):
             raise
         raise ValueError(f"{folder}: {class_name} cannot be loaded from this folder ({type(e).__name__}: "

@@ -31,8 +31,9 @@ from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.guidance import default_guidance_rescale
 from ldm.models import WEIGHTED, inspect_pipeline, load_component, resolve_model
-from ldm.sampling import (DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise,
-                          make_scheduler)
+from ldm.sampling import (
+    DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler,
+)
 from ldm.text import LdmWarning, PromptEncoder
 
 # The embedded default model (trained by this project on the shapes world) lives here once shipped.
@@ -281,8 +282,8 @@ class LatentPipeline:
         if attention == "xformers":
             _check_xformers(device)
         info = inspect_pipeline(resolve_model(pretrained_model_name_or_path), allow_pickle=allow_pickle)
-        parts = {c: load_component(info.path / c, c, info.classes[c], dtype if c in WEIGHTED else None, allow_pickle=allow_pickle,
-                                   checked=info.components[c])
+        parts = {c: load_component(info.path / c, c, info.classes[c], dtype if c in WEIGHTED else None,
+                                   allow_pickle=allow_pickle, checked=info.components[c])
                  for c in info.classes}
         pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
         pipe.training_words = read_training_words(info.path)
@@ -614,10 +615,12 @@ class LatentPipeline:
             seeds, generators = [None] * n, None  # one shared generator: images depend on the batch
 
         rows = min(batch_size or n, n)
-        need = estimate(self.unet.config, self.vae.config, height, width, rows, self.unet.dtype.itemsize, self.vae.dtype.itemsize, tiled)
-        check_fits(need, self.device, f"a batch of {rows} image(s) of {width}x{height} (VAE tiling {'on' if tiled else 'off'})",
-                   "use a smaller height/width" + (" or batch_size" if rows > 1 else "") + ("" if tiled else ", or vae_tiling=True"),
-                   include_weights=False)
+        need = estimate(self.unet.config, self.vae.config, height, width, rows, self.unet.dtype.itemsize,
+                        self.vae.dtype.itemsize, tiled)
+        what = f"a batch of {rows} image(s) of {width}x{height} (VAE tiling {'on' if tiled else 'off'})"
+        hint = "use a smaller height/width" + (" or batch_size" if rows > 1 else "")
+        hint += "" if tiled else ", or vae_tiling=True"
+        check_fits(need, self.device, what, hint, include_weights=False)
 
         self.prompt_encoder.warn_if_truncated(prompts)
         self.warn_unseen_words(prompts + negatives)

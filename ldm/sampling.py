@@ -98,13 +98,14 @@ def check_schedule(name: str, training_config: dict, steps: int) -> None:
         with warnings.catch_warnings():  # a trial run: what it says, the real run says again
             warnings.simplefilter("ignore")
             make_scheduler(name, training_config).set_timesteps(steps)
+        return
     except ValueError as e:
         if str(e).startswith(("unknown sampler", "sampler ")):
             raise
-        raise ValueError(f"the model's scheduler config cannot drive sampler {name} for {steps} steps ({' '.join(str(e).split())[:160]})") from None
+        reason = " ".join(str(e).split())[:160]
     except Exception as e:  # noqa: BLE001 — whatever diffusers raises on a config it cannot use
-        raise ValueError(f"the model's scheduler config cannot drive sampler {name} for {steps} steps "
-                         f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    raise ValueError(f"the model's scheduler config cannot drive sampler {name} for {steps} steps ({reason})")
 
 
 def make_scheduler(name: str, training_config: dict):

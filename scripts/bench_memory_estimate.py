@@ -14,10 +14,21 @@ import json
 import subprocess
 import sys
 
-SD15_UNET = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
-             "attention_head_dim": 8, "sample_size": 64}
-SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4, "sample_size": 512,
-            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD15_UNET = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "sample_size": 64,
+}
+SD15_VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
 
 CHILD = r"""
 import json, resource, sys
@@ -51,8 +62,12 @@ print(json.dumps(peak - before))
 
 
 def measure(kind: str, config: dict, size: int, n: int, tiled: bool = False) -> int:
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([kind, config, size, n, tiled])],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps([kind, config, size, n, tiled])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -67,14 +82,21 @@ def main() -> None:
     default = asset_path("default-model")
     unet_cfg, vae_cfg = read_json(default / "unet" / "config.json"), read_json(default / "vae" / "config.json")
     cases = [
-        ("default", "unet", unet_cfg, 64, 16, False), ("default", "unet", unet_cfg, 256, 8, False),
-        ("default", "vae", vae_cfg, 256, 8, False), ("default", "vae", vae_cfg, 512, 1, False),
+        ("default", "unet", unet_cfg, 64, 16, False),
+        ("default", "unet", unet_cfg, 256, 8, False),
+        ("default", "vae", vae_cfg, 256, 8, False),
+        ("default", "vae", vae_cfg, 512, 1, False),
         ("default", "vae", vae_cfg, 512, 2, True),
     ]
     if not args.quick:
-        cases += [("SD 1.5", "unet", SD15_UNET, 512, 2, False), ("SD 1.5", "vae", SD15_VAE, 256, 1, False),
-                  ("SD 1.5", "vae", SD15_VAE, 512, 1, False)]
-    print(f"{'model':8} {'network':7} {'size':>5} {'rows':>4} {'tiled':>5} {'estimate':>10} {'measured':>10} {'ratio':>6}")
+        cases += [
+            ("SD 1.5", "unet", SD15_UNET, 512, 2, False),
+            ("SD 1.5", "vae", SD15_VAE, 256, 1, False),
+            ("SD 1.5", "vae", SD15_VAE, 512, 1, False),
+        ]
+    print(
+        f"{'model':8} {'network':7} {'size':>5} {'rows':>4} {'tiled':>5} {'estimate':>10} {'measured':>10} {'ratio':>6}"
+    )
     worst = 0.0
     for model, kind, config, size, n, tiled in cases:
         if kind == "unet":
@@ -84,9 +106,12 @@ def main() -> None:
         measured = measure(kind, config, size, n, tiled)
         ratio = measured / estimate
         worst = max(worst, ratio)
-        print(f"{model:8} {kind:7} {size:>5} {n:>4} {str(tiled):>5} {estimate / 2**20:>8.0f}MB {measured / 2**20:>8.0f}MB {ratio:>6.2f}")
-    print(f"largest measured/estimated ratio {worst:.2f}; ldm.budget.MARGIN is {MARGIN} "
-          f"({'covers it' if MARGIN >= worst else 'TOO SMALL: raise it'})")
+        sizes = f"{estimate / 2**20:>8.0f}MB {measured / 2**20:>8.0f}MB"
+        print(f"{model:8} {kind:7} {size:>5} {n:>4} {str(tiled):>5} {sizes} {ratio:>6.2f}")
+    print(
+        f"largest measured/estimated ratio {worst:.2f}; ldm.budget.MARGIN is {MARGIN} "
+        f"({'covers it' if MARGIN >= worst else 'TOO SMALL: raise it'})"
+    )
 
 
 if __name__ == "__main__":

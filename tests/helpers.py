@@ -7,6 +7,8 @@ that a 64 px generation takes a fraction of a second on a CPU.
 from __future__ import annotations
 
 import json
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -238,3 +240,19 @@ def tiny_sd_topology_pipeline(path: Path, seed: int = 0):
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.5,
     ).eval()
     return LatentPipeline(vae, text_encoder, tokenizer, unet, scheduler).save_pretrained(path)
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Fail instead of hanging: SIGALRM interrupts whatever blocks (an open() of a FIFO included)."""
+
+    def timeout(*_):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

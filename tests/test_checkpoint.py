@@ -10,7 +10,9 @@ import torch
 from safetensors import SafetensorError
 
 from ldm.config import EMAConfig, OptimConfig
-from ldm.train.checkpoint import SaveFailed, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, step_dir, verify_checkpoint
+from ldm.train.checkpoint import (
+    SaveFailed, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, step_dir, verify_checkpoint,
+)
 from ldm.train.common import ResumableSampler, lr_factor, make_ema, make_lr_scheduler, make_optimizer
 
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=3, schedule="cosine", weight_decay=0.01)
@@ -103,9 +105,10 @@ def test_incomplete_or_corrupt_checkpoints_are_skipped_and_pruning_keeps_the_las
 
 @pytest.mark.parametrize("error", [
     OSError(28, "No space left on device"),  # what Python's own writes raise
-    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),  # what safetensors raises
+    # what safetensors raises:
+    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
 ])
-def test_a_full_disk_during_a_save_removes_the_partial_folder_and_says_how_much_room_it_needs(tmp_path, monkeypatch, error):
+def test_a_full_disk_during_a_save_removes_the_partial_folder_and_says_the_room_it_needs(tmp_path, monkeypatch, error):
     import ldm.train.checkpoint as ckpt
 
     model = torch.nn.Linear(256, 256)
@@ -129,7 +132,7 @@ def test_a_full_disk_during_a_save_removes_the_partial_folder_and_says_how_much_
     assert message.startswith("no space left on device: the checkpoint of step 2 needs ~") and str(first) in message
     assert 0.7 * written <= info.value.needed <= 1.3 * written  # the estimate is about what a checkpoint takes
     assert latest_checkpoint(tmp_path) == first and verify_checkpoint(first) is None
-    assert sorted(p.name for p in first.parent.iterdir()) == ["step-0000001"]  # no temporary folder left to fill the disk
+    assert sorted(p.name for p in first.parent.iterdir()) == ["step-0000001"]  # no temporary folder left behind
 
 
 def test_sampler_splits_a_global_batch_across_ranks_and_resumes_mid_epoch():

@@ -12,39 +12,62 @@ random run, e.g. nightly:
 import json
 import os
 import shutil
-import signal
 import struct
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from helpers import time_limit
 
 from ldm.cli.txt2img import main as txt2img
 
 EXAMPLES = int(os.environ.get("LDM_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
-    max_examples=EXAMPLES or 20, derandomize=not EXAMPLES, deadline=None, database=None,
+    max_examples=EXAMPLES or 20,
+    derandomize=not EXAMPLES,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 TIME_LIMIT = 60  # seconds per example: a hang fails the test instead of stalling the suite
 
-JSON_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-              "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json"]
-WEIGHTS = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
+JSON_FILES = [
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+]
+WEIGHTS = [
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+]
 FILES = JSON_FILES + WEIGHTS + ["tokenizer/tokenizer.json"]
 SPECIAL = ["fifo", "dangling link", "link to a folder", "folder", "link loop", "link to /dev/zero", "empty"]
 
 json_values = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-    st.lists(st.integers(-5, 10**6), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 10**6), max_size=4),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 mutations = st.one_of(
     st.tuples(st.just("json"), st.sampled_from(JSON_FILES), st.integers(0, 200), json_values),
     st.tuples(st.just("truncate"), st.sampled_from(FILES), st.floats(0, 0.999)),
     st.tuples(st.just("garbage"), st.sampled_from(FILES), st.binary(max_size=64)),
-    st.tuples(st.just("header"), st.sampled_from(WEIGHTS), st.integers(0, 50), st.sampled_from(["shape", "dtype", "data_offsets"]), json_values),
+    st.tuples(
+        st.just("header"),
+        st.sampled_from(WEIGHTS),
+        st.integers(0, 50),
+        st.sampled_from(["shape", "dtype", "data_offsets"]),
+        json_values,
+    ),
     st.tuples(st.just("special"), st.sampled_from(FILES), st.sampled_from(SPECIAL)),
     st.tuples(st.just("delete"), st.sampled_from(FILES)),
 )
@@ -103,19 +126,6 @@ def mutate(folder: Path, mutation: tuple) -> None:
             path.write_bytes(b"")
 
 
-@contextmanager
-def time_limit(seconds: int):
-    def timeout(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def snapshot(root: Path, skip: Path) -> dict:
     """Every path under `root` (outside `skip`) with its size and modification time, links unfollowed."""
     seen = {}
@@ -148,7 +158,9 @@ def run_and_check(argv: list[str], root: Path, outdir: Path, capsys, monkeypatch
         assert pngs and all(Path(p).is_file() and outdir in Path(p).parents for p in pngs), out
     else:
         lines = [line for line in err.strip().splitlines() if line.strip()]
-        assert code == 2 and len(lines) == 1 and "Traceback" not in err and lines[0].startswith("ldm-txt2img: error: "), (code, err)
+        assert (
+            code == 2 and len(lines) == 1 and "Traceback" not in err and lines[0].startswith("ldm-txt2img: error: ")
+        ), (code, err)
 
 
 @FUZZ
@@ -160,8 +172,13 @@ def test_fuzzed_model_folders_load_or_fail_with_one_line(tiny_pipeline_dir, caps
         for change in changes:
             mutate(folder, change)
         outdir = root / "out"
-        run_and_check(["a red circle", "--model", str(folder), "--steps", "2", "--outdir", str(outdir), "--quiet", "--seed", "0"],
-                      root, outdir, capsys, monkeypatch)
+        run_and_check(
+            ["a red circle", "--model", str(folder), "--steps", "2", "--outdir", str(outdir), "--quiet", "--seed", "0"],
+            root,
+            outdir,
+            capsys,
+            monkeypatch,
+        )
 
 
 # Values a valid run could take long with are left out (a 3000-step run is refused: 1000 training
@@ -170,18 +187,39 @@ INTS = ["-1", "0", "1", "2", "7", "8", "16", "64", "3001", str(10**12), "x", "",
 COUNTS = ["-1", "0", "1", "2", str(10**12), "x", "", "1.5"]
 FLOATS = ["nan", "inf", "-inf", "1e309", "-1", "0", "0.5", "1", "2", "7.5", "abc", ""]
 FLAGS = {
-    "--steps": INTS + ["3000"], "--height": INTS, "--width": INTS, "--num-images": COUNTS, "--batch-size": COUNTS,
+    "--steps": INTS + ["3000"],
+    "--height": INTS,
+    "--width": INTS,
+    "--num-images": COUNTS,
+    "--batch-size": COUNTS,
     "--seed": INTS + [str(2**64)],
-    "--cfg": FLOATS, "--guidance-rescale": FLOATS, "--eta": FLOATS, "--dynamic-threshold": FLOATS, "--threshold-bound": FLOATS,
+    "--cfg": FLOATS,
+    "--guidance-rescale": FLOATS,
+    "--eta": FLOATS,
+    "--dynamic-threshold": FLOATS,
+    "--threshold-bound": FLOATS,
     "--sampler": ["ddim", "euler", "heun", "plms", "dpm++2m_karras", "Euler a", "", "unipc"],
-    "--dtype": ["auto", "fp32", "fp16", "bf16", "fp8"], "--device": ["cpu", "cuda", "cuda:7", "tpu", "auto", ""],
-    "--vae-tiling": ["on", "off", "auto", "maybe"], "--attention": ["sdpa", "xformers", "flash"],
-    "--negative": ["", "blurry", "a" * 300], "--prompts-file": ["/dev/null", "/dev/zero", "nowhere.txt", "."],
-    "--model": ["nowhere", ".", "/dev/null", "x.ckpt", "org/name"], "--config": ["nowhere"],
-    "--compile": None, "--allow-pickle": None, "--quiet": None, "--bogus": None,
+    "--dtype": ["auto", "fp32", "fp16", "bf16", "fp8"],
+    "--device": ["cpu", "cuda", "cuda:7", "tpu", "auto", ""],
+    "--vae-tiling": ["on", "off", "auto", "maybe"],
+    "--attention": ["sdpa", "xformers", "flash"],
+    "--negative": ["", "blurry", "a" * 300],
+    "--prompts-file": ["/dev/null", "/dev/zero", "nowhere.txt", "."],
+    "--model": ["nowhere", ".", "/dev/null", "x.ckpt", "org/name"],
+    "--config": ["nowhere"],
+    "--compile": None,
+    "--allow-pickle": None,
+    "--quiet": None,
+    "--bogus": None,
 }
-arguments = st.lists(st.sampled_from(sorted(FLAGS)).flatmap(
-    lambda flag: st.just([flag]) if FLAGS[flag] is None else st.sampled_from(FLAGS[flag]).map(lambda value: [flag, value])), max_size=5)
+arguments = st.lists(
+    st.sampled_from(sorted(FLAGS)).flatmap(
+        lambda flag: (
+            st.just([flag]) if FLAGS[flag] is None else st.sampled_from(FLAGS[flag]).map(lambda value: [flag, value])
+        )
+    ),
+    max_size=5,
+)
 
 
 @FUZZ

@@ -5,14 +5,13 @@ headers and configs, requests that cannot fit, a full disk during a save, valida
 import json
 import os
 import shutil
-import signal
 import struct
-from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from helpers import time_limit
 from unet_fixtures import make_shapes_data, make_vae_dir, write_config
 
 import ldm.train.checkpoint as checkpoint_module
@@ -24,20 +23,6 @@ from ldm.models import check_safetensors
 from ldm.train.checkpoint import latest_checkpoint, step_dir, verify_checkpoint
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
-
-
-@contextmanager
-def time_limit(seconds: int):
-    """Fail instead of hanging: SIGALRM interrupts whatever blocks (an open() of a FIFO included)."""
-    def timeout(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def one_line_error(main, argv, capsys, seconds: int = 60) -> str:
@@ -56,8 +41,10 @@ def copy(tiny_pipeline_dir, tmp_path):
 @pytest.fixture()
 def no_torch_load(monkeypatch):
     """Any unpickling of weights fails the test."""
+
     def refuse(*a, **k):
         raise AssertionError(f"torch.load was called on {a[0] if a else k}")
+
     monkeypatch.setattr(torch, "load", refuse)
 
 
@@ -82,7 +69,9 @@ def shard_index_to(folder, component, stem, shard_name, write_shard=True):
 @pytest.mark.parametrize("component, stem", [("unet", "diffusion_pytorch_model"), ("text_encoder", "model")])
 def test_a_shard_index_naming_pickles_is_refused_and_nothing_is_unpickled(copy, no_torch_load, component, stem):
     shard_index_to(copy, component, stem, "shard.bin")
-    with pytest.raises(ValueError, match=r"names the shard 'shard.bin', which is not a safetensors file; pickle shards are refused"):
+    with pytest.raises(
+        ValueError, match=r"names the shard 'shard.bin', which is not a safetensors file; pickle shards are refused"
+    ):
         LatentPipeline.from_pretrained(copy, device="cpu")
 
 
@@ -113,11 +102,17 @@ def test_sharded_safetensors_still_load_and_the_training_loaders_check_shards_to
 # ---- 2. files that are not files --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, what", [
-    (UNET_WEIGHTS, "a FIFO (named pipe)"), ("vae/config.json", "a FIFO (named pipe)"),
-    ("tokenizer/tokenizer.json", "a FIFO (named pipe)"), ("scheduler/scheduler_config.json", "a FIFO (named pipe)"),
-    ("text_encoder/model.safetensors", "a character device"), ("unet/config.json", "a broken symbolic link"),
-])
+@pytest.mark.parametrize(
+    "name, what",
+    [
+        (UNET_WEIGHTS, "a FIFO (named pipe)"),
+        ("vae/config.json", "a FIFO (named pipe)"),
+        ("tokenizer/tokenizer.json", "a FIFO (named pipe)"),
+        ("scheduler/scheduler_config.json", "a FIFO (named pipe)"),
+        ("text_encoder/model.safetensors", "a character device"),
+        ("unet/config.json", "a broken symbolic link"),
+    ],
+)
 def test_anything_but_a_regular_file_is_named_at_once_never_waited_on(copy, tmp_path, capsys, name, what):
     path = copy / name
     path.unlink()
@@ -133,7 +128,9 @@ def test_anything_but_a_regular_file_is_named_at_once_never_waited_on(copy, tmp_
 
 def test_a_fifo_among_a_components_other_files_is_refused_too(copy, tmp_path, capsys):
     os.mkfifo(copy / "unet" / "notes.txt")  # loaders list folders: every entry counts, not only the expected names
-    assert "notes.txt: a FIFO (named pipe), not a regular file" in one_line_error(txt2img, txt2img_args(copy, tmp_path), capsys, 30)
+    assert "notes.txt: a FIFO (named pipe), not a regular file" in one_line_error(
+        txt2img, txt2img_args(copy, tmp_path), capsys, 30
+    )
 
 
 # ---- 3. headers and configs that lie; non-finite weights ---------------------------------------------
@@ -153,13 +150,20 @@ def first_tensor(header):
     return sorted(k for k in header if k != "__metadata__")[0]
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda h: h[first_tensor(h)].update(shape=[h[first_tensor(h)]["shape"][0] * 2] + h[first_tensor(h)]["shape"][1:]),
-     "bytes, but the header gives it"),
-    (lambda h: h[first_tensor(h)].update(dtype="F64"), "bytes, but the header gives it"),
-    (lambda h: h[first_tensor(h)].update(dtype="Q99"), "has an unknown dtype 'Q99'"),
-    (lambda h: h[first_tensor(h)].update(shape=[-4, 8]), "has a malformed shape"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda h: h[first_tensor(h)].update(
+                shape=[h[first_tensor(h)]["shape"][0] * 2] + h[first_tensor(h)]["shape"][1:]
+            ),
+            "bytes, but the header gives it",
+        ),
+        (lambda h: h[first_tensor(h)].update(dtype="F64"), "bytes, but the header gives it"),
+        (lambda h: h[first_tensor(h)].update(dtype="Q99"), "has an unknown dtype 'Q99'"),
+        (lambda h: h[first_tensor(h)].update(shape=[-4, 8]), "has a malformed shape"),
+    ],
+)
 def test_a_header_that_lies_about_a_tensor_is_named_before_loading(copy, edit, message):
     rewrite_header(copy / UNET_WEIGHTS, edit)
     with pytest.raises(ValueError, match=message) as info:
@@ -176,18 +180,38 @@ def test_overlapping_tensors_are_refused(tmp_path):
 
 
 CONFIG_CASES = {
-    "negative channels": ("unet/config.json", "block_out_channels", [-32, 64], "block_out_channels = [-32, 64]: expected a list"),
+    "negative channels": (
+        "unet/config.json",
+        "block_out_channels",
+        [-32, 64],
+        "block_out_channels = [-32, 64]: expected a list",
+    ),
     "channels of the wrong type": ("vae/config.json", "block_out_channels", "wide", "block_out_channels = 'wide'"),
-    "absurd depth": ("unet/config.json", "layers_per_block", 10**9, "layers_per_block = 1000000000: expected a whole number"),
+    "absurd depth": (
+        "unet/config.json",
+        "layers_per_block",
+        10**9,
+        "layers_per_block = 1000000000: expected a whole number",
+    ),
     "sample size text": ("unet/config.json", "sample_size", "big", "sample_size = 'big'"),
     "zero latent scale": ("vae/config.json", "scaling_factor", 0, "scaling_factor = 0: expected a finite number in (0"),
     "encoder width text": ("text_encoder/config.json", "hidden_size", "x", "hidden_size = 'x'"),
     "encoder depth absurd": ("text_encoder/config.json", "num_hidden_layers", 10**6, "num_hidden_layers = 1000000"),
     "negative timesteps": ("scheduler/scheduler_config.json", "num_train_timesteps", -5, "num_train_timesteps = -5"),
     "betas reversed": ("scheduler/scheduler_config.json", "beta_start", 0.5, "beta_start 0.5 must be below beta_end"),
-    "block lists disagree": ("unet/config.json", "down_block_types", ["DownBlock2D"], "down_block_types has 1 entries but block_out_channels has 2"),
+    "block lists disagree": (
+        "unet/config.json",
+        "down_block_types",
+        ["DownBlock2D"],
+        "down_block_types has 1 entries but block_out_channels has 2",
+    ),
     "config disagrees with weights": ("unet/config.json", "cross_attention_dim", 48, "but unet/config.json builds"),
-    "config builds more than the weights hold": ("unet/config.json", "transformer_layers_per_block", 2, "parameter(s) the weights do not hold"),
+    "config builds more than the weights hold": (
+        "unet/config.json",
+        "transformer_layers_per_block",
+        2,
+        "parameter(s) the weights do not hold",
+    ),
 }
 
 
@@ -198,7 +222,9 @@ def test_a_config_value_that_cannot_be_built_names_the_file_and_key(copy, tmp_pa
     config[key] = value
     (copy / name).write_text(json.dumps(config))
     err = one_line_error(txt2img, txt2img_args(copy, tmp_path), capsys)
-    assert message.replace("unet/config.json", str(copy / "unet" / "config.json")) in err and (name.split("/")[0] in err)
+    assert message.replace("unet/config.json", str(copy / "unet" / "config.json")) in err and (
+        name.split("/")[0] in err
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -219,30 +245,51 @@ def test_non_finite_weights_are_found_at_load_with_the_tensor_named(copy, value)
 def no_weights(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the request was checked")
+
     monkeypatch.setattr(LatentPipeline, "from_pretrained", refuse)
     monkeypatch.setattr(unet_module, "load_vae", refuse)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--height", "1000000", "--width", "1000000"], r"a batch of 1 image\(s\) of 1000000x1000000 \(VAE tiling on\) needs ~[\d,.]+ GB of memory "
-                                                    r"\(weights .*, U-Net .*, VAE decode .*, images .*\), but only .* is"),
-    (["--height", "4096", "--width", "4096", "--vae-tiling", "off", "--batch-size", "64", "--num-images", "64"],
-     r"a batch of 64 image\(s\) of 4096x4096 \(VAE tiling off\) needs .*or --batch-size, or --vae-tiling on"),
-    (["--num-images", str(10**12)], r"1,000,000,000,000 image\(s\) of 64x64 need at least ~[\d,]+ MB in --outdir .* MB free"),
-])
-def test_a_request_that_cannot_fit_is_refused_up_front_with_the_estimate(tiny_pipeline_dir, tmp_path, no_weights, capsys, extra, message):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--height", "1000000", "--width", "1000000"],
+            r"a batch of 1 image\(s\) of 1000000x1000000 \(VAE tiling on\) needs ~[\d,.]+ GB of memory "
+            r"\(weights .*, U-Net .*, VAE decode .*, images .*\), but only .* is",
+        ),
+        (
+            ["--height", "4096", "--width", "4096", "--vae-tiling", "off", "--batch-size", "64", "--num-images", "64"],
+            r"a batch of 64 image\(s\) of 4096x4096 \(VAE tiling off\) needs .*or --batch-size, or --vae-tiling on",
+        ),
+        (
+            ["--num-images", str(10**12)],
+            r"1,000,000,000,000 image\(s\) of 64x64 need at least ~[\d,]+ MB in --outdir .* MB free",
+        ),
+    ],
+)
+def test_a_request_that_cannot_fit_is_refused_up_front_with_the_estimate(
+    tiny_pipeline_dir, tmp_path, no_weights, capsys, extra, message
+):
     import re
 
     assert re.search(message, one_line_error(txt2img, txt2img_args(tiny_pipeline_dir, tmp_path, *extra), capsys))
 
 
 def test_a_prompts_file_that_never_ends_is_read_with_a_limit(tiny_pipeline_dir, tmp_path, no_weights, capsys):
-    err = one_line_error(txt2img, ["--prompts-file", "/dev/zero", "--model", str(tiny_pipeline_dir), "--outdir", str(tmp_path)], capsys, 30)
+    err = one_line_error(
+        txt2img,
+        ["--prompts-file", "/dev/zero", "--model", str(tiny_pipeline_dir), "--outdir", str(tmp_path)],
+        capsys,
+        30,
+    )
     assert "prompts file /dev/zero is longer than 16 MB" in err
 
 
 def test_the_python_api_refuses_before_any_work(tiny_pipe, monkeypatch):
-    monkeypatch.setattr(tiny_pipe, "encode_prompts", lambda *a: pytest.fail("work began before the request was checked"))
+    monkeypatch.setattr(
+        tiny_pipe, "encode_prompts", lambda *a: pytest.fail("work began before the request was checked")
+    )
     with pytest.raises(ValueError, match=r"needs ~.* of memory .*; use a smaller height/width \(LDM"):
         tiny_pipe("a red circle", height=2**20, width=2**20, progress=False)
 
@@ -264,14 +311,30 @@ def test_the_estimate_is_small_for_small_requests_and_grows_with_the_pixels(tiny
 @pytest.fixture(scope="module")
 def training(tmp_path_factory):
     root = tmp_path_factory.mktemp("disk")
-    return {"vae": make_vae_dir(root / "vae"), "data": make_shapes_data(root / "data", 16), "config": write_config(root / "c.yaml")}
+    return {
+        "vae": make_vae_dir(root / "vae"),
+        "data": make_shapes_data(root / "data", 16),
+        "config": write_config(root / "c.yaml"),
+    }
 
 
 def train_args(setup, out, *extra):
-    return ["--config", str(setup["config"]), "--vae", str(setup["vae"]), "--data", str(setup["data"]), "--output-dir", str(out), *extra]
+    return [
+        "--config",
+        str(setup["config"]),
+        "--vae",
+        str(setup["vae"]),
+        "--data",
+        str(setup["data"]),
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
-def test_a_full_disk_during_a_checkpoint_exits_74_with_one_line_and_the_run_resumes(training, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_checkpoint_exits_74_with_one_line_and_the_run_resumes(
+    training, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     real_save_file, calls = checkpoint_module.save_file, []
 
@@ -285,10 +348,23 @@ def test_a_full_disk_during_a_checkpoint_exits_74_with_one_line_and_the_run_resu
     code = train_unet(train_args(training, out, "--max-steps", "6", "run.checkpoint_every=2", "run.sample_every=0"))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 74
-    assert err.startswith("ldm-train-unet: no space left on device: the checkpoint of step 4 needs ~") and str(step_dir(out, 2)) in err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"] and verify_checkpoint(step_dir(out, 2)) is None
+    assert (
+        err.startswith("ldm-train-unet: no space left on device: the checkpoint of step 4 needs ~")
+        and str(step_dir(out, 2)) in err
+    )
+    assert (
+        sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002"]
+        and verify_checkpoint(step_dir(out, 2)) is None
+    )
     monkeypatch.setattr(checkpoint_module, "save_file", real_save_file)  # space freed
-    assert train_unet(train_args(training, out, "--max-steps", "6", "run.checkpoint_every=2", "run.sample_every=0", "--resume", "latest")) == 0
+    assert (
+        train_unet(
+            train_args(
+                training, out, "--max-steps", "6", "run.checkpoint_every=2", "run.sample_every=0", "--resume", "latest"
+            )
+        )
+        == 0
+    )
     assert latest_checkpoint(out) == step_dir(out, 6) and (out / "final" / "model_index.json").is_file()
 
 
@@ -305,21 +381,30 @@ def test_a_full_disk_while_writing_a_png_leaves_no_partial_file(tiny_pipeline_di
     monkeypatch.setattr(Image.Image, "save", half_then_full)
     assert txt2img(txt2img_args(tiny_pipeline_dir, tmp_path)) == 74
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ldm-txt2img: error: no space left on device writing ") and "MB free in" in err and "\n" not in err
+    assert (
+        err.startswith("ldm-txt2img: error: no space left on device writing ")
+        and "MB free in" in err
+        and "\n" not in err
+    )
     assert list((tmp_path / "png").iterdir()) == []
 
 
 # ---- 6. validation before work ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lr=nan", "config key optim.lr: expected a finite number, got 'nan'"),
-    ("optim.lr=.inf", "config key optim.lr: expected a finite number, got inf"),
-    ("optim.lr=0", "config key optim.lr must be > 0, got 0.0"),
-    ("optim.betas=[1.5, 0.9]", "config key optim.betas must be two numbers in [0, 1), got [1.5, 0.9]"),
-    ("ema.decay=2", "config key ema.decay must be in (0, 1], got 2.0"),
-    ("optim.max_grad_norm=-1", "config key optim.max_grad_norm must be > 0"),
-    ("data.num_workers=-1", "config key data.num_workers must be ≥ 0"),
-])
-def test_bad_optimizer_and_ema_values_are_refused_before_anything_is_built(training, tmp_path, no_weights, capsys, override, message):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "config key optim.lr: expected a finite number, got 'nan'"),
+        ("optim.lr=.inf", "config key optim.lr: expected a finite number, got inf"),
+        ("optim.lr=0", "config key optim.lr must be > 0, got 0.0"),
+        ("optim.betas=[1.5, 0.9]", "config key optim.betas must be two numbers in [0, 1), got [1.5, 0.9]"),
+        ("ema.decay=2", "config key ema.decay must be in (0, 1], got 2.0"),
+        ("optim.max_grad_norm=-1", "config key optim.max_grad_norm must be > 0"),
+        ("data.num_workers=-1", "config key data.num_workers must be ≥ 0"),
+    ],
+)
+def test_bad_optimizer_and_ema_values_are_refused_before_anything_is_built(
+    training, tmp_path, no_weights, capsys, override, message
+):
     assert message in one_line_error(train_unet, train_args(training, tmp_path / "out", override), capsys)

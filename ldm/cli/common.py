@@ -132,7 +132,8 @@ def run_training(train: Callable[[], object], prog: str) -> int:
 
         if io_error_code(e) not in NO_SPACE:
             raise
-        print(f"{prog}: error: {no_space_message(e)}; the last checkpoint is intact, rerun with --resume latest", file=sys.stderr)
+        message = f"{no_space_message(e)}; the last checkpoint is intact, rerun with --resume latest"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_NO_SPACE
     print(result)
     return 0

@@ -59,7 +59,8 @@ def read_prompts(args) -> list[str]:
             with open(args.prompts_file, "rb") as f:  # a pipe or a device is read too, but never past the limit
                 data = f.read(MAX_PROMPTS_BYTES + 1)
             if len(data) > MAX_PROMPTS_BYTES:
-                raise ValueError(f"prompts file {args.prompts_file} is longer than {MAX_PROMPTS_BYTES >> 20} MB; split it into several runs")
+                limit = MAX_PROMPTS_BYTES >> 20
+                raise ValueError(f"prompts file {args.prompts_file} is longer than {limit} MB; split it into runs")
             text = data.decode("utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"prompts file not found: {args.prompts_file}") from None
@@ -96,14 +97,16 @@ def check_request_fits(info, args, device, height: int, width: int, images: int)
     batch = min(args.batch_size, images)
     need = estimate(info.unet_config, info.vae_config, height, width, batch, itemsize, vae_itemsize, tiled,
                     weights=weights_bytes(info, itemsize, vae_itemsize))
-    check_fits(need, device, f"a batch of {batch} image(s) of {width}x{height} (VAE tiling {'on' if tiled else 'off'})",
-               "use a smaller --height/--width" + (" or --batch-size" if batch > 1 else "") + ("" if tiled else ", or --vae-tiling on"))
+    what = f"a batch of {batch} image(s) of {width}x{height} (VAE tiling {'on' if tiled else 'off'})"
+    hint = "use a smaller --height/--width" + (" or --batch-size" if batch > 1 else "")
+    hint += "" if tiled else ", or --vae-tiling on"
+    check_fits(need, device, what, hint)
     # PNGs of drawn pictures compress ~10:1 at best; fewer free bytes than that cannot hold them
     smallest = images * height * width * 3 // 10
     free = shutil.disk_usage(args.outdir).free
     if smallest > free:
-        raise ValueError(f"{images:,} image(s) of {width}x{height} need at least ~{smallest / 2**20:,.0f} MB in --outdir "
-                         f"{args.outdir}, which has {free / 2**20:,.0f} MB free")
+        raise ValueError(f"{images:,} image(s) of {width}x{height} need at least ~{smallest / 2**20:,.0f} MB in "
+                         f"--outdir {args.outdir}, which has {free / 2**20:,.0f} MB free")
 
 
 def _main(argv=None) -> int:

@@ -253,8 +253,8 @@ def save_checkpoint(
         if code:
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            needed = _state_nbytes([m.state_dict() for m in models.values()] + [o.state_dict() for o in (optimizers or {}).values()]
-                                   + [e.state_dict() for e in (emas or {}).values()] + [rng_state()])
+            states = [m.state_dict() for m in models.values()] + [o.state_dict() for o in (optimizers or {}).values()]
+            needed = _state_nbytes(states + [e.state_dict() for e in (emas or {}).values()] + [rng_state()])
             raise SaveFailed(step, final.parent, code, needed, latest_checkpoint(output_dir), error)
 
     def prepare():
@@ -306,20 +306,24 @@ class SaveFailed(RunStopped):
 
     exit_status = EXIT_SAVE_FAILED
 
-    def __init__(self, step: int, folder: Path, errno_code: int, needed: int, checkpoint: Path | None, error: Exception | None):
+    def __init__(self, step: int, folder: Path, errno_code: int, needed: int, checkpoint: Path | None,
+                 error: Exception | None):
         self.step, self.folder, self.needed, self.checkpoint = step, folder, needed, checkpoint
         try:
             free = f"{shutil.disk_usage(folder if folder.is_dir() else folder.parent).free / 2**20:,.0f} MB free"
         except OSError:
             free = "free space unknown"
         if errno_code in (errno.ENOSPC, errno.EDQUOT):
-            what = f"no space left on device: the checkpoint of step {step} needs ~{needed / 2**20:,.0f} MB in {folder} ({free})"
+            what = (f"no space left on device: the checkpoint of step {step} needs ~{needed / 2**20:,.0f} MB "
+                    f"in {folder} ({free})")
         elif error is not None:
             what = f"cannot write the checkpoint of step {step} in {folder}: {os.strerror(errno_code)}"
         else:
-            what = f"another process could not write its part of the checkpoint of step {step} in {folder} ({os.strerror(errno_code) if errno_code > 0 else 'I/O error'})"
+            what = (f"another process could not write its part of the checkpoint of step {step} in {folder} "
+                    f"({os.strerror(errno_code)})")
         last = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no complete checkpoint exists yet"
-        super().__init__(f"{what}; the partial checkpoint was removed and {last}; free space, then rerun with --resume latest")
+        super().__init__(f"{what}; the partial checkpoint was removed and {last}; "
+                         "free space, then rerun with --resume latest")
 
 
 def io_error_code(error: BaseException) -> int | None:
