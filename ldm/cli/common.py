@@ -19,11 +19,22 @@ EXIT_NO_SPACE = 74  # sysexits.h EX_IOERR: the disk filled up; what was already 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, once: not when the help already names it ("default:
+    random ..."), and not when there is none to show (None, an off switch, an empty list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (`prog: error: ...`) and exit status 2."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -95,6 +106,7 @@ def add_training_arguments(p: ArgumentParser, presets: str, config_class: str, o
     p.add_argument("--max-steps", type=int, help="optimizer updates; sets run.max_steps")
     p.add_argument("--resume", metavar="latest|DIR", help="continue exactly from the newest checkpoint of the output folder, or from a checkpoint folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides with dotted keys, values as YAML (e.g. {override_example})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def load_training_config(config_class, args, **paths):

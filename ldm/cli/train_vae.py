@@ -15,7 +15,6 @@ def build_parser() -> ArgumentParser:
                "--output-dir runs/vae-shapes optim.lr=2e-4 run.batch_size=16",
     )
     add_training_arguments(p, "configs/vae/*.yaml", "ldm.train.vae.VAETrainConfig", "loss.disc_start=5000 optim.lr=2e-4")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
