@@ -33,6 +33,7 @@ from ldm.guidance import default_guidance_rescale
 from ldm.models import WEIGHTED, inspect_pipeline, load_component, resolve_model
 from ldm.sampling import (
     DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler,
+    resolve_sampler,
 )
 from ldm.text import LdmWarning, PromptEncoder
 
@@ -119,6 +120,7 @@ def check_generation_args(
         raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} training timesteps")
     if not _finite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance scale (cfg) must be a number ≥ 0, got {guidance_scale!r}")
+    sampler = resolve_sampler(sampler)
     check_sampler(sampler, scheduler_config)
     if scheduler_config is not None:
         check_schedule(sampler, scheduler_config, num_inference_steps)
@@ -586,6 +588,7 @@ class LatentPipeline:
         size decodes in a fixed memory budget; tiles are blended as in diffusers' VAE tiling.
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
+        sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         if guidance_rescale is None:

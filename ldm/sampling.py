@@ -9,7 +9,10 @@ corrections, and `denoise` is a loop over a scheduler that never knows guidance 
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import inspect
+import re
 import warnings
 import sys
 from dataclasses import dataclass, field
@@ -24,41 +27,95 @@ from ldm.schedule import alpha_cumprod_at, model_output_from_z0, predicted_z0
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler: which diffusers scheduler class, with which settings, and where it comes from."""
+    """A sampler: which diffusers scheduler class, with which settings, and what people call it."""
 
     scheduler: str  # a class name in `diffusers`
     overrides: dict = field(default_factory=dict)
     stochastic: bool = False  # draws fresh noise every step (uses the per-image generators)
     description: str = ""
+    a1111: str = ""  # AUTOMATIC1111's display name ("DPM++ 2M Karras"), where it has the same sampler
+    aliases: tuple[str, ...] = ()  # A1111's / k-diffusion's short names ("k_dpmpp_2m_ka")
 
 
+_DPM = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ddpm": SamplerSpec("DDPMScheduler", {}, True, "ancestral DDPM (Ho et al. 2020, Alg. 2); needs many steps"),
-    "ddim": SamplerSpec("DDIMScheduler", {}, False, "DDIM (Song et al. 2021); eta > 0 adds noise (eta = 1 is DDPM-like)"),
-    "plms": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}, False, "pseudo linear multistep (Liu et al. 2022), SD's original default; on a zero-SNR model at CFG 7.5 it fails (default model: 12%; 71% at CFG 3)"),
-    "euler": SamplerSpec("EulerDiscreteScheduler", {"use_karras_sigmas": False}, False, "Euler steps on the probability-flow ODE (Karras et al. 2022, Alg. 1 without its 2nd-order correction); the default"),
-    "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", {}, True, "Euler ancestral (k-diffusion); stochastic"),
-    "heun": SamplerSpec("HeunDiscreteScheduler", {"use_karras_sigmas": False}, False, "Heun's 2nd-order method (Karras et al. 2022, Alg. 1); two U-Net calls per step (default model: 92.1%)"),
+    "ddpm": SamplerSpec("DDPMScheduler", {}, True, "ancestral DDPM (Ho et al. 2020, Alg. 2); needs many steps",
+                        "DDPM"),
+    "ddim": SamplerSpec("DDIMScheduler", {}, False, "DDIM (Song et al. 2021); eta > 0 adds noise (eta = 1 is DDPM-like)",
+                        "DDIM"),
+    "plms": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}, False,
+                        "pseudo linear multistep (Liu et al. 2022), SD's original default; on a zero-SNR model at CFG 7.5 "
+                        "it fails (default model: 12%; 71% at CFG 3)", "PLMS", ("pndm",)),
+    "euler": SamplerSpec("EulerDiscreteScheduler", {"use_karras_sigmas": False}, False,
+                         "Euler steps on the probability-flow ODE (Karras et al. 2022, Alg. 1 without its 2nd-order "
+                         "correction); the default", "Euler", ("k_euler",)),
+    "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler", {}, True, "Euler ancestral (k-diffusion); stochastic",
+                           "Euler a", ("k_euler_a", "k_euler_ancestral", "euler_ancestral")),
+    "heun": SamplerSpec("HeunDiscreteScheduler", {"use_karras_sigmas": False}, False,
+                        "Heun's 2nd-order method (Karras et al. 2022, Alg. 1); two U-Net calls per step (default model: "
+                        "92.1%)", "Heun", ("k_heun",)),
+    "lms": SamplerSpec("LMSDiscreteScheduler", {"use_karras_sigmas": False}, False,
+                       "linear multistep on σ (k-diffusion's LMS, order 4); needs scipy", "LMS", ("k_lms",)),
+    "lms_karras": SamplerSpec("LMSDiscreteScheduler", {"use_karras_sigmas": True}, False, "LMS on Karras et al.'s σ spacing",
+                              "LMS Karras", ("k_lms_ka",)),
+    "dpm2": SamplerSpec("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}, False,
+                        "DPM-Solver-2 in k-diffusion's form (Karras et al. 2022 style); two U-Net calls per step", "DPM2",
+                        ("k_dpm_2",)),
+    "dpm2_karras": SamplerSpec("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, False,
+                               "DPM2 on Karras et al.'s σ spacing", "DPM2 Karras", ("k_dpm_2_ka",)),
+    "dpm2_a": SamplerSpec("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}, True,
+                          "DPM2 ancestral; stochastic", "DPM2 a", ("k_dpm_2_a",)),
+    "dpm2_a_karras": SamplerSpec("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}, True,
+                                 "DPM2 ancestral on Karras et al.'s σ spacing", "DPM2 a Karras", ("k_dpm_2_a_ka",)),
     "dpm++2m": SamplerSpec(
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-        False,
-        "DPM-Solver++(2M) (Lu et al. 2022); sharp in 20-25 steps, but weaker than euler on a zero-SNR model at CFG 7.5 (default model: 80.4% against 89.2%)",
+        "DPMSolverMultistepScheduler", {**_DPM, "use_karras_sigmas": False}, False,
+        "DPM-Solver++(2M) (Lu et al. 2022); sharp in 20-25 steps, but weaker than euler on a zero-SNR model at CFG 7.5 "
+        "(default model: 80.4% against 89.2%)", "DPM++ 2M", ("k_dpmpp_2m", "dpmpp_2m"),
     ),
     "dpm++2m_karras": SamplerSpec(
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-        False,
-        "DPM-Solver++(2M) on Karras et al.'s σ spacing",
+        "DPMSolverMultistepScheduler", {**_DPM, "use_karras_sigmas": True}, False,
+        "DPM-Solver++(2M) on Karras et al.'s σ spacing", "DPM++ 2M Karras", ("k_dpmpp_2m_ka", "dpmpp_2m_karras"),
     ),
     "dpm++2m_sde": SamplerSpec(
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-        True,
-        "DPM-Solver++(2M) SDE variant (Lu et al. 2022); stochastic",
+        "DPMSolverMultistepScheduler", {**_SDE, "use_karras_sigmas": False}, True,
+        "DPM-Solver++(2M) SDE variant (Lu et al. 2022); stochastic", "DPM++ 2M SDE", ("k_dpmpp_2m_sde", "dpmpp_2m_sde"),
     ),
-    "unipc": SamplerSpec("UniPCMultistepScheduler", {"use_karras_sigmas": False}, False, "UniPC (Zhao et al. 2023), predictor-corrector; strong at 10-20 steps, weak on a zero-SNR model at CFG 7.5 (default model: 58%)"),
+    "dpm++2m_sde_karras": SamplerSpec(
+        "DPMSolverMultistepScheduler", {**_SDE, "use_karras_sigmas": True}, True,
+        "DPM-Solver++(2M) SDE on Karras et al.'s σ spacing; stochastic", "DPM++ 2M SDE Karras",
+        ("k_dpmpp_2m_sde_ka", "dpmpp_2m_sde_karras"),
+    ),
+    "unipc": SamplerSpec("UniPCMultistepScheduler", {"use_karras_sigmas": False}, False,
+                         "UniPC (Zhao et al. 2023), predictor-corrector; strong at 10-20 steps, weak on a zero-SNR model "
+                         "at CFG 7.5 (default model: 58%)", "UniPC"),
 }
+
+
+def _key(name: str) -> str:
+    """A name as typed, folded: case, spaces, '_' and '-' do not matter ("DPM++ 2M Karras" = "dpm++2m_karras")."""
+    return re.sub(r"[\s_-]+", "", name.lower())
+
+
+# Every name a sampler answers to, folded → our name: ours, A1111's display names, their aliases.
+SAMPLER_NAMES: dict[str, str] = {
+    _key(alias): name for name, spec in SAMPLERS.items() for alias in (name, spec.a1111, *spec.aliases) if alias
+}
+
+
+def resolve_sampler(name: str) -> str:
+    """Our name for sampler `name`, typed any way people do ("DDIM", "Euler a", "DPM++ 2M Karras",
+    "k_lms"); a ValueError suggesting the closest names on a typo."""
+    if not isinstance(name, str):
+        raise ValueError(f"sampler must be a name, got {name!r}")
+    found = SAMPLER_NAMES.get(_key(name))
+    if found is not None:
+        return found
+    close = difflib.get_close_matches(_key(name), SAMPLER_NAMES, n=2, cutoff=0.6)
+    guesses = list(dict.fromkeys(SAMPLER_NAMES[c] for c in close))
+    hint = f"did you mean {' or '.join(guesses)}? " if guesses else ""
+    raise ValueError(f"unknown sampler {name!r}; {hint}choose one of: {', '.join(SAMPLERS)} (or AUTOMATIC1111's names)")
+
 
 # Euler, not DPM-Solver++(2M): on the shapes world's zero-terminal-SNR model at CFG 7.5 and 25 steps
 # (240 held-out prompts, 2026-12-01) the one-step samplers score well: heun 92.1%, euler 89.2%, ddim
@@ -81,9 +138,10 @@ def check_sampler(name: str, training_config: dict | None = None) -> SamplerSpec
     the spacing puts most steps at t ≈ T, repeats timesteps, and diffusers' DPM-Solver++ then
     indexes past its σ table. Refused up front instead of crashing mid-sampling.
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    name = resolve_sampler(name)
     spec = SAMPLERS[name]
+    if spec.scheduler == "LMSDiscreteScheduler" and importlib.util.find_spec("scipy") is None:
+        raise ValueError(f"sampler {name} needs scipy (its coefficients are integrals): pip install scipy")
     if spec.overrides.get("use_karras_sigmas") and training_config and training_config.get("rescale_betas_zero_snr"):
         plain = name.replace("_karras", "")
         raise ValueError(f"sampler {name} spaces steps by Karras σ, which needs a finite σ_max; this model has zero terminal SNR "

@@ -48,7 +48,7 @@ def test_bad_input_is_one_line_and_status_2(tiny_pipeline_dir, tmp_path, capsys)
     assert "num_inference_steps must be an integer ≥ 1" in _error(["x", "--steps", "0", *model, *out], capsys)
     assert "guidance scale (cfg) must be a number ≥ 0, got -1.0" in _error(["x", "--cfg", "-1", *model, *out], capsys)
     line = _error(["x", "--sampler", "nope", *model, *out], capsys)
-    assert "invalid choice: 'nope'" in line and "dpm++2m_karras" in line
+    assert "unknown sampler 'nope'; choose one of:" in line and "dpm++2m_karras" in line
     assert "invalid int value: 'ten'" in _error(["x", "--steps", "ten", *model, *out], capsys)
     assert "model folder not found: " in _error(["x", "--model", str(tmp_path / "missing"), *out], capsys)
     (tmp_path / "not_a_pipeline").mkdir()

@@ -9,6 +9,9 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
@@ -29,6 +32,9 @@ REFERENCE = {
     "dpm++2m": lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++", solver_order=2),
     "dpm++2m_karras": lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
     "unipc": lambda c: UniPCMultistepScheduler.from_config(c),
+    "lms": lambda c: LMSDiscreteScheduler.from_config(c),
+    "dpm2": lambda c: KDPM2DiscreteScheduler.from_config(c),
+    "dpm2_a_karras": lambda c: KDPM2AncestralDiscreteScheduler.from_config(c, use_karras_sigmas=True),
 }
 
 

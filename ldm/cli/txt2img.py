@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
-from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, resolve_sampler
 
 MAX_PROMPTS_BYTES = 16 * 2**20  # ~200,000 prompts; a file that never ends is refused at this size
 
@@ -28,7 +28,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt: what the image should not show (the unconditional half of guidance)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale w; 0 = unconditional, 1 = no guidance")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="number of denoising steps")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS), metavar="NAME", help=f"sampler: {', '.join(SAMPLERS)}")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME",
+                   help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too ('Euler a', 'DPM++ 2M Karras', "
+                        "'k_lms', ...), in any case")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random, printed in each PNG's metadata)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's latent factor (default: the model's size)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
@@ -118,6 +120,7 @@ def _main(argv=None) -> int:
 
     # 1. Everything that can be checked without weights.
     prompts = read_prompts(args)
+    args.sampler = resolve_sampler(args.sampler)
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)
     if args.model is None and not DEFAULT_MODEL.is_dir():

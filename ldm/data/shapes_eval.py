@@ -23,9 +23,9 @@ def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_p
     guidance_rescale) with the defaults filled in. Raises ValueError naming the bad setting."""
     from ldm.guidance import default_guidance_rescale
     from ldm.pipeline import check_generation_args
-    from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_sampler
 
-    sampler = DEFAULT_SAMPLER if sampler is None else sampler
+    sampler = DEFAULT_SAMPLER if sampler is None else resolve_sampler(sampler)
     steps = DEFAULT_STEPS if steps is None else steps  # not `or`: 0 steps is an error, not the default
     size = default_size if size is None else size
     guidance_rescale = default_guidance_rescale(scheduler_config) if guidance_rescale is None else guidance_rescale
