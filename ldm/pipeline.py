@@ -12,6 +12,7 @@ The keyword names are those of diffusers' StableDiffusionPipeline, so one can sw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import torch
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.guidance import default_guidance_rescale
-from ldm.models import WEIGHTED, inspect_pipeline, load_component, resolve_model
+from ldm.models import HUB_ID, WEIGHTED, inspect_pipeline, load_component, resolve_model
 from ldm.sampling import (
     DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler,
     resolve_sampler,
@@ -181,12 +182,22 @@ def check_seeds(seed, n: int) -> list[int]:
 
 
 def infotext(prompt: str, negative_prompt: str, settings: dict) -> str:
-    """The `parameters` text other SD tools read (AUTOMATIC1111's format): prompt, negative, settings."""
+    """The `parameters` text other SD tools read (AUTOMATIC1111's format): prompt, negative, settings.
+    Values are written as A1111 writes them: whole numbers without ".0", and a value holding a
+    comma, a colon or a line break quoted as a JSON string (modules/infotext_utils.py, `quote`), so
+    a reader splitting the line on ", " gets every field back."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
+    lines.append(", ".join(f"{k}: {_infotext_value(v)}" for k, v in settings.items() if v is not None))
     return "\n".join(lines)
+
+
+def _infotext_value(value) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 @dataclass
@@ -247,6 +258,8 @@ class LatentPipeline:
         self.unet = unet
         self.scheduler = scheduler  # the training scheduler: samplers are built from its config
         self.name_or_path = str(name_or_path)
+        self.weights_files: list[Path] = []  # the U-Net's weights (or the single-file checkpoint): what "Model hash" hashes
+        self._model_hash: str | None = None
         self.prompt_encoder = PromptEncoder(text_encoder, tokenizer)
         self.training_words: frozenset[str] | None = None  # see TRAINING_WORDS; None: unknown, no check
 
@@ -288,6 +301,7 @@ class LatentPipeline:
                                    allow_pickle=allow_pickle, checked=info.components[c])
                  for c in info.classes}
         pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
+        pipe.weights_files = sorted({file for file, _ in (info.components["unet"].weights or {}).values()})
         pipe.training_words = read_training_words(info.path)
         pipe.to(device, dtype)
         pipe.set_attention(attention)
@@ -343,6 +357,7 @@ class LatentPipeline:
         for network in (sd.unet, sd.vae, sd.text_encoder):
             check_finite(network, ComponentInfo(path, {}))
         pipe = cls(sd.vae, sd.text_encoder, sd.tokenizer, sd.unet, sd.scheduler, name_or_path=str(path))
+        pipe.weights_files = [path]  # A1111's "Model hash" of the same file
         pipe.to(device, dtype)
         pipe.set_attention(attention)
         return pipe
@@ -437,6 +452,31 @@ class LatentPipeline:
             else:  # inductor's freezing folds the (fixed) weights into the graph: ~1.8× on a small U-Net
                 self.unet = torch.compile(self.unet, fullgraph=True, options={"freezing": True})
         return self
+
+    @property
+    def model_name(self) -> str:
+        """The model's name for PNG metadata: its folder's (or checkpoint's) name, or a hub id; never
+        a local path, which would travel with every picture shared."""
+        if not self.name_or_path:
+            return "unnamed"
+        path = Path(self.name_or_path)
+        if not path.exists() and HUB_ID.match(self.name_or_path):
+            return self.name_or_path
+        return path.stem if path.suffix == ".safetensors" else path.name
+
+    @property
+    def model_hash(self) -> str | None:
+        """AUTOMATIC1111's short model hash: the first 10 hex digits of the SHA-256 of the weights
+        (the U-Net's file(s); for a single-file checkpoint, that file, exactly as A1111 hashes it).
+        Computed once, at the first image; None for a pipeline built from objects."""
+        if self._model_hash is None and self.weights_files:
+            digest = hashlib.sha256()
+            for file in self.weights_files:
+                with open(file, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        digest.update(block)
+            self._model_hash = digest.hexdigest()[:10]
+        return self._model_hash
 
     @property
     def device(self) -> torch.device:
@@ -652,7 +692,8 @@ class LatentPipeline:
         if dynamic_threshold is not None:
             settings["Dynamic threshold"] = f"{dynamic_threshold}/{threshold_bound}"
         parameters = [
-            infotext(p, neg, {**settings, "Seed": s if s is not None else "generator", "Size": f"{width}x{height}", "Model": self.name_or_path or "unnamed"})
+            infotext(p, neg, {**settings, "Seed": s if s is not None else "generator", "Size": f"{width}x{height}",
+                              "Model hash": self.model_hash, "Model": self.model_name})
             for p, neg, s in zip(prompts, negatives, seeds)
         ]
         return LatentPipelineOutput(images, seeds, prompts, negatives, parameters)

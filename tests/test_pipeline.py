@@ -106,7 +106,7 @@ def test_output_save_writes_parameters_and_never_overwrites(tiny_pipe, tmp_path)
     assert [p.name for p in first + second] == ["00000-4.png", "00001-4.png"]
     text = Image.open(first[0]).info["parameters"]
     assert text.splitlines()[0] == "a red circle" and text.splitlines()[1] == "Negative prompt: blue"
-    for part in ("Steps: 2", "Sampler: euler", "CFG scale: 3.0", "Seed: 4", "Size: 64x64", "Model: "):
+    for part in ("Steps: 2", "Sampler: euler", "CFG scale: 3,", "Seed: 4", "Size: 64x64", "Model: "):
         assert part in text
 
 
