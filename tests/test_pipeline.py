@@ -119,7 +119,7 @@ def test_output_save_writes_parameters_and_never_overwrites(tiny_pipe, tmp_path)
         (dict(num_inference_steps=5000), r"exceeds the model's 1000 training timesteps"),
         (dict(guidance_scale=-1.0), r"guidance scale \(cfg\) must be a number ≥ 0"),
         (dict(guidance_scale=float("nan")), r"guidance scale"),
-        (dict(sampler="k_lms"), r"unknown sampler 'k_lms'; choose one of: ddpm, ddim"),
+        (dict(sampler="k_lmz_x"), r"unknown sampler 'k_lmz_x'; did you mean lms\? choose one of: ddpm, ddim"),
         (dict(eta=0.5), r"eta applies to the ddim sampler only"),
         (dict(guidance_rescale=2.0), r"guidance_rescale must be in \[0, 1\]"),
         (dict(seed=-1), r"seed must be an integer"),
