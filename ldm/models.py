@@ -18,9 +18,10 @@ import math
 import os
 import re
 import stat
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from ldm.quiet import import_bitsandbytes_offline, library_quiet
 
 # component → {class name: library}. The only classes a pipeline folder may name.
 REGISTRY: dict[str, dict[str, str]] = {
@@ -203,19 +204,28 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-# The file names diffusers and transformers look for (use_safetensors=True, no variant).
+# The file names diffusers and transformers look for (use_safetensors=True); a variant ("fp16")
+# names NAME.fp16.safetensors and NAME.safetensors.index.fp16.json.
 WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-def weight_files(folder: Path, library: str) -> dict[str, tuple[Path, tuple[int, ...]]] | None:
+def weight_names(library: str, variant: str | None = None) -> tuple[str, str]:
+    """(single file name, shard index name) of a library's weights, of `variant` if given."""
+    stem = WEIGHT_STEMS[library]
+    if variant is None:
+        return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+    return f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"
+
+
+def weight_files(folder: Path, library: str, variant: str | None = None) -> dict[str, tuple[Path, tuple[int, ...]]] | None:
     """Every weights file the library's loader will open in `folder`, {tensor: (file, shape)}, each one
     checked (`check_safetensors`); None when the folder has neither the file nor a shard index.
 
     A shard index (`NAME.safetensors.index.json`) is read as the loaders read it, and every shard
     it names must be a safetensors file beside it: an index that names `.bin` shards would make
     diffusers and transformers unpickle them, whatever the folder's other files say."""
-    stem = WEIGHT_STEMS[library]
-    single, index_path = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    single, index_path = (folder / name for name in weight_names(library, variant))
     found = {p: file_problem(p) for p in (single, index_path)}
     if all(problem == "missing" for problem in found.values()):
         return None
@@ -254,12 +264,15 @@ def _pickled_weights(folder: Path) -> list[Path]:
     return [folder / f for f in files if f.endswith(PICKLE_SUFFIXES)]
 
 
-def _check_weights(folder: Path, component: str, library: str, allow_pickle: bool = False) -> dict | None:
+def _check_weights(folder: Path, component: str, library: str, allow_pickle: bool = False,
+                   variant: str | None = None) -> dict | None:
     """The component's safetensors weights ({tensor: (file, shape)}, checked), None for pickle weights the
     caller allowed, or a ValueError: pickles refused, or no weights at all."""
-    files = weight_files(folder, library)
+    files = weight_files(folder, library, variant)
     if files is not None:
         return files
+    if variant is not None:
+        raise ValueError(f"{folder}: missing {weight_names(library, variant)[0]} (no {variant!r} variant of the {component})")
     pickled = _pickled_weights(folder)
     if pickled and allow_pickle:
         return None
@@ -274,7 +287,23 @@ def _check_weights(folder: Path, component: str, library: str, allow_pickle: boo
     raise ValueError(f"{folder}: missing {expected} (no safetensors weights for the {component})")
 
 
-def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> PipelineInfo:
+def stored_dtype(info: ComponentInfo):
+    """The floating dtype a component's weights are stored in (from a header), or None."""
+    import torch
+    from safetensors import safe_open
+
+    for name, (file, _) in (info.weights or {}).items():
+        with safe_open(str(file), framework="pt") as f:
+            dtype = f.get_slice(name).get_dtype()
+        if dtype in STORED_DTYPES:
+            return getattr(torch, STORED_DTYPES[dtype])
+    return None
+
+
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False, variant: str | None = None) -> PipelineInfo:
     """Check that `path` is a loadable pipeline folder and read its shape, without loading weights.
 
     Raises FileNotFoundError for a missing folder and ValueError naming the first problem
@@ -311,7 +340,9 @@ def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False) -> Pip
     tokenizer_dir = path / "tokenizer"
     if not any(file_problem(tokenizer_dir / f) != "missing" for f in ("tokenizer.json", "vocab.json", "spiece.model")):
         raise ValueError(f"{path} is not a complete pipeline folder: missing tokenizer/tokenizer.json (or vocab.json + merges.txt)")
-    components = {c: check_component(path / c, c, classes[c], allow_pickle) for c in REQUIRED}
+    if variant is not None and not (isinstance(variant, str) and VARIANT.match(variant)):
+        raise ValueError(f"variant must be a name like 'fp16', got {variant!r}")
+    components = {c: check_component(path / c, c, classes[c], allow_pickle, variant) for c in REQUIRED}
     context = components["tokenizer"].config.get("model_max_length")
     positions = components["text_encoder"].config.get("max_position_embeddings")
     if isinstance(context, int) and isinstance(positions, int) and positions < context < 100_000:  # larger: "no limit"
@@ -351,7 +382,8 @@ class ComponentInfo:
 CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
 
 
-def check_component(folder: Path, component: str, class_name: str, allow_pickle: bool = False) -> ComponentInfo:
+def check_component(folder: Path, component: str, class_name: str, allow_pickle: bool = False,
+                    variant: str | None = None) -> ComponentInfo:
     """Everything about one component folder that can be known without loading weights, checked.
 
     Every entry must be a regular file or a folder (`audit_folder`); the config is read with its
@@ -360,6 +392,8 @@ def check_component(folder: Path, component: str, class_name: str, allow_pickle:
     meta device (no memory) so that the shape of every parameter can be compared with the weights'
     headers. A ValueError names the file and the key or tensor that disagree."""
     from ldm.component_configs import check_component_config, check_scheduler_config, check_tokenizer_config
+
+    import_bitsandbytes_offline()  # before diffusers imports it (see ldm.quiet)
 
     if not folder.is_dir():
         raise ValueError(f"{folder.parent} is not a complete pipeline folder: missing {component}/")
@@ -382,7 +416,7 @@ def check_component(folder: Path, component: str, class_name: str, allow_pickle:
         return ComponentInfo(folder, config)
     check_component_config(config_path, class_name, config)
     library = REGISTRY[component][class_name]
-    files = _check_weights(folder, component, library, allow_pickle)
+    files = _check_weights(folder, component, library, allow_pickle, variant)
     if files is None:  # allowed pickle weights: load_pickle_weights checks them against the model
         return ComponentInfo(folder, config)
     _compare_with_config(config_path, class_name, library, config, files)
@@ -402,8 +436,7 @@ def _compare_with_config(config_path: Path, class_name: str, library: str, confi
 
     cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.device("meta"), library_quiet():
             model = cls(cls.config_class.from_dict(config)) if library == "transformers" else cls.from_config(config)
     except Exception as e:  # noqa: BLE001 — the library's own message says what it could not build
         raise ValueError(f"{config_path}: {class_name} cannot be built from this config ({type(e).__name__}: "
@@ -512,14 +545,15 @@ def _load_pickled_component(cls, folder: Path, files: list[Path], dtype):
 
 
 def load_component(folder: Path, component: str, class_name: str, dtype=None, allow_pickle: bool = False,
-                   checked: ComponentInfo | None = None):
+                   checked: ComponentInfo | None = None, variant: str | None = None):
     """Load one registered component from its folder: safetensors, or with `allow_pickle` a
     pickle-format file read by `load_pickle_weights`. The folder is checked first (`check_component`;
     `checked` passes a check already made), and loaded weights must be finite, or a ValueError
     names the tensor: damaged weights are found here, not as a black picture or a NaN loss later."""
-    info = checked or check_component(folder, component, class_name, allow_pickle)
+    info = checked or check_component(folder, component, class_name, allow_pickle, variant)
+    import_bitsandbytes_offline()  # before diffusers imports it (see ldm.quiet)
     try:
-        return _load_checked(folder, component, class_name, dtype, info)
+        return _load_checked(folder, component, class_name, dtype, info, variant)
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 — a library failing on a folder we checked: the folder's fault
@@ -529,7 +563,7 @@ def load_component(folder: Path, component: str, class_name: str, dtype=None, al
                          f"{' '.join(str(e).split())[:200]})") from None
 
 
-def _load_checked(folder: Path, component: str, class_name: str, dtype, info: ComponentInfo):
+def _load_checked(folder: Path, component: str, class_name: str, dtype, info: ComponentInfo, variant: str | None):
     library = REGISTRY[component][class_name]
     if component in WEIGHTED and info.weights is None:  # pickle weights the caller allowed
         import diffusers
@@ -543,14 +577,14 @@ def _load_checked(folder: Path, component: str, class_name: str, dtype, info: Co
         cls = getattr(diffusers, class_name)
         if component == "scheduler":
             return cls.from_pretrained(folder)
-        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=True)
+        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=True, variant=variant)
     else:
         import transformers
 
         cls = getattr(transformers, class_name)
         if component == "tokenizer":
             return cls.from_pretrained(folder, trust_remote_code=False)
-        model = cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False)
+        model = cls.from_pretrained(folder, use_safetensors=True, dtype=dtype, trust_remote_code=False, variant=variant)
     check_finite(model, info)
     return model
 

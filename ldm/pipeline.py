@@ -12,6 +12,7 @@ The keyword names are those of diffusers' StableDiffusionPipeline, so one can sw
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -31,7 +32,8 @@ import torch
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.guidance import default_guidance_rescale
-from ldm.models import HUB_ID, WEIGHTED, inspect_pipeline, load_component, resolve_model
+from ldm.quiet import library_quiet
+from ldm.models import HUB_ID, VARIANT, WEIGHTED, inspect_pipeline, load_component, resolve_model, stored_dtype
 from ldm.sampling import (
     DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler,
     resolve_sampler,
@@ -260,6 +262,7 @@ class LatentPipeline:
         self.name_or_path = str(name_or_path)
         self.weights_files: list[Path] = []  # the U-Net's weights (or the single-file checkpoint): what "Model hash" hashes
         self._model_hash: str | None = None
+        self.stored_dtypes: dict[str, torch.dtype | None] = {}  # each network's dtype in the folder it came from
         self.prompt_encoder = PromptEncoder(text_encoder, tokenizer)
         self.training_words: frozenset[str] | None = None  # see TRAINING_WORDS; None: unknown, no check
 
@@ -274,6 +277,7 @@ class LatentPipeline:
         dtype: str | torch.dtype | None = None,
         attention: str = "sdpa",
         allow_pickle: bool = False,
+        variant: str | None = None,
     ) -> "LatentPipeline":
         """Load a diffusers-layout pipeline folder (any SD 1.x/2.x folder), or a hub id if reachable or cached.
 
@@ -281,7 +285,8 @@ class LatentPipeline:
         (the GPU in bf16/fp16 if there is one, else the CPU in fp32); `attention` is "sdpa" (torch's
         scaled-dot-product attention) or "xformers". `allow_pickle=True` accepts components whose
         weights are only pickle files (`.bin`, `.ckpt`, ...), read by torch's weights-only unpickler,
-        which builds tensors and nothing else; without it they are refused.
+        which builds tensors and nothing else; without it they are refused. `variant` ("fp16")
+        loads diffusers' variant files (`diffusion_pytorch_model.fp16.safetensors`, ...).
         """
         if pretrained_model_name_or_path is None:
             if not DEFAULT_MODEL.is_dir():
@@ -296,12 +301,13 @@ class LatentPipeline:
         dtype = resolve_dtype(dtype, device)
         if attention == "xformers":
             _check_xformers(device)
-        info = inspect_pipeline(resolve_model(pretrained_model_name_or_path), allow_pickle=allow_pickle)
+        info = inspect_pipeline(resolve_model(pretrained_model_name_or_path), allow_pickle=allow_pickle, variant=variant)
         parts = {c: load_component(info.path / c, c, info.classes[c], dtype if c in WEIGHTED else None,
-                                   allow_pickle=allow_pickle, checked=info.components[c])
+                                   allow_pickle=allow_pickle, checked=info.components[c], variant=variant)
                  for c in info.classes}
         pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
         pipe.weights_files = sorted({file for file, _ in (info.components["unet"].weights or {}).values()})
+        pipe.stored_dtypes = {c: stored_dtype(info.components[c]) for c in WEIGHTED}
         pipe.training_words = read_training_words(info.path)
         pipe.to(device, dtype)
         pipe.set_attention(attention)
@@ -346,10 +352,11 @@ class LatentPipeline:
         from diffusers import StableDiffusionPipeline
 
         try:
-            sd = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config) if config else None, local_files_only=True, torch_dtype=dtype,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+            with library_quiet():  # its notices (e.g. a scheduler config dumped whole) concern diffusers' own pipeline
+                sd = StableDiffusionPipeline.from_single_file(
+                    str(path), config=str(config) if config else None, local_files_only=True, torch_dtype=dtype,
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                )
         except Exception as e:  # diffusers raises many kinds; all mean "could not convert offline"
             hint = "" if config else "; pass config=<a diffusers pipeline folder of the same architecture> (--config)"
             reason = " ".join(str(e).split())  # diffusers' messages span lines; ours are one
@@ -362,20 +369,37 @@ class LatentPipeline:
         pipe.set_attention(attention)
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, torch_dtype: str | torch.dtype | None = None,
+                        variant: str | None = None) -> Path:
         """Write the diffusers Stable Diffusion layout (safetensors), loadable by diffusers too.
 
+        Each network is written in the dtype its weights had in the folder it was loaded from (a
+        float16 folder stays float16, whatever it was computed in), or in `torch_dtype` ("fp16",
+        torch.float16, ...) when given, or as it is for a pipeline built from objects. `variant`
+        ("fp16") names the files as diffusers does (`diffusion_pytorch_model.fp16.safetensors`).
         The folder is assembled beside the target and renamed into place, so an interrupted save
         never leaves a half-written pipeline where a complete one is expected.
         """
         import diffusers
 
+        if variant is not None and not (isinstance(variant, str) and VARIANT.match(variant)):
+            raise ValueError(f"variant must be a name like 'fp16', got {variant!r}")
+        wanted = None
+        if torch_dtype is not None:
+            wanted = torch_dtype if isinstance(torch_dtype, torch.dtype) else DTYPES.get(torch_dtype)
+            if wanted is None:
+                raise ValueError(f"unknown torch_dtype {torch_dtype!r}; use fp32, fp16, bf16 or a torch.dtype")
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            for name in ("unet", "vae", "text_encoder"):
-                getattr(self, name).save_pretrained(tmp / name, safe_serialization=True)
+            for name in WEIGHTED:
+                network = getattr(self, name)
+                dtype = wanted or self.stored_dtypes.get(name) or network.dtype
+                if dtype != network.dtype:  # a copy: the pipeline keeps computing in its own dtype
+                    with library_quiet():  # diffusers' notice about casting with .to() concerns inference, not a save
+                        network = copy.deepcopy(network).to(dtype)
+                network.save_pretrained(tmp / name, safe_serialization=True, variant=variant)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             self.scheduler.save_pretrained(tmp / "scheduler")
             index = {
@@ -392,7 +416,7 @@ class LatentPipeline:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             if self.training_words is not None:
                 (tmp / TRAINING_WORDS).write_text("".join(w + "\n" for w in sorted(self.training_words)), encoding="utf-8")
-            inspect_pipeline(tmp)  # what we wrote must be what we load
+            inspect_pipeline(tmp, variant=variant)  # what we wrote must be what we load
             if target.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
                 os.replace(target, old / "pipeline")

@@ -13,7 +13,6 @@ import difflib
 import importlib.util
 import inspect
 import re
-import warnings
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +20,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ldm.quiet import library_quiet
 from ldm.guidance import classifier_free_guidance, dynamic_threshold, rescale_guidance
 from ldm.schedule import alpha_cumprod_at, model_output_from_z0, predicted_z0
 
@@ -153,8 +153,7 @@ def check_schedule(name: str, training_config: dict, steps: int) -> None:
     """A ValueError when sampler `name` cannot be built from the model's scheduler config or cannot
     lay out `steps` steps on it: a config that diffusers would fail on mid-call fails here first."""
     try:
-        with warnings.catch_warnings():  # a trial run: what it says, the real run says again
-            warnings.simplefilter("ignore")
+        with library_quiet():  # a trial run: what it says, the real run says again
             make_scheduler(name, training_config).set_timesteps(steps)
         return
     except ValueError as e:

@@ -35,7 +35,7 @@ class PromptEncoder:
 
     def dropped_tokens(self, prompt: str) -> int:
         """How many tokens of `prompt` (specials included) do not fit the context and are cut."""
-        n = len(self.tokenizer(prompt, truncation=False).input_ids)
+        n = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)  # we say it better: warn_if_truncated
         return max(0, n - self.max_length)
 
     def warn_if_truncated(self, prompts: list[str]) -> None:

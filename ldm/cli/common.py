@@ -31,14 +31,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (`prog: error: ...`) and exit status 2."""
+    """argparse, but a usage error is one line (`prog: error: ...`) and exit status 2; every
+    command takes --verbose, without which other libraries' chatter is silenced (ldm.quiet) and
+    warnings are one line each (`prog: warning: ...`)."""
+
+    top_level = True  # sub-commands' parsers (ldm-shapes eval) share their command's --verbose
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        if self.top_level:
+            self.add_argument("--verbose", action="store_true",
+                              help="also show other libraries' messages (diffusers', transformers' loading bars and notices)")
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", _SubcommandParser)
+        return super().add_subparsers(**kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        if self.top_level:
+            _set_output(self.prog, verbose=namespace.verbose)
+        return namespace, rest
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)", prog=self.prog)
+
+
+class _SubcommandParser(ArgumentParser):
+    top_level = False
+
+
+def _set_output(prog: str, verbose: bool) -> None:
+    """What a command prints besides its results: our warnings as one line each, and, unless
+    verbose, nothing from other libraries."""
+    import warnings
+
+    from ldm.quiet import quiet_libraries
+
+    if not verbose:
+        quiet_libraries()
+    warnings.formatwarning = lambda message, category, *a, **k: f"{prog}: warning: {message}\n"
 
 
 def fail(message: str, prog: str | None = None) -> NoReturn:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
@@ -113,7 +112,6 @@ def check_request_fits(info, args, device, height: int, width: int, images: int)
 
 def _main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # prompts may stand between flags
-    _quiet_libraries()
     from ldm.guidance import default_guidance_rescale
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, check_generation_args, resolve_device, resolve_dtype
@@ -175,23 +173,6 @@ def _main(argv=None) -> int:
         for path in out.save(args.outdir):
             print(path, flush=True)
     return 0
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (loading bars, cast notices) is noise on a command line; our warnings are one line."""
-    import logging
-
-    for name in ("diffusers", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dl
-        from transformers.utils import logging as tl
-
-        dl.disable_progress_bar()
-        tl.disable_progress_bar()
-    except ImportError:
-        pass
-    warnings.formatwarning = lambda message, category, *a, **k: f"ldm-txt2img: warning: {message}\n"
 
 
 def main(argv=None) -> int:

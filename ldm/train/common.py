@@ -235,6 +235,9 @@ class DataPosition:
 
 def _bitsandbytes():
     """bitsandbytes, or a ValueError saying how to get it."""
+    from ldm.quiet import import_bitsandbytes_offline
+
+    import_bitsandbytes_offline()  # without its import-time Hub lookup (see ldm.quiet)
     try:
         import bitsandbytes
     except ImportError as e:
