@@ -36,7 +36,7 @@ from ldm.quiet import library_quiet
 from ldm.models import HUB_ID, VARIANT, WEIGHTED, inspect_pipeline, load_component, resolve_model, stored_dtype
 from ldm.sampling import (
     DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler,
-    resolve_sampler,
+    resolve_sampler, weak_sampler_warning,
 )
 from ldm.text import LdmWarning, PromptEncoder
 
@@ -263,6 +263,7 @@ class LatentPipeline:
         self.weights_files: list[Path] = []  # the U-Net's weights (or the single-file checkpoint): what "Model hash" hashes
         self._model_hash: str | None = None
         self.stored_dtypes: dict[str, torch.dtype | None] = {}  # each network's dtype in the folder it came from
+        self._warned: set = set()  # warnings given once per pipeline (a size, a sampler)
         self.prompt_encoder = PromptEncoder(text_encoder, tokenizer)
         self.training_words: frozenset[str] | None = None  # see TRAINING_WORDS; None: unknown, no check
 
@@ -576,6 +577,12 @@ class LatentPipeline:
             raise FloatingPointError("the VAE decoder returned NaN/inf even in fp32; the latents are not finite (diverged sampling?)")
         return image
 
+    def warn_once(self, key, condition: bool, message: str | None) -> None:
+        """Warn (LdmWarning, attributed to the caller) the first time `condition` holds for `key`."""
+        if condition and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, LdmWarning, stacklevel=4)  # warn_once ← __call__ ← torch.no_grad's wrapper ← the caller
+
     def unseen_words(self, prompts: Sequence[str]) -> list[str]:
         """The words of `prompts` (lower-cased runs of letters and digits) that are not in the
         model's training vocabulary, in order of first use; [] when the model lists none."""
@@ -691,6 +698,11 @@ class LatentPipeline:
 
         self.prompt_encoder.warn_if_truncated(prompts)
         self.warn_unseen_words(prompts + negatives)
+        self.warn_once(("size", height, width), (height, width) != (self.default_size, self.default_size),
+                       f"the model was trained at {self.default_size}x{self.default_size} pixels; at {width}x{height} it may "
+                       "repeat, stretch or break objects (the default model at 128x128 draws three circles for 'a red circle')")
+        weak = weak_sampler_warning(sampler, self.scheduler.config, guidance_scale)
+        self.warn_once(("sampler", sampler), weak is not None, weak)
         guidance = Guidance(guidance_scale, guidance_rescale, dynamic_threshold, threshold_bound)
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         batch_size = batch_size or n

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -298,3 +299,28 @@ def test_a_unet_with_static_outputs_samples_the_same_images_with_plms(tiny_pipel
     reference = pipe("a red circle", **kw).images
     pipe.unet = StaticOutputUNet(pipe.unet)
     assert np.abs(pipe("a red circle", **kw).images - reference).max() == 0
+
+
+def test_a_size_the_model_was_not_trained_at_warns_once(tiny_pipeline_dir):
+    pipe = LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")  # its own: warnings are once per pipeline
+    with pytest.warns(LdmWarning, match=r"the model was trained at 64x64 pixels; at 128x96 it may repeat") as record:
+        pipe("a red circle", height=96, width=128, num_inference_steps=1, progress=False)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LdmWarning)
+        pipe("a red circle", height=96, width=128, num_inference_steps=1, progress=False)  # said once
+        pipe("a red circle", num_inference_steps=1, progress=False)  # the trained size: nothing to say
+
+
+def test_a_sampler_known_to_fail_on_zero_snr_models_warns(tiny_pipeline_dir, tmp_path):
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "zsnr")
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "rescale_betas_zero_snr": True,
+                                                                              "prediction_type": "v_prediction"}))
+    pipe = LatentPipeline.from_pretrained(folder, device="cpu")
+    with pytest.warns(LdmWarning, match=r"sampler plms is known to fail on zero-terminal-SNR models .* 11.7%"):
+        pipe("a red circle", sampler="PLMS", guidance_scale=7.5, num_inference_steps=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LdmWarning)
+        pipe("a red circle", sampler="unipc", guidance_scale=3, num_inference_steps=2, progress=False)  # weak guidance: fine
+        pipe("a red circle", sampler="euler", guidance_scale=7.5, num_inference_steps=2, progress=False)

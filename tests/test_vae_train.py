@@ -127,6 +127,37 @@ def test_fine_tuning_starts_from_an_existing_autoencoder(trained, shapes, tmp_pa
     assert config["block_out_channels"] == [8, 16]
 
 
+def test_a_fine_tune_that_moves_the_latent_scale_far_says_so(trained, shapes, tmp_path):
+    import shutil
+    import warnings
+
+    from ldm.text import LdmWarning
+
+    start = shutil.copytree(trained / "final", tmp_path / "start")
+    config = json.loads((start / "config.json").read_text())
+    config["scaling_factor"] *= 50  # as if the latents had been 50x tighter before
+    (start / "config.json").write_text(json.dumps(config))
+    for folder, moved in ((start, True), (trained / "final", False)):
+        cfg = tiny_config(shapes, tmp_path / f"ft-{moved}", f"model.pretrained={folder}", "run.max_steps=1", "loss.disc_weight=0",
+                          "run.checkpoint_every=0", "validate_every=0")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(cfg, progress=False)
+        said = [str(w.message) for w in caught if w.category is LdmWarning and "scaling_factor moved" in str(w.message)]
+        assert len(said) == (1 if moved else 0), said
+        if moved:
+            assert "will not fit this one; retrain stage 2" in said[0]
+
+
+def test_validate_every_without_a_validation_set_warns(shapes, tmp_path):
+    from ldm.text import LdmWarning
+    from ldm.train.vae import check_config
+
+    cfg = tiny_config(shapes, tmp_path / "v", "validate_every=5", "data.validation_path=null")
+    with pytest.warns(LdmWarning, match=r"validate_every=5 but data.validation_path is not set, so no validation pass will run"):
+        check_config(cfg)
+
+
 @pytest.mark.parametrize("override, message", [
     ("loss.dsic_start=5", "unknown config key loss.dsic_start"),
     ("run.batch_size=four", "config key run.batch_size: expected int"),

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, check_shared_sections, save_config
 from ldm.models import load_component
+from ldm.text import LdmWarning
 from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
 from ldm.train.guards import StepGuard
 from ldm.train.common import (
@@ -110,6 +112,9 @@ def check_config(cfg: VAETrainConfig) -> None:
     for key, value in (("validate_every", cfg.validate_every), ("loss.disc_start", cfg.loss.disc_start)):
         if value < 0:
             raise ValueError(f"{key} must be non-negative, got {value}")
+    if cfg.validate_every and cfg.data.validation_path is None:
+        warnings.warn(f"validate_every={cfg.validate_every} but data.validation_path is not set, so no validation pass will run; "
+                      "set data.validation_path to held-out images (or validate_every=0)", LdmWarning, stacklevel=2)
     if cfg.scale_samples < 1:
         raise ValueError(f"scale_samples must be at least 1, got {cfg.scale_samples}")
     check_optim(cfg.optim)
@@ -319,6 +324,8 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
             log.info("final validation: PSNR %.2f dB, SSIM %.4f", scores["val/psnr"], scores["val/ssim"])
         with _ema_weights(vae, ema):
             scale = latent_scaling_factor(vae, dataset, cfg.scale_samples, run.batch_size, run.seed)
+            if cfg.model.pretrained is not None:
+                warn_if_scale_moved(vae.config.scaling_factor, scale)
             vae.register_to_config(scaling_factor=scale)
             vae.save_pretrained(final, safe_serialization=True)
         metrics.log(step, {"scaling_factor": scale})
@@ -393,6 +400,16 @@ def _save_reconstructions(vae, ema, images: torch.Tensor, path: Path) -> None:
     with _ema_weights(vae, ema):
         rec = reconstruct(vae, images, len(images))
     save_grid(torch.cat([images.float().cpu(), rec]), path, nrow=len(images))
+
+
+def warn_if_scale_moved(before: float, after: float, factor: float = 2.0) -> None:
+    """Warn when fine-tuning moved the latents' scale by more than `factor` either way: a stage-2
+    U-Net trained on the old latents no longer fits them (nor does anything cached from them)."""
+    ratio = after / before
+    if not 1 / factor <= ratio <= factor:
+        warnings.warn(f"scaling_factor moved from {before:.5g} (model.pretrained) to {after:.5g} (x{ratio:.3g}): the latents' "
+                      "spread changed that much, so a U-Net trained on the old VAE's latents will not fit this one; retrain "
+                      "stage 2, or lower optim.lr / raise loss.kl_weight if this was meant as a light fine-tune", LdmWarning, stacklevel=2)
 
 
 @torch.no_grad()
