@@ -117,8 +117,7 @@ python scripts/score_vae_shapes.py "$WORK/vae-shapes-f8/final" "$WORK/data/shape
 # each, from 5.5%), with the timestep bias on from its first step.
 python scripts/build_shapes_tokenizer.py assets/shapes-tokenizer
 U=(--config configs/unet/shapes.yaml --vae "$WORK/vae-shapes-f8/final" --data "$WORK/data/shapes-100k-gray"
-   --output-dir "$WORK/unet-shapes" cache.dir="$WORK/cache"
-   text_encoder.architecture=bert run.mixed_precision=bf16 run.max_steps=16000)
+   --output-dir "$WORK/unet-shapes" cache.dir="$WORK/cache" run.mixed_precision=bf16)
 ldm-train-unet "${U[@]}" --build-cache
 t3=$(stamp); log "latent cache: $((t3 - t2)) s"
 [ -f "$WORK/unet-shapes/final/model_index.json" ] || ldm-train-unet "${U[@]}" --resume latest
