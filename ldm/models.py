@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.quiet import import_bitsandbytes_offline, library_quiet
+from ldm.quiet import diffusers_without_bitsandbytes, library_quiet
 
 # component → {class name: library}. The only classes a pipeline folder may name.
 REGISTRY: dict[str, dict[str, str]] = {
@@ -393,7 +393,7 @@ def check_component(folder: Path, component: str, class_name: str, allow_pickle:
     headers. A ValueError names the file and the key or tensor that disagree."""
     from ldm.component_configs import check_component_config, check_scheduler_config, check_tokenizer_config
 
-    import_bitsandbytes_offline()  # before diffusers imports it (see ldm.quiet)
+    diffusers_without_bitsandbytes()  # see ldm.quiet
 
     if not folder.is_dir():
         raise ValueError(f"{folder.parent} is not a complete pipeline folder: missing {component}/")
@@ -551,7 +551,7 @@ def load_component(folder: Path, component: str, class_name: str, dtype=None, al
     `checked` passes a check already made), and loaded weights must be finite, or a ValueError
     names the tensor: damaged weights are found here, not as a black picture or a NaN loss later."""
     info = checked or check_component(folder, component, class_name, allow_pickle, variant)
-    import_bitsandbytes_offline()  # before diffusers imports it (see ldm.quiet)
+    diffusers_without_bitsandbytes()  # see ldm.quiet
     try:
         return _load_checked(folder, component, class_name, dtype, info, variant)
     except ValueError:

@@ -6,7 +6,8 @@ their internals, some repeating ours less well); the console scripts silence the
 `--verbose`. The Python API leaves the libraries' settings alone, except for two things ldm does
 itself: trial builds of networks and schedulers (checks, not work), and importing bitsandbytes,
 which on CPUs with AVX512-BF16 asks the Hugging Face Hub at import time about a 4-bit kernel ldm
-never uses (a network call, and a warning when offline).
+never uses (a network call, and a warning when offline), and which diffusers would otherwise
+import on every model load for quantized loading, which ldm never does (~3 s a process).
 """
 
 from __future__ import annotations
@@ -78,3 +79,24 @@ def import_bitsandbytes_offline() -> None:
             del sys.modules["kernels"]
         else:
             sys.modules["kernels"] = saved
+
+
+def diffusers_without_bitsandbytes() -> None:
+    """Import diffusers' quantizers as if bitsandbytes were absent. diffusers imports bitsandbytes
+    with them whenever it is installed (diffusers/quantizers/bitsandbytes/utils.py), for loading
+    bitsandbytes-quantized models, which ldm never does; the import costs ~3 s a process (it pulls
+    in torch.compile's machinery) and the Hub lookup above. A model folder that asks for such
+    quantization then fails to load, as ldm means it to. ldm's 8-bit AdamW imports bitsandbytes
+    itself (`import_bitsandbytes_offline`). With another diffusers, nothing is changed."""
+    if "diffusers.quantizers" in sys.modules:
+        return
+    from diffusers.utils import import_utils
+
+    if not isinstance(getattr(import_utils, "_bitsandbytes_available", None), bool):
+        return
+    saved = import_utils._bitsandbytes_available
+    import_utils._bitsandbytes_available = False
+    try:
+        import diffusers.quantizers  # noqa: F401
+    finally:
+        import_utils._bitsandbytes_available = saved
