@@ -83,6 +83,15 @@ _BLOCKS = {
     "out_channels": integer(1, 1024),
 }
 
+_TRANSFORMER = {  # what CLIP's and BERT's configs share
+    "hidden_size": integer(1, WIDTH),
+    "intermediate_size": integer(1, 4 * WIDTH),
+    "num_hidden_layers": integer(1, DEPTH),
+    "num_attention_heads": integer(1, 1024),
+    "vocab_size": integer(1, 10**7),
+    "max_position_embeddings": integer(1, 10**6),
+}
+
 RULES: dict[str, dict[str, Rule]] = {
     "UNet2DConditionModel": {
         **_BLOCKS,
@@ -103,15 +112,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "scaling_factor": number(0, 1e6, open_low=True),
         "shift_factor": optional(number(-1e6, 1e6)),
     },
-    "CLIPTextModel": {
-        "hidden_size": integer(1, WIDTH),
-        "intermediate_size": integer(1, 4 * WIDTH),
-        "num_hidden_layers": integer(1, DEPTH),
-        "num_attention_heads": integer(1, 1024),
-        "vocab_size": integer(1, 10**7),
-        "max_position_embeddings": integer(1, 10**6),
-        "projection_dim": optional(integer(1, WIDTH)),
-    },
+    "CLIPTextModel": {**_TRANSFORMER, "projection_dim": optional(integer(1, WIDTH))},
     "T5EncoderModel": {
         "d_model": integer(1, WIDTH),
         "d_ff": integer(1, 4 * WIDTH),
@@ -121,15 +122,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "vocab_size": integer(1, 10**7),
         "relative_attention_num_buckets": optional(integer(1, 4096)),
     },
-    "BertModel": {
-        "hidden_size": integer(1, WIDTH),
-        "intermediate_size": integer(1, 4 * WIDTH),
-        "num_hidden_layers": integer(1, DEPTH),
-        "num_attention_heads": integer(1, 1024),
-        "vocab_size": integer(1, 10**7),
-        "max_position_embeddings": integer(1, 10**6),
-        "type_vocab_size": optional(integer(1, 1024)),
-    },
+    "BertModel": {**_TRANSFORMER, "type_vocab_size": optional(integer(1, 1024))},
 }
 
 SCHEDULER_RULES: dict[str, Rule] = {

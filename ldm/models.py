@@ -218,7 +218,7 @@ def weight_names(library: str, variant: str | None = None) -> tuple[str, str]:
     return f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"
 
 
-def weight_files(folder: Path, library: str, variant: str | None = None) -> dict[str, tuple[Path, tuple[int, ...]]] | None:
+def weight_files(folder: Path, library: str, variant: str | None = None) -> dict[str, tuple[Path, tuple]] | None:
     """Every weights file the library's loader will open in `folder`, {tensor: (file, shape)}, each one
     checked (`check_safetensors`); None when the folder has neither the file nor a shard index.
 
@@ -272,7 +272,8 @@ def _check_weights(folder: Path, component: str, library: str, allow_pickle: boo
     if files is not None:
         return files
     if variant is not None:
-        raise ValueError(f"{folder}: missing {weight_names(library, variant)[0]} (no {variant!r} variant of the {component})")
+        name = weight_names(library, variant)[0]
+        raise ValueError(f"{folder}: missing {name} (no {variant!r} variant of the {component})")
     pickled = _pickled_weights(folder)
     if pickled and allow_pickle:
         return None
@@ -577,7 +578,8 @@ def _load_checked(folder: Path, component: str, class_name: str, dtype, info: Co
         cls = getattr(diffusers, class_name)
         if component == "scheduler":
             return cls.from_pretrained(folder)
-        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=True, variant=variant)
+        model = cls.from_pretrained(folder, use_safetensors=True, torch_dtype=dtype, low_cpu_mem_usage=True,
+                                    variant=variant)
     else:
         import transformers
 

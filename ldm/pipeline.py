@@ -260,7 +260,7 @@ class LatentPipeline:
         self.unet = unet
         self.scheduler = scheduler  # the training scheduler: samplers are built from its config
         self.name_or_path = str(name_or_path)
-        self.weights_files: list[Path] = []  # the U-Net's weights (or the single-file checkpoint): what "Model hash" hashes
+        self.weights_files: list[Path] = []  # the U-Net's weights, or the single file: what "Model hash" hashes
         self._model_hash: str | None = None
         self.stored_dtypes: dict[str, torch.dtype | None] = {}  # each network's dtype in the folder it came from
         self._warned: set = set()  # warnings given once per pipeline (a size, a sampler)
@@ -302,7 +302,8 @@ class LatentPipeline:
         dtype = resolve_dtype(dtype, device)
         if attention == "xformers":
             _check_xformers(device)
-        info = inspect_pipeline(resolve_model(pretrained_model_name_or_path), allow_pickle=allow_pickle, variant=variant)
+        path = resolve_model(pretrained_model_name_or_path)
+        info = inspect_pipeline(path, allow_pickle=allow_pickle, variant=variant)
         parts = {c: load_component(info.path / c, c, info.classes[c], dtype if c in WEIGHTED else None,
                                    allow_pickle=allow_pickle, checked=info.components[c], variant=variant)
                  for c in info.classes}
@@ -581,7 +582,7 @@ class LatentPipeline:
         """Warn (LdmWarning, attributed to the caller) the first time `condition` holds for `key`."""
         if condition and key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, LdmWarning, stacklevel=4)  # warn_once ← __call__ ← torch.no_grad's wrapper ← the caller
+            warnings.warn(message, LdmWarning, stacklevel=4)  # warn_once, __call__, torch.no_grad's wrapper, caller
 
     def unseen_words(self, prompts: Sequence[str]) -> list[str]:
         """The words of `prompts` (lower-cased runs of letters and digits) that are not in the
@@ -699,8 +700,9 @@ class LatentPipeline:
         self.prompt_encoder.warn_if_truncated(prompts)
         self.warn_unseen_words(prompts + negatives)
         self.warn_once(("size", height, width), (height, width) != (self.default_size, self.default_size),
-                       f"the model was trained at {self.default_size}x{self.default_size} pixels; at {width}x{height} it may "
-                       "repeat, stretch or break objects (the default model at 128x128 draws three circles for 'a red circle')")
+                       f"the model was trained at {self.default_size}x{self.default_size} pixels; at {width}x{height} "
+                       "it may repeat, stretch or break objects (the default model at 128x128 draws three circles for "
+                       "'a red circle')")
         weak = weak_sampler_warning(sampler, self.scheduler.config, guidance_scale)
         self.warn_once(("sampler", sampler), weak is not None, weak)
         guidance = Guidance(guidance_scale, guidance_rescale, dynamic_threshold, threshold_bound)

@@ -35,7 +35,8 @@ class PromptEncoder:
 
     def dropped_tokens(self, prompt: str) -> int:
         """How many tokens of `prompt` (specials included) do not fit the context and are cut."""
-        n = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)  # we say it better: warn_if_truncated
+        # verbose=False: the tokenizer's own "longer than" warning; warn_if_truncated says it better
+        n = len(self.tokenizer(prompt, truncation=False, verbose=False).input_ids)
         return max(0, n - self.max_length)
 
     def warn_if_truncated(self, prompts: list[str]) -> None:

@@ -95,7 +95,8 @@ def test_writes_pngs_with_parameters_and_prints_only_their_paths(tiny_pipeline_d
     assert image.size == (64, 64)
     text = image.info["parameters"]
     assert text.splitlines()[:2] == ["a blue square", "Negative prompt: green"]
-    for part in ("Steps: 3", "Sampler: euler", "CFG scale: 6,", "Seed: 44", "Size: 64x64", f"Model: {tiny_pipeline_dir.name}"):
+    model = f"Model: {tiny_pipeline_dir.name}"
+    for part in ("Steps: 3", "Sampler: euler", "CFG scale: 6,", "Seed: 44", "Size: 64x64", model):
         assert part in text
     # The CLI's batches (4 + 2 images) give the images a single Python call gives with the same seeds.
     from ldm import LatentPipeline

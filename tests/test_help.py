@@ -7,8 +7,13 @@ import pytest
 
 from ldm.cli import data, shapes, train_unet, train_vae, txt2img
 
-PARSERS = {"ldm-txt2img": txt2img.build_parser, "ldm-train-unet": train_unet.build_parser, "ldm-train-vae": train_vae.build_parser,
-           "ldm-data": data.build_parser, "ldm-shapes": shapes.build_parser}
+PARSERS = {
+    "ldm-txt2img": txt2img.build_parser,
+    "ldm-train-unet": train_unet.build_parser,
+    "ldm-train-vae": train_vae.build_parser,
+    "ldm-data": data.build_parser,
+    "ldm-shapes": shapes.build_parser,
+}
 
 
 def help_texts():
@@ -22,7 +27,9 @@ def help_texts():
                     yield f"{name} {sub}", subparser.format_help()
 
 
-@pytest.mark.parametrize("name, text", list(help_texts()), ids=lambda x: x if isinstance(x, str) and x.startswith("ldm") else "")
+@pytest.mark.parametrize(
+    "name, text", list(help_texts()), ids=lambda x: x if isinstance(x, str) and x.startswith("ldm") else ""
+)
 def test_each_default_is_shown_once_and_never_as_none(name, text):
     flat = " ".join(text.split())
     assert "(default: None)" not in flat and "(default: False)" not in flat, name

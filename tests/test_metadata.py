@@ -24,9 +24,16 @@ def a1111_parse(text: str) -> dict:
 
 
 def test_values_are_written_as_a1111_writes_them():
-    text = infotext("a red circle", "", {"Steps": 25, "CFG scale": 6.0, "Guidance rescale": 0.7, "Model": "shapes, v2: final"})
+    text = infotext(
+        "a red circle", "", {"Steps": 25, "CFG scale": 6.0, "Guidance rescale": 0.7, "Model": "shapes, v2: final"}
+    )
     assert text.splitlines()[-1] == 'Steps: 25, CFG scale: 6, Guidance rescale: 0.7, Model: "shapes, v2: final"'
-    assert a1111_parse(text) == {"Steps": "25", "CFG scale": "6", "Guidance rescale": "0.7", "Model": "shapes, v2: final"}
+    assert a1111_parse(text) == {
+        "Steps": "25",
+        "CFG scale": "6",
+        "Guidance rescale": "0.7",
+        "Model": "shapes, v2: final",
+    }
 
 
 def test_the_png_names_the_model_and_its_hash_never_its_path(tiny_pipeline_dir, tmp_path):
@@ -40,15 +47,32 @@ def test_the_png_names_the_model_and_its_hash_never_its_path(tiny_pipeline_dir, 
     expected_hash = hashlib.sha256(weights).hexdigest()[:10]
     fields = a1111_parse(text)
     assert fields["Model"] == "shapes, v2" and fields["Model hash"] == expected_hash
-    assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"], fields["Size"]) == ("2", "euler", "6", "5", "64x64")
+    assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"], fields["Size"]) == (
+        "2",
+        "euler",
+        "6",
+        "5",
+        "64x64",
+    )
 
 
 def test_sd_parsers_reads_what_we_write(tiny_pipe, tmp_path):
-    out = tiny_pipe("a red circle", negative_prompt="blue", seed=11, num_inference_steps=3, guidance_scale=7.5, progress=False)
+    out = tiny_pipe(
+        "a red circle", negative_prompt="blue", seed=11, num_inference_steps=3, guidance_scale=7.5, progress=False
+    )
     path = out.save(tmp_path)[0]
     info = ParserManager().parse(Image.open(path))
     sampler = info.samplers[0]
     assert info.generator.name == "AUTOMATIC1111"
-    assert [p.value for p in sampler.prompts] == ["a red circle"] and [p.value for p in sampler.negative_prompts] == ["blue"]
-    assert sampler.name == "euler" and (sampler.model.name, sampler.model.hash) == (tiny_pipe.model_name, tiny_pipe.model_hash)
-    assert sampler.parameters["seed"] == "11" and sampler.parameters["steps"] == "3" and sampler.parameters["cfg_scale"] == "7.5"
+    assert [p.value for p in sampler.prompts] == ["a red circle"] and [p.value for p in sampler.negative_prompts] == [
+        "blue"
+    ]
+    assert sampler.name == "euler" and (sampler.model.name, sampler.model.hash) == (
+        tiny_pipe.model_name,
+        tiny_pipe.model_hash,
+    )
+    assert (
+        sampler.parameters["seed"] == "11"
+        and sampler.parameters["steps"] == "3"
+        and sampler.parameters["cfg_scale"] == "7.5"
+    )

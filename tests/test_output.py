@@ -4,23 +4,41 @@ libraries' chatter only with --verbose; no Hub lookup when bitsandbytes is impor
 import subprocess
 import sys
 
-CHATTER = ("Loading weights", "Writing model shards", "[transformers]", "Token indices sequence length", "gemm_4bit",
-           "FutureWarning", "UserWarning", "DeprecationWarning", "kernels-community", "Traceback")
+CHATTER = (
+    "Loading weights",
+    "Writing model shards",
+    "[transformers]",
+    "Token indices sequence length",
+    "gemm_4bit",
+    "FutureWarning",
+    "UserWarning",
+    "DeprecationWarning",
+    "kernels-community",
+    "Traceback",
+)
 
 
 def test_a_run_prints_only_our_warnings_and_bars(tmp_path):
     """The default model, a long prompt with words it never saw: stderr is our progress bar and
     our two warnings (truncation, unseen words), one line each, and nothing from the libraries."""
     prompt = "a corgi in a bowtie " + "and a red circle to the left of a blue square " * 2  # > 24 tokens
-    result = subprocess.run([sys.executable, "-m", "ldm.cli.txt2img", prompt, "--seed", "1", "--steps", "3", "--outdir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "ldm.cli.txt2img", prompt, "--seed", "1", "--steps", "3", "--outdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert len(list(tmp_path.glob("*.png"))) == 1
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert all(line.startswith(("ldm-txt2img: warning: ", "denoising")) for line in lines), result.stderr
     warnings = [line for line in lines if line.startswith("ldm-txt2img: warning: ")]
     assert len(warnings) == 2 and "is longer than the text encoder's 24 tokens" in warnings[0], warnings
-    assert "'corgi', 'in', 'bowtie'" in warnings[1] and "the default model" in warnings[1] and "--model PATH" in warnings[1]
+    assert (
+        "'corgi', 'in', 'bowtie'" in warnings[1]
+        and "the default model" in warnings[1]
+        and "--model PATH" in warnings[1]
+    )
     assert not any(noise in result.stderr for noise in CHATTER)
 
 

@@ -315,12 +315,12 @@ def test_a_size_the_model_was_not_trained_at_warns_once(tiny_pipeline_dir):
 def test_a_sampler_known_to_fail_on_zero_snr_models_warns(tiny_pipeline_dir, tmp_path):
     folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "zsnr")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "rescale_betas_zero_snr": True,
-                                                                              "prediction_type": "v_prediction"}))
+    config.update(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     pipe = LatentPipeline.from_pretrained(folder, device="cpu")
     with pytest.warns(LdmWarning, match=r"sampler plms is known to fail on zero-terminal-SNR models .* 11.7%"):
         pipe("a red circle", sampler="PLMS", guidance_scale=7.5, num_inference_steps=2, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", LdmWarning)
-        pipe("a red circle", sampler="unipc", guidance_scale=3, num_inference_steps=2, progress=False)  # weak guidance: fine
+        pipe("a red circle", sampler="unipc", guidance_scale=3, num_inference_steps=2, progress=False)  # CFG 3: fine
         pipe("a red circle", sampler="euler", guidance_scale=7.5, num_inference_steps=2, progress=False)

@@ -20,12 +20,12 @@ def script_words(name: str) -> list[str]:
 
 def test_the_readme_data_command_is_the_default_models():
     readme = (ROOT / "README.md").read_text()
-    train_block = readme[readme.index("## Train your own model"):]
+    train_block = readme[readme.index("## Train your own model") :]
     make = next(line for line in train_block.splitlines() if line.startswith("ldm-shapes make"))
     script = (ROOT / "scripts" / "build_default_model.sh").read_text()
     first = next(line for line in script.splitlines() if "ldm-shapes make" in line and not line.startswith("#"))
     for flag in ("--size", "--unnamed-background", "--seed"):
-        ours, theirs = shlex.split(make), shlex.split(first[first.index("ldm-shapes make"):])
+        ours, theirs = shlex.split(make), shlex.split(first[first.index("ldm-shapes make") :])
         assert ours[ours.index(flag) + 1] == theirs[theirs.index(flag) + 1], flag
 
 

@@ -12,11 +12,26 @@ from ldm.sampling import SAMPLERS, make_scheduler, resolve_sampler
 # AUTOMATIC1111's samplers (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py) that
 # diffusers also has, with what A1111 calls them → ours.
 A1111 = {
-    "Euler a": "euler_a", "Euler": "euler", "LMS": "lms", "LMS Karras": "lms_karras", "Heun": "heun", "DPM2": "dpm2",
-    "DPM2 Karras": "dpm2_karras", "DPM2 a": "dpm2_a", "DPM2 a Karras": "dpm2_a_karras", "DPM++ 2M": "dpm++2m",
-    "DPM++ 2M Karras": "dpm++2m_karras", "DPM++ 2M SDE": "dpm++2m_sde", "DPM++ 2M SDE Karras": "dpm++2m_sde_karras",
-    "DDIM": "ddim", "PLMS": "plms", "UniPC": "unipc",
-    "k_euler_a": "euler_a", "k_lms": "lms", "k_dpmpp_2m_ka": "dpm++2m_karras", "k_dpm_2_a": "dpm2_a",
+    "Euler a": "euler_a",
+    "Euler": "euler",
+    "LMS": "lms",
+    "LMS Karras": "lms_karras",
+    "Heun": "heun",
+    "DPM2": "dpm2",
+    "DPM2 Karras": "dpm2_karras",
+    "DPM2 a": "dpm2_a",
+    "DPM2 a Karras": "dpm2_a_karras",
+    "DPM++ 2M": "dpm++2m",
+    "DPM++ 2M Karras": "dpm++2m_karras",
+    "DPM++ 2M SDE": "dpm++2m_sde",
+    "DPM++ 2M SDE Karras": "dpm++2m_sde_karras",
+    "DDIM": "ddim",
+    "PLMS": "plms",
+    "UniPC": "unipc",
+    "k_euler_a": "euler_a",
+    "k_lms": "lms",
+    "k_dpmpp_2m_ka": "dpm++2m_karras",
+    "k_dpm_2_a": "dpm2_a",
 }
 
 
@@ -38,18 +53,35 @@ def test_every_sampler_builds_from_an_sd_schedule():
 
 @pytest.mark.parametrize("typo, suggested", [("eulr", "euler"), ("DPM++ 2M Karas", "dpm++2m_karras"), ("k_lsm", "lms")])
 def test_a_typo_suggests_the_closest_names(typo, suggested):
-    with pytest.raises(ValueError, match=rf"unknown sampler '{re.escape(typo)}'; did you mean {re.escape(suggested)}\b"):
+    with pytest.raises(
+        ValueError, match=rf"unknown sampler '{re.escape(typo)}'; did you mean {re.escape(suggested)}\b"
+    ):
         resolve_sampler(typo)
 
 
 def test_a_name_means_the_same_sampler_in_the_cli_and_the_api(tiny_pipe, tiny_pipeline_dir, tmp_path, capsys):
-    ours = tiny_pipe("a red circle", sampler="dpm++2m_karras", seed=3, num_inference_steps=4, output_type="np", progress=False)
-    theirs = tiny_pipe("a red circle", sampler="DPM++ 2M Karras", seed=3, num_inference_steps=4, output_type="np", progress=False)
+    ours = tiny_pipe(
+        "a red circle", sampler="dpm++2m_karras", seed=3, num_inference_steps=4, output_type="np", progress=False
+    )
+    theirs = tiny_pipe(
+        "a red circle", sampler="DPM++ 2M Karras", seed=3, num_inference_steps=4, output_type="np", progress=False
+    )
     assert np.array_equal(ours.images, theirs.images) and "Sampler: dpm++2m_karras" in theirs.parameters[0]
     other = tiny_pipe("a red circle", sampler="euler", seed=3, num_inference_steps=4, output_type="np", progress=False)
     assert np.abs(other.images - ours.images).max() > 1e-3  # the name chose a sampler: another one draws otherwise
 
-    argv = ["a red circle", "--model", str(tiny_pipeline_dir), "--steps", "4", "--seed", "3", "--quiet", "--outdir", str(tmp_path)]
+    argv = [
+        "a red circle",
+        "--model",
+        str(tiny_pipeline_dir),
+        "--steps",
+        "4",
+        "--seed",
+        "3",
+        "--quiet",
+        "--outdir",
+        str(tmp_path),
+    ]
     assert txt2img([*argv, "--sampler", "DPM++ 2M Karras"]) == 0
     from PIL import Image
 

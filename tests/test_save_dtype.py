@@ -34,8 +34,9 @@ def test_a_float16_folder_saves_as_float16_and_loads_back_the_same(tiny_pipe, tm
         name = f"{network}/{stem}.safetensors"
         assert (half / name).stat().st_size == (again / name).stat().st_size
     a = pipe("a red circle", seed=1, num_inference_steps=2, output_type="np", progress=False).images
-    b = LatentPipeline.from_pretrained(again, device="cpu")("a red circle", seed=1, num_inference_steps=2, output_type="np",
-                                                           progress=False).images
+    b = LatentPipeline.from_pretrained(again, device="cpu")(
+        "a red circle", seed=1, num_inference_steps=2, output_type="np", progress=False
+    ).images
     assert np.array_equal(a, b)
 
     wide = pipe.save_pretrained(tmp_path / "wide", torch_dtype=torch.float32)

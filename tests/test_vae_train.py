@@ -138,8 +138,8 @@ def test_a_fine_tune_that_moves_the_latent_scale_far_says_so(trained, shapes, tm
     config["scaling_factor"] *= 50  # as if the latents had been 50x tighter before
     (start / "config.json").write_text(json.dumps(config))
     for folder, moved in ((start, True), (trained / "final", False)):
-        cfg = tiny_config(shapes, tmp_path / f"ft-{moved}", f"model.pretrained={folder}", "run.max_steps=1", "loss.disc_weight=0",
-                          "run.checkpoint_every=0", "validate_every=0")
+        cfg = tiny_config(shapes, tmp_path / f"ft-{moved}", f"model.pretrained={folder}", "run.max_steps=1",
+                          "loss.disc_weight=0", "run.checkpoint_every=0", "validate_every=0")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train(cfg, progress=False)
@@ -154,7 +154,7 @@ def test_validate_every_without_a_validation_set_warns(shapes, tmp_path):
     from ldm.train.vae import check_config
 
     cfg = tiny_config(shapes, tmp_path / "v", "validate_every=5", "data.validation_path=null")
-    with pytest.warns(LdmWarning, match=r"validate_every=5 but data.validation_path is not set, so no validation pass will run"):
+    with pytest.warns(LdmWarning, match=r"validate_every=5 but data.validation_path is not set, so no validation"):
         check_config(cfg)
 
 

@@ -42,7 +42,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         if self.top_level:
             self.add_argument("--verbose", action="store_true",
-                              help="also show other libraries' messages (diffusers', transformers' loading bars and notices)")
+                              help="also show other libraries' messages (loading bars, notices)")
 
     def add_subparsers(self, **kwargs):
         kwargs.setdefault("parser_class", _SubcommandParser)

@@ -40,7 +40,8 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world (default: the embedded default model)")
     e.add_argument("--num-prompts", type=int, default=600, help="number of prompts (balanced over the six caption kinds)")
     e.add_argument("--seed", type=int, default=0, help="evaluation seed: picks the prompts; image i is generated with seed + i")
-    e.add_argument("--sampler", default=None, help="sampler name, ours or AUTOMATIC1111's (default: the project's default sampler)")
+    e.add_argument("--sampler", default=None,
+                   help="sampler name, ours or AUTOMATIC1111's (default: the project's default sampler)")
     e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the project's default)")
     e.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     e.add_argument("--guidance-rescale", type=float, metavar="PHI",

@@ -39,7 +39,8 @@ def _main(argv=None) -> int:
 
         print(export_checkpoint(config, *args.export))
         return 0
-    return run_training(lambda: train(config, resume=args.resume, build_cache_only=args.build_cache, progress=not args.quiet),
+    progress = not args.quiet
+    return run_training(lambda: train(config, resume=args.resume, build_cache_only=args.build_cache, progress=progress),
                         "ldm-train-unet")
 
 

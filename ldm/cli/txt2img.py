@@ -28,8 +28,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale w; 0 = unconditional, 1 = no guidance")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="number of denoising steps")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME",
-                   help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too ('Euler a', 'DPM++ 2M Karras', "
-                        "'k_lms', ...), in any case")
+                   help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too "
+                        "('Euler a', 'DPM++ 2M Karras', 'k_lms', ...), in any case")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random, printed in each PNG's metadata)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's latent factor (default: the model's size)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")

@@ -530,7 +530,8 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
     return out
 
 
-def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: bool = False, progress: bool = True) -> Path:
+def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: bool = False,
+          progress: bool = True) -> Path:
     """Train per `config`; returns OUTPUT/final (or, with `build_cache_only`, the cache file)."""
     from ldm.data import open_dataset
     from ldm.pipeline import LatentPipeline
@@ -584,8 +585,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
         latent_cache.check_cacheable(dataset, config.data.crop, config.data.random_flip)
         if cache is None and is_main:
             cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae, prompt_encoder=prompt_encoder, frozen_text=not joint,
-                                             batch_size=config.cache.batch_size, num_workers=config.data.num_workers, dtype=config.cache.dtype,
-                                             progress=progress)
+                                             batch_size=config.cache.batch_size, num_workers=config.data.num_workers,
+                                             dtype=config.cache.dtype, progress=progress)
         accelerator.wait_for_everyone()
         return latent_cache.cache_file(cache_dir, key)
     empty_embed = None

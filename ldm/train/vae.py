@@ -113,8 +113,9 @@ def check_config(cfg: VAETrainConfig) -> None:
         if value < 0:
             raise ValueError(f"{key} must be non-negative, got {value}")
     if cfg.validate_every and cfg.data.validation_path is None:
-        warnings.warn(f"validate_every={cfg.validate_every} but data.validation_path is not set, so no validation pass will run; "
-                      "set data.validation_path to held-out images (or validate_every=0)", LdmWarning, stacklevel=2)
+        warnings.warn(f"validate_every={cfg.validate_every} but data.validation_path is not set, so no validation pass "
+                      "will run; set data.validation_path to held-out images (or validate_every=0)",
+                      LdmWarning, stacklevel=2)
     if cfg.scale_samples < 1:
         raise ValueError(f"scale_samples must be at least 1, got {cfg.scale_samples}")
     check_optim(cfg.optim)
@@ -407,9 +408,10 @@ def warn_if_scale_moved(before: float, after: float, factor: float = 2.0) -> Non
     U-Net trained on the old latents no longer fits them (nor does anything cached from them)."""
     ratio = after / before
     if not 1 / factor <= ratio <= factor:
-        warnings.warn(f"scaling_factor moved from {before:.5g} (model.pretrained) to {after:.5g} (x{ratio:.3g}): the latents' "
-                      "spread changed that much, so a U-Net trained on the old VAE's latents will not fit this one; retrain "
-                      "stage 2, or lower optim.lr / raise loss.kl_weight if this was meant as a light fine-tune", LdmWarning, stacklevel=2)
+        warnings.warn(f"scaling_factor moved from {before:.5g} (model.pretrained) to {after:.5g} (x{ratio:.3g}): the "
+                      "latents' spread changed that much, so a U-Net trained on the old VAE's latents will not "
+                      "fit this one; retrain stage 2, or lower optim.lr / raise loss.kl_weight if this was meant "
+                      "as a light fine-tune", LdmWarning, stacklevel=2)
 
 
 @torch.no_grad()
