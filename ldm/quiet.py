@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import sys
 import warnings
 
@@ -23,17 +24,28 @@ LIBRARIES = ("diffusers", "transformers", "huggingface_hub", "bitsandbytes", "ac
 
 def quiet_libraries() -> None:
     """For a console script: the libraries log errors only and show no progress bars; their
-    Python warnings are hidden, ours (LdmWarning, raised by ldm's modules) stay."""
+    Python warnings are hidden, ours (LdmWarning, raised by ldm's modules) stay. Libraries not yet
+    imported are told through the environment variables they read at import, so a command that
+    never uses them (ldm-shapes make) does not pay seconds to import them here."""
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):
-        from diffusers.utils import logging as diffusers_logging
+    for variable, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                            ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(variable, value)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
         from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()
         diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         for module in ("diffusers", "transformers", "huggingface_hub", "torch", "accelerate", "bitsandbytes"):
             warnings.filterwarnings("ignore", category=category, module=module)
