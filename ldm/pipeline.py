@@ -31,6 +31,7 @@ import torch
 
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
+from ldm.editing import DEFAULT_STRENGTH, check_strength, encode_images, noised_latents, sdedit_timesteps
 from ldm.guidance import default_guidance_rescale
 from ldm.quiet import library_quiet
 from ldm.models import HUB_ID, VARIANT, WEIGHTED, inspect_pipeline, load_component, resolve_model, stored_dtype
@@ -538,6 +539,35 @@ class LatentPipeline:
         shape = (batch, self.unet.config.in_channels, height // f, width // f)  # (B, C, H/f, W/f)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
+    def initial_latents(self, scheduler, generator, batch: int, height: int, width: int, num_inference_steps: int,
+                        images: torch.Tensor | None = None, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, timesteps): where the reverse process starts and the steps it runs. Without
+        images, N(0, I) noise at the sampler's initial σ and all N steps; with images ((B, 3, H, W)
+        in [−1, 1]), SDEdit: their latents noised to where the last ⌊N·s⌋ steps begin (ldm.editing)."""
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if images is None:
+            return self.initial_noise(generator, batch, height, width) * scheduler.init_noise_sigma, scheduler.timesteps
+        timesteps = sdedit_timesteps(scheduler, num_inference_steps, strength)
+        z0 = encode_images(self.vae, images.to(self.device, self.vae.dtype), generator).to(self.dtype)
+        noise = self.initial_noise(generator, batch, height, width)  # drawn after the posterior sample, as diffusers does
+        return noised_latents(scheduler, z0, noise, timesteps[:1]), timesteps
+
+    def prepare_images(self, image, count: int, height: int | None, width: int | None) -> torch.Tensor:
+        """`image` (a PIL image, array or tensor, or a list of them, one per prompt) as a (count, 3,
+        H, W) tensor in [−1, 1], resized to height × width; by default the first image's size rounded
+        down to the latent factor (diffusers' VaeImageProcessor, so the pixels match diffusers')."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=self.latent_factor)
+        images = image if isinstance(image, list) else [image]
+        if len(images) not in (1, count):
+            raise ValueError(f"got {len(images)} images for {count} prompts; pass one image, or one per prompt")
+        try:
+            tensor = processor.preprocess(images, height=height, width=width)  # (k, 3, H, W)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"image: not a picture diffusers' image processor can read ({' '.join(str(e).split())[:160]})") from None
+        return tensor.repeat(count // len(images), 1, 1, 1) if len(images) == 1 else tensor
+
     def uses_vae_tiling(self, height: int, width: int, vae_tiling: bool | str = "auto") -> bool:
         """Whether images of this size decode tile by tile: "auto" tiles above VAE_TILING_PIXELS."""
         if vae_tiling == "auto":
@@ -644,6 +674,8 @@ class LatentPipeline:
         output_type: str = "pil",
         progress: bool = True,
         vae_tiling: bool | str = "auto",
+        image=None,
+        strength: float = DEFAULT_STRENGTH,
     ) -> LatentPipelineOutput:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline.
 
@@ -661,6 +693,11 @@ class LatentPipeline:
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
         sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
+        images = None
+        if image is not None:  # img2img (SDEdit): check the strength, then read and size the images
+            check_strength(strength, num_inference_steps if isinstance(num_inference_steps, int) else 1)
+            images = self.prepare_images(image, len(prompts), height, width)  # (P, 3, H, W), one per prompt
+            height, width = images.shape[-2:]
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         if guidance_rescale is None:
@@ -674,6 +711,8 @@ class LatentPipeline:
         tiled = self.uses_vae_tiling(height, width, vae_tiling)  # checks the value before any work
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if images is not None:
+            images = images.repeat_interleave(num_images_per_prompt, dim=0)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # image order: prompt by prompt
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         n = len(prompts)
@@ -714,15 +753,20 @@ class LatentPipeline:
             chunk_generator = generators[chunk] if generators is not None else generator
             cond = self.encode_prompts(prompts[chunk]) if guidance.needs_cond else None
             uncond = self.encode_prompts(negatives[chunk]) if guidance.needs_uncond else None
-            noise = self.initial_noise(chunk_generator, len(prompts[chunk]), height, width)
             scheduler = make_scheduler(sampler, self.scheduler.config)
+            latents, timesteps = self.initial_latents(scheduler, chunk_generator, len(prompts[chunk]), height, width,
+                                                      num_inference_steps, images[chunk] if images is not None else None,
+                                                      strength)
             denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod)
-            latents = denoise(denoiser, scheduler, noise, num_inference_steps, chunk_generator, eta if sampler == "ddim" else None, progress)
+            latents = denoise(denoiser, scheduler, latents, timesteps, chunk_generator, eta if sampler == "ddim" else None,
+                              progress)
             outputs.append(latents if output_type == "latent" else self.decode_latents(latents, vae_tiling))
         result = torch.cat(outputs)
         images = result if output_type == "latent" else self.to_images(result, output_type)
 
         settings = {"Steps": num_inference_steps, "Sampler": sampler, "CFG scale": guidance_scale}
+        if images is not None:
+            settings["Denoising strength"] = strength  # A1111's name
         if guidance_rescale:
             settings["Guidance rescale"] = guidance_rescale
         if eta:

@@ -284,27 +284,26 @@ class GuidedDenoiser:
 def denoise(
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
-    noise: torch.Tensor,
-    num_inference_steps: int,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
     generator: torch.Generator | list[torch.Generator] | None = None,
     eta: float | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Run `scheduler` from pure noise to ẑ_0: the reverse process, one model output per step.
+    """Run `scheduler` over `timesteps` (laid out by its `set_timesteps`) from `latents` to ẑ_0: the
+    reverse process, one model output per step. From pure noise that is txt2img; from an image's
+    noised latents and the last of the timesteps, SDEdit (`ldm.editing`).
 
-    `noise` is standard normal; the scheduler scales it to its initial σ. Stochastic samplers draw
-    their per-step noise from `generator` (a list gives each image its own stream, so image i of a
-    batch equals a run of image i alone).
+    Stochastic samplers draw their per-step noise from `generator` (a list gives each image its own
+    stream, so image i of a batch equals a run of image i alone).
     """
-    scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    latents = noise * scheduler.init_noise_sigma
     accepted = inspect.signature(scheduler.step).parameters
     step_kwargs = {}
     if "generator" in accepted:
         step_kwargs["generator"] = generator
     if eta is not None and "eta" in accepted:
         step_kwargs["eta"] = eta
-    for t in tqdm(scheduler.timesteps, desc="denoising", file=sys.stderr, disable=not progress, leave=False):
+    for t in tqdm(timesteps, desc="denoising", file=sys.stderr, disable=not progress, leave=False):
         z_t = scheduler.scale_model_input(latents, t)  # the VP-scaled input the network expects
         model_output = denoiser(z_t, t)
         latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
