@@ -8,6 +8,7 @@ import pytest
 from ldm.cli import data, shapes, train_unet, train_vae, txt2img
 
 PARSERS = {
+    "ldm-img2img": lambda: txt2img.build_parser(editing=True),
     "ldm-txt2img": txt2img.build_parser,
     "ldm-train-unet": train_unet.build_parser,
     "ldm-train-vae": train_vae.build_parser,

@@ -95,3 +95,56 @@ def test_bad_input_is_a_value_error_naming_it(tiny_pipe, kwargs, message):
     kwargs = {"image": picture(), "num_inference_steps": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         tiny_pipe("a red circle", progress=False, **kwargs)
+
+
+def test_the_cli_writes_what_the_api_draws(tiny_pipe, tiny_pipeline_dir, tmp_path, capsys):
+    from ldm.cli.img2img import main
+
+    picture().save(tmp_path / "sketch.png")
+    argv = [
+        str(tmp_path / "sketch.png"),
+        "a red circle",
+        "--model",
+        str(tiny_pipeline_dir),
+        "--strength",
+        "0.6",
+        "--steps",
+        "5",
+        "--seed",
+        "9",
+        "--quiet",
+        "--outdir",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 0
+    path = capsys.readouterr().out.split()[0]
+    written = Image.open(path)
+    assert "Denoising strength: 0.6" in written.info["parameters"]
+    api = tiny_pipe(
+        "a red circle", image=picture(), strength=0.6, num_inference_steps=5, seed=9, output_type="np", progress=False
+    )
+    assert np.abs(np.asarray(written) / 255 - api.images[0]).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--strength", "0.01"], "strength 0.01 runs no step of 25; the smallest that works is 0.04"),
+        (["--strength", "2"], r"strength must be a number in (0, 1], got 2.0"),
+        (["IMAGE=missing.png"], "missing.png: missing_image"),
+        (["IMAGE=garbage.png"], "garbage.png: unreadable_image"),
+    ],
+)
+def test_bad_cli_input_is_one_line_and_status_2(tiny_pipeline_dir, tmp_path, capsys, extra, message):
+    from ldm.cli.img2img import main
+
+    picture().save(tmp_path / "sketch.png")
+    (tmp_path / "garbage.png").write_bytes(b"not a png at all")
+    image = str(tmp_path / "sketch.png")
+    if extra[0].startswith("IMAGE="):
+        image, extra = str(tmp_path / extra[0][6:]), []
+    with pytest.raises(SystemExit) as e:
+        main([image, "a red circle", "--model", str(tiny_pipeline_dir), "--outdir", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing written

@@ -11,17 +11,31 @@ import sys
 from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
+from ldm.editing import DEFAULT_STRENGTH
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, resolve_sampler
 
 MAX_PROMPTS_BYTES = 16 * 2**20  # ~200,000 prompts; a file that never ends is refused at this size
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(
-        prog="ldm-txt2img",
-        description="Generate images from text prompts with a latent diffusion model (classifier-free guidance).",
-        epilog="Example: ldm-txt2img \"a red circle to the left of a blue square\" --cfg 7.5 --seed 1",
-    )
+def build_parser(editing: bool = False) -> ArgumentParser:
+    """ldm-txt2img's flags; with `editing`, ldm-img2img's: an IMAGE first, and --strength."""
+    if editing:
+        p = ArgumentParser(
+            prog="ldm-img2img",
+            description="Edit a picture with a latent diffusion model: SDEdit (Meng et al. 2022) noises the image's "
+                        "latents to a level set by --strength, then denoises them guided by the prompts.",
+            epilog='Example: ldm-img2img sketch.png "a red circle to the left of a blue square" --strength 0.6 --seed 1',
+        )
+        p.add_argument("image", type=Path, help="the picture to start from (any format PIL reads)")
+        p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                       help="how far to depart from the image: the share of the steps run from its noised latents, "
+                            "in (0, 1]; small keeps it, 1 draws anew")
+    else:
+        p = ArgumentParser(
+            prog="ldm-txt2img",
+            description="Generate images from text prompts with a latent diffusion model (classifier-free guidance).",
+            epilog="Example: ldm-txt2img \"a red circle to the left of a blue square\" --cfg 7.5 --seed 1",
+        )
     p.add_argument("prompt", nargs="*", help="one or more prompts (quote each one)")
     p.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative", default="", help="negative prompt: what the image should not show (the unconditional half of guidance)")
@@ -31,8 +45,9 @@ def build_parser() -> ArgumentParser:
                    help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too "
                         "('Euler a', 'DPM++ 2M Karras', 'k_lms', ...), in any case")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random, printed in each PNG's metadata)")
-    p.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's latent factor (default: the model's size)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
+    size = "the image's, rounded down to the latent factor" if editing else "the model's size"
+    p.add_argument("--height", type=int, help=f"image height in pixels, a multiple of the model's latent factor (default: {size})")
+    p.add_argument("--width", type=int, help=f"image width in pixels (default: {size})")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch (memory vs speed; the images do not change)")
     p.add_argument("--model", help="a diffusers pipeline folder (SD 1.x/2.x or one trained with ldm) or a hub id (default: the embedded default model)")
@@ -110,8 +125,8 @@ def check_request_fits(info, args, device, height: int, width: int, images: int)
                          f"--outdir {args.outdir}, which has {free / 2**20:,.0f} MB free")
 
 
-def _main(argv=None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # prompts may stand between flags
+def _main(argv=None, editing: bool = False) -> int:
+    args = build_parser(editing).parse_intermixed_args(argv)  # prompts may stand between flags
     from ldm.guidance import default_guidance_rescale
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, check_generation_args, resolve_device, resolve_dtype
@@ -136,8 +151,19 @@ def _main(argv=None) -> int:
     if single_file and not Path(model).is_file():
         raise FileNotFoundError(f"checkpoint not found: {model}")
     info = inspect_pipeline(resolve_model(args.config if single_file else model), allow_pickle=args.allow_pickle and not single_file)
-    height = args.height if args.height is not None else info.default_size
-    width = args.width if args.width is not None else info.default_size
+    image, default_height, default_width = None, info.default_size, info.default_size
+    if editing:
+        from ldm.data.images import load_image
+        from ldm.editing import check_strength
+
+        check_strength(args.strength, args.steps if args.steps >= 1 else 1)
+        image = load_image(args.image, key=f"IMAGE {args.image}")  # RGB, fully decoded, bombs refused
+        f = info.latent_factor
+        default_width, default_height = image.width // f * f, image.height // f * f
+        if not (default_width and default_height):
+            raise ValueError(f"IMAGE {args.image} is {image.width}x{image.height}, smaller than the model's latent factor {f}")
+    height = args.height if args.height is not None else default_height
+    width = args.width if args.width is not None else default_width
     rescale = default_guidance_rescale(info.scheduler_config) if args.guidance_rescale is None else args.guidance_rescale
     check_generation_args(
         latent_factor=info.latent_factor, height=height, width=width, num_inference_steps=args.steps,
@@ -169,6 +195,7 @@ def _main(argv=None) -> int:
             height=height, width=width, seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
             guidance_rescale=rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
             threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling,
+            **({"image": image, "strength": args.strength} if editing else {}),
         )
         for path in out.save(args.outdir):
             print(path, flush=True)
