@@ -1,4 +1,4 @@
-"""Editing a picture the user already has: the math that img2img (SDEdit) adds to sampling.
+"""Editing a picture the user already has: the math that img2img (SDEdit) and inpainting add to sampling.
 
 SDEdit (Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
 Differential Equations", §3, Alg. 1): perturb the input x^g to an intermediate time t_0 with the
@@ -10,6 +10,13 @@ starts from (almost) pure noise.
 The timestep cut is diffusers' (`StableDiffusionImg2ImgPipeline.get_timesteps`): of the N steps
 the sampler lays out, the last ⌊N·s⌋ run, so images equal diffusers' on the same weights, scheduler,
 seed and strength.
+
+Inpainting by replacement (Song et al. 2021, "Score-Based Generative Modeling through SDEs", App.
+I.2; the base of RePaint, Lugmayr et al. 2022, eq. 8-9): after every reverse step the known region
+(mask 0) is overwritten with the image's latents noised to the level of the next step, z_{t-1} =
+m ⊙ z_{t-1} + (1 − m) ⊙ q(z_{t-1} | z_0), and with z_0 itself after the last; the unknown region
+(mask 1) is what the model draws. This is diffusers' path for ordinary 4-channel U-Nets
+(`StableDiffusionInpaintPipeline`), reproduced step for step.
 """
 
 from __future__ import annotations
@@ -36,6 +43,18 @@ def check_strength(strength, num_inference_steps: int) -> None:
             f"strength {strength} runs no step of {num_inference_steps}; the smallest that works is "
             f"{smallest:.3g} (or raise num_inference_steps)"
         )
+
+
+INPAINT_METHODS = ("replace",)
+
+
+def check_inpainting(method: str, unet_channels: int, latent_channels: int) -> None:
+    """A ValueError for an inpainting method not built, or a U-Net these methods cannot drive."""
+    if method not in INPAINT_METHODS:
+        raise ValueError(f"unknown inpaint_method {method!r}; choose one of: {', '.join(INPAINT_METHODS)}")
+    if unet_channels != latent_channels:
+        raise ValueError(f"this U-Net takes {unet_channels} input channels (an inpainting U-Net: latents, mask and masked "
+                         f"image); ldm inpaints with ordinary {latent_channels}-channel U-Nets only so far")
 
 
 def sdedit_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
@@ -68,3 +87,24 @@ def noised_latents(scheduler, z0: torch.Tensor, noise: torch.Tensor, timestep: t
     """q(z_t | z_0) at the first timestep SDEdit runs: √ᾱ_t z_0 + √(1 − ᾱ_t) ε (the scheduler's own
     `add_noise`, so σ-parameterised samplers get z_0 + σ_t ε, their form of the same point)."""
     return scheduler.add_noise(z0, noise, timestep.repeat(len(z0)))
+
+
+def latent_mask(mask: torch.Tensor, latent_shape: tuple[int, int]) -> torch.Tensor:
+    """A binary pixel mask (B, 1, H, W) at latent resolution (B, 1, H/f, W/f): nearest
+    neighbour, as diffusers resizes it (`prepare_mask_latents`)."""
+    return torch.nn.functional.interpolate(mask, size=latent_shape)
+
+
+class Replacement:
+    """The per-step constraint of inpainting by replacement (see the module docstring): called
+    after step i with the latents, returns them with the known region replaced."""
+
+    def __init__(self, scheduler, z0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, timesteps: torch.Tensor):
+        self.scheduler, self.z0, self.noise, self.timesteps = scheduler, z0, noise, timesteps
+        self.mask = mask.to(z0.dtype)  # (B, 1, h, w): 1 = repaint, 0 = keep
+
+    def __call__(self, i: int, latents: torch.Tensor) -> torch.Tensor:
+        known = self.z0
+        if i < len(self.timesteps) - 1:  # noised to the level the next step starts from
+            known = self.scheduler.add_noise(self.z0, self.noise, self.timesteps[i + 1 : i + 2])
+        return (1 - self.mask) * known + self.mask * latents

@@ -31,7 +31,10 @@ import torch
 
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
-from ldm.editing import DEFAULT_STRENGTH, check_strength, encode_images, noised_latents, sdedit_timesteps
+from ldm.editing import (
+    DEFAULT_STRENGTH, Replacement, check_inpainting, check_strength, encode_images, latent_mask, noised_latents,
+    sdedit_timesteps,
+)
 from ldm.guidance import default_guidance_rescale
 from ldm.quiet import library_quiet
 from ldm.models import HUB_ID, VARIANT, WEIGHTED, inspect_pipeline, load_component, resolve_model, stored_dtype
@@ -540,17 +543,46 @@ class LatentPipeline:
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
     def initial_latents(self, scheduler, generator, batch: int, height: int, width: int, num_inference_steps: int,
-                        images: torch.Tensor | None = None, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, timesteps): where the reverse process starts and the steps it runs. Without
-        images, N(0, I) noise at the sampler's initial σ and all N steps; with images ((B, 3, H, W)
-        in [−1, 1]), SDEdit: their latents noised to where the last ⌊N·s⌋ steps begin (ldm.editing)."""
+                        images: torch.Tensor | None = None, strength: float = 1.0, masks: torch.Tensor | None = None):
+        """(latents, timesteps, constraint): where the reverse process starts, the steps it runs, and
+        what holds after each step. Without images: N(0, I) noise at the sampler's initial σ, all N
+        steps. With images ((B, 3, H, W) in [−1, 1]), SDEdit: their latents noised to where the last
+        ⌊N·s⌋ steps begin. With masks too ((B, 1, H, W), 1 = repaint), inpainting by replacement:
+        from pure noise at strength 1 (as diffusers), the known region held each step (ldm.editing)."""
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         if images is None:
-            return self.initial_noise(generator, batch, height, width) * scheduler.init_noise_sigma, scheduler.timesteps
+            noise = self.initial_noise(generator, batch, height, width)
+            return noise * scheduler.init_noise_sigma, scheduler.timesteps, None
         timesteps = sdedit_timesteps(scheduler, num_inference_steps, strength)
         z0 = encode_images(self.vae, images.to(self.device, self.vae.dtype), generator).to(self.dtype)
         noise = self.initial_noise(generator, batch, height, width)  # drawn after the posterior sample, as diffusers does
-        return noised_latents(scheduler, z0, noise, timesteps[:1]), timesteps
+        if masks is None:
+            return noised_latents(scheduler, z0, noise, timesteps[:1]), timesteps, None
+        start = noise * scheduler.init_noise_sigma if strength == 1 else noised_latents(scheduler, z0, noise, timesteps[:1])
+        mask = latent_mask(masks.to(self.device), z0.shape[-2:])  # (B, 1, h, w)
+        return start, timesteps, Replacement(scheduler, z0, noise, mask, timesteps)
+
+    def prepare_masks(self, mask_image, count: int, height: int, width: int) -> torch.Tensor:
+        """`mask_image` (white = repaint, black = keep; one, or one per prompt) as (count, 1, H, W)
+        in {0, 1}, resized to the image's size (diffusers' mask processor: grayscale, binarized)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=self.latent_factor, do_normalize=False, do_binarize=True,
+                                      do_convert_grayscale=True)
+        masks = mask_image if isinstance(mask_image, list) else [mask_image]
+        if len(masks) not in (1, count):
+            raise ValueError(f"got {len(masks)} masks for {count} prompts; pass one mask, or one per prompt")
+        for mask in masks:
+            if hasattr(mask, "size") and not callable(mask.size) and tuple(mask.size) != (width, height):
+                warnings.warn(f"mask_image is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height}; resizing the mask",
+                              LdmWarning, stacklevel=4)
+        try:
+            tensor = processor.preprocess(masks, height=height, width=width)  # (k, 1, H, W)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"mask_image: not a mask diffusers' image processor can read ({' '.join(str(e).split())[:160]})") from None
+        if not tensor.any():
+            raise ValueError("mask_image selects nothing: white (or 1) marks what to repaint, black what to keep")
+        return tensor.repeat(count // len(masks), 1, 1, 1) if len(masks) == 1 else tensor
 
     def prepare_images(self, image, count: int, height: int | None, width: int | None) -> torch.Tensor:
         """`image` (a PIL image, array or tensor, or a list of them, one per prompt) as a (count, 3,
@@ -675,7 +707,10 @@ class LatentPipeline:
         progress: bool = True,
         vae_tiling: bool | str = "auto",
         image=None,
-        strength: float = DEFAULT_STRENGTH,
+        strength: float | None = None,
+        mask_image=None,
+        inpaint_method: str = "replace",
+        composite: bool = True,
     ) -> LatentPipelineOutput:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline.
 
@@ -693,11 +728,18 @@ class LatentPipeline:
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
         sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
-        images = None
-        if image is not None:  # img2img (SDEdit): check the strength, then read and size the images
+        images = masks = None
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: the picture whose masked part is repainted")
+        if image is not None:  # img2img (SDEdit) or inpainting: check the strength, then read and size the images
+            strength = (1.0 if mask_image is not None else DEFAULT_STRENGTH) if strength is None else strength  # diffusers'
             check_strength(strength, num_inference_steps if isinstance(num_inference_steps, int) else 1)
+            if mask_image is not None:
+                check_inpainting(inpaint_method, self.unet.config.in_channels, self.vae.config.latent_channels)
             images = self.prepare_images(image, len(prompts), height, width)  # (P, 3, H, W), one per prompt
             height, width = images.shape[-2:]
+            if mask_image is not None:
+                masks = self.prepare_masks(mask_image, len(prompts), height, width)  # (P, 1, H, W)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         if guidance_rescale is None:
@@ -713,6 +755,8 @@ class LatentPipeline:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if images is not None:
             images = images.repeat_interleave(num_images_per_prompt, dim=0)
+        if masks is not None:
+            masks = masks.repeat_interleave(num_images_per_prompt, dim=0)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # image order: prompt by prompt
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         n = len(prompts)
@@ -754,19 +798,26 @@ class LatentPipeline:
             cond = self.encode_prompts(prompts[chunk]) if guidance.needs_cond else None
             uncond = self.encode_prompts(negatives[chunk]) if guidance.needs_uncond else None
             scheduler = make_scheduler(sampler, self.scheduler.config)
-            latents, timesteps = self.initial_latents(scheduler, chunk_generator, len(prompts[chunk]), height, width,
-                                                      num_inference_steps, images[chunk] if images is not None else None,
-                                                      strength)
+            latents, timesteps, constraint = self.initial_latents(
+                scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps,
+                images[chunk] if images is not None else None, strength, masks[chunk] if masks is not None else None,
+            )
             denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod)
             latents = denoise(denoiser, scheduler, latents, timesteps, chunk_generator, eta if sampler == "ddim" else None,
-                              progress)
+                              progress, constraint)
             outputs.append(latents if output_type == "latent" else self.decode_latents(latents, vae_tiling))
         result = torch.cat(outputs)
+        if masks is not None and composite and output_type != "latent":
+            # outside the mask, the input's own pixels: bit-identical after the 8-bit round trip
+            m = masks.to(result.device, result.dtype)
+            result = m * result + (1 - m) * images.to(result.device, result.dtype)
         images = result if output_type == "latent" else self.to_images(result, output_type)
 
         settings = {"Steps": num_inference_steps, "Sampler": sampler, "CFG scale": guidance_scale}
         if images is not None:
             settings["Denoising strength"] = strength  # A1111's name
+        if masks is not None:
+            settings["Inpaint method"] = inpaint_method
         if guidance_rescale:
             settings["Guidance rescale"] = guidance_rescale
         if eta:

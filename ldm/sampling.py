@@ -289,13 +289,16 @@ def denoise(
     generator: torch.Generator | list[torch.Generator] | None = None,
     eta: float | None = None,
     progress: bool = True,
+    constraint: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run `scheduler` over `timesteps` (laid out by its `set_timesteps`) from `latents` to ẑ_0: the
     reverse process, one model output per step. From pure noise that is txt2img; from an image's
     noised latents and the last of the timesteps, SDEdit (`ldm.editing`).
 
     Stochastic samplers draw their per-step noise from `generator` (a list gives each image its own
-    stream, so image i of a batch equals a run of image i alone).
+    stream, so image i of a batch equals a run of image i alone). `constraint(i, latents)`, applied
+    after step i, is how editing holds a known region (`ldm.editing.Replacement`); the sampler and
+    the guided denoiser never know about it.
     """
     accepted = inspect.signature(scheduler.step).parameters
     step_kwargs = {}
@@ -303,8 +306,10 @@ def denoise(
         step_kwargs["generator"] = generator
     if eta is not None and "eta" in accepted:
         step_kwargs["eta"] = eta
-    for t in tqdm(timesteps, desc="denoising", file=sys.stderr, disable=not progress, leave=False):
+    for i, t in enumerate(tqdm(timesteps, desc="denoising", file=sys.stderr, disable=not progress, leave=False)):
         z_t = scheduler.scale_model_input(latents, t)  # the VP-scaled input the network expects
         model_output = denoiser(z_t, t)
         latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+        if constraint is not None:
+            latents = constraint(i, latents)
     return latents
