@@ -111,3 +111,18 @@ def test_bad_inpainting_input_is_a_value_error(tiny_pipe, kwargs, message):
 def test_a_mask_of_another_size_is_resized_with_a_warning(tiny_pipe):
     with pytest.warns(LdmWarning, match=r"mask_image is 32x32 but the image is 64x64; resizing the mask"):
         tiny_pipe("a red circle", image=picture(), mask_image=right_half(32), num_inference_steps=2, progress=False)
+
+
+def test_the_cli_inpaints_with_mask_and_keeps_the_rest(tiny_pipeline_dir, tmp_path, capsys):
+    from ldm.cli.img2img import main
+
+    picture().save(tmp_path / "in.png")
+    right_half().save(tmp_path / "mask.png")
+    base = [str(tmp_path / "in.png"), "a red circle", "--model", str(tiny_pipeline_dir), "--steps", "3", "--quiet"]
+    assert main([*base, "--mask", str(tmp_path / "mask.png"), "--outdir", str(tmp_path / "out")]) == 0
+    written = Image.open(capsys.readouterr().out.split()[0])
+    assert np.array_equal(np.asarray(written)[:, :32], np.asarray(picture())[:, :32])
+    assert "Denoising strength: 1, Inpaint method: replace" in written.info["parameters"]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--no-composite", "--outdir", str(tmp_path / "out2")])
+    assert e.value.code == 2 and "apply only with --mask" in capsys.readouterr().err

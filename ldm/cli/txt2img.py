@@ -27,9 +27,17 @@ def build_parser(editing: bool = False) -> ArgumentParser:
             epilog='Example: ldm-img2img sketch.png "a red circle to the left of a blue square" --strength 0.6 --seed 1',
         )
         p.add_argument("image", type=Path, help="the picture to start from (any format PIL reads)")
-        p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+        p.add_argument("--strength", type=float,
                        help="how far to depart from the image: the share of the steps run from its noised latents, "
-                            "in (0, 1]; small keeps it, 1 draws anew")
+                            f"in (0, 1]; small keeps it, 1 draws anew (default: {DEFAULT_STRENGTH}; 1 with --mask, "
+                            "as diffusers)")
+        p.add_argument("--mask", type=Path, help="inpaint: a mask image, white where to repaint, black where to keep")
+        p.add_argument("--inpaint-method", default="replace", choices=["replace"],
+                       help="replace: after each step the kept region is the image's latents noised to that level "
+                            "(one U-Net call per step, as txt2img)")
+        p.add_argument("--no-composite", action="store_true",
+                       help="with --mask: keep the raw decode instead of pasting the result into the image through "
+                            "the mask (which keeps every pixel outside it)")
     else:
         p = ArgumentParser(
             prog="ldm-txt2img",
@@ -156,8 +164,12 @@ def _main(argv=None, editing: bool = False) -> int:
         from ldm.data.images import load_image
         from ldm.editing import check_strength
 
+        if args.mask is None and (args.no_composite or args.inpaint_method != "replace"):
+            raise ValueError("--inpaint-method and --no-composite apply only with --mask")
+        args.strength = args.strength if args.strength is not None else 1.0 if args.mask else DEFAULT_STRENGTH
         check_strength(args.strength, args.steps if args.steps >= 1 else 1)
         image = load_image(args.image, key=f"IMAGE {args.image}")  # RGB, fully decoded, bombs refused
+        mask = load_image(args.mask, key=f"--mask {args.mask}") if args.mask else None
         f = info.latent_factor
         default_width, default_height = image.width // f * f, image.height // f * f
         if not (default_width and default_height):
@@ -196,6 +208,8 @@ def _main(argv=None, editing: bool = False) -> int:
             guidance_rescale=rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
             threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling,
             **({"image": image, "strength": args.strength} if editing else {}),
+            **({"mask_image": mask, "inpaint_method": args.inpaint_method, "composite": not args.no_composite}
+               if editing and mask is not None else {}),
         )
         for path in out.save(args.outdir):
             print(path, flush=True)
