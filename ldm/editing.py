@@ -53,8 +53,8 @@ def check_inpainting(method: str, unet_channels: int, latent_channels: int) -> N
     if method not in INPAINT_METHODS:
         raise ValueError(f"unknown inpaint_method {method!r}; choose one of: {', '.join(INPAINT_METHODS)}")
     if unet_channels != latent_channels:
-        raise ValueError(f"this U-Net takes {unet_channels} input channels (an inpainting U-Net: latents, mask and masked "
-                         f"image); ldm inpaints with ordinary {latent_channels}-channel U-Nets only so far")
+        raise ValueError(f"this U-Net takes {unet_channels} input channels (an inpainting U-Net: latents, mask and "
+                         f"masked image); ldm inpaints with ordinary {latent_channels}-channel U-Nets only so far")
 
 
 def sdedit_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:

@@ -555,10 +555,13 @@ class LatentPipeline:
             return noise * scheduler.init_noise_sigma, scheduler.timesteps, None
         timesteps = sdedit_timesteps(scheduler, num_inference_steps, strength)
         z0 = encode_images(self.vae, images.to(self.device, self.vae.dtype), generator).to(self.dtype)
-        noise = self.initial_noise(generator, batch, height, width)  # drawn after the posterior sample, as diffusers does
+        noise = self.initial_noise(generator, batch, height, width)  # after the posterior sample, as diffusers
         if masks is None:
             return noised_latents(scheduler, z0, noise, timesteps[:1]), timesteps, None
-        start = noise * scheduler.init_noise_sigma if strength == 1 else noised_latents(scheduler, z0, noise, timesteps[:1])
+        if strength == 1:  # diffusers starts inpainting from pure noise at full strength
+            start = noise * scheduler.init_noise_sigma
+        else:
+            start = noised_latents(scheduler, z0, noise, timesteps[:1])
         mask = latent_mask(masks.to(self.device), z0.shape[-2:])  # (B, 1, h, w)
         return start, timesteps, Replacement(scheduler, z0, noise, mask, timesteps)
 
@@ -574,12 +577,13 @@ class LatentPipeline:
             raise ValueError(f"got {len(masks)} masks for {count} prompts; pass one mask, or one per prompt")
         for mask in masks:
             if hasattr(mask, "size") and not callable(mask.size) and tuple(mask.size) != (width, height):
-                warnings.warn(f"mask_image is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height}; resizing the mask",
-                              LdmWarning, stacklevel=4)
+                warnings.warn(f"mask_image is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height}; "
+                              "resizing the mask", LdmWarning, stacklevel=4)
         try:
             tensor = processor.preprocess(masks, height=height, width=width)  # (k, 1, H, W)
         except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"mask_image: not a mask diffusers' image processor can read ({' '.join(str(e).split())[:160]})") from None
+            reason = " ".join(str(e).split())[:160]
+            raise ValueError(f"mask_image: not a mask diffusers' image processor can read ({reason})") from None
         if not tensor.any():
             raise ValueError("mask_image selects nothing: white (or 1) marks what to repaint, black what to keep")
         return tensor.repeat(count // len(masks), 1, 1, 1) if len(masks) == 1 else tensor
@@ -597,7 +601,8 @@ class LatentPipeline:
         try:
             tensor = processor.preprocess(images, height=height, width=width)  # (k, 3, H, W)
         except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"image: not a picture diffusers' image processor can read ({' '.join(str(e).split())[:160]})") from None
+            reason = " ".join(str(e).split())[:160]
+            raise ValueError(f"image: not a picture diffusers' image processor can read ({reason})") from None
         return tensor.repeat(count // len(images), 1, 1, 1) if len(images) == 1 else tensor
 
     def uses_vae_tiling(self, height: int, width: int, vae_tiling: bool | str = "auto") -> bool:
@@ -732,7 +737,8 @@ class LatentPipeline:
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image: the picture whose masked part is repainted")
         if image is not None:  # img2img (SDEdit) or inpainting: check the strength, then read and size the images
-            strength = (1.0 if mask_image is not None else DEFAULT_STRENGTH) if strength is None else strength  # diffusers'
+            if strength is None:  # diffusers' defaults
+                strength = 1.0 if mask_image is not None else DEFAULT_STRENGTH
             check_strength(strength, num_inference_steps if isinstance(num_inference_steps, int) else 1)
             if mask_image is not None:
                 check_inpainting(inpaint_method, self.unet.config.in_channels, self.vae.config.latent_channels)
@@ -803,8 +809,8 @@ class LatentPipeline:
                 images[chunk] if images is not None else None, strength, masks[chunk] if masks is not None else None,
             )
             denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod)
-            latents = denoise(denoiser, scheduler, latents, timesteps, chunk_generator, eta if sampler == "ddim" else None,
-                              progress, constraint)
+            step_eta = eta if sampler == "ddim" else None
+            latents = denoise(denoiser, scheduler, latents, timesteps, chunk_generator, step_eta, progress, constraint)
             outputs.append(latents if output_type == "latent" else self.decode_latents(latents, vae_tiling))
         result = torch.cat(outputs)
         if masks is not None and composite and output_type != "latent":

@@ -24,7 +24,7 @@ def build_parser(editing: bool = False) -> ArgumentParser:
             prog="ldm-img2img",
             description="Edit a picture with a latent diffusion model: SDEdit (Meng et al. 2022) noises the image's "
                         "latents to a level set by --strength, then denoises them guided by the prompts.",
-            epilog='Example: ldm-img2img sketch.png "a red circle to the left of a blue square" --strength 0.6 --seed 1',
+            epilog='Example: ldm-img2img sketch.png "a red circle to the left of a blue square" --strength 0.6',
         )
         p.add_argument("image", type=Path, help="the picture to start from (any format PIL reads)")
         p.add_argument("--strength", type=float,
@@ -54,7 +54,8 @@ def build_parser(editing: bool = False) -> ArgumentParser:
                         "('Euler a', 'DPM++ 2M Karras', 'k_lms', ...), in any case")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random, printed in each PNG's metadata)")
     size = "the image's, rounded down to the latent factor" if editing else "the model's size"
-    p.add_argument("--height", type=int, help=f"image height in pixels, a multiple of the model's latent factor (default: {size})")
+    p.add_argument("--height", type=int,
+                   help=f"image height in pixels, a multiple of the model's latent factor (default: {size})")
     p.add_argument("--width", type=int, help=f"image width in pixels (default: {size})")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per U-Net batch (memory vs speed; the images do not change)")
@@ -173,7 +174,8 @@ def _main(argv=None, editing: bool = False) -> int:
         f = info.latent_factor
         default_width, default_height = image.width // f * f, image.height // f * f
         if not (default_width and default_height):
-            raise ValueError(f"IMAGE {args.image} is {image.width}x{image.height}, smaller than the model's latent factor {f}")
+            raise ValueError(f"IMAGE {args.image} is {image.width}x{image.height}, smaller than the model's "
+                             f"latent factor {f}")
     height = args.height if args.height is not None else default_height
     width = args.width if args.width is not None else default_width
     rescale = default_guidance_rescale(info.scheduler_config) if args.guidance_rescale is None else args.guidance_rescale
