@@ -736,6 +736,8 @@ class LatentPipeline:
         images = masks = None
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image: the picture whose masked part is repainted")
+        if strength is not None and image is None:
+            raise ValueError("strength applies to img2img and inpainting: pass image (strength would change nothing)")
         if image is not None:  # img2img (SDEdit) or inpainting: check the strength, then read and size the images
             if strength is None:  # diffusers' defaults
                 strength = 1.0 if mask_image is not None else DEFAULT_STRENGTH

@@ -89,6 +89,7 @@ def test_the_default_size_is_the_images_rounded_down(tiny_pipe):
             r"got 3 images for 1 prompts; pass one image, or one per prompt",
         ),
         (dict(image="not a picture"), r"image: not a picture"),
+        (dict(image=None, strength=0.5), r"strength applies to img2img and inpainting: pass image"),
     ],
 )
 def test_bad_input_is_a_value_error_naming_it(tiny_pipe, kwargs, message):
