@@ -256,3 +256,14 @@ def time_limit(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def stroke_picture(size: int = 64):
+    """A stroke painting for the editing tests: a red and a blue flat block on gray (PIL, RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.full((size, size, 3), 128, np.uint8)
+    a[8:30, 6:28] = (220, 30, 30)
+    a[34:58, 36:60] = (30, 60, 220)
+    return Image.fromarray(a)

@@ -10,6 +10,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
 )
+from helpers import stroke_picture as picture
 from PIL import Image
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -21,12 +22,6 @@ REFERENCE = {
 }
 
 
-def picture(size=64, seed=0) -> Image.Image:
-    """A stroke painting: two flat coloured blocks on gray."""
-    a = np.full((size, size, 3), 128, np.uint8)
-    a[8:30, 6:28] = (220, 30, 30)
-    a[34:58, 36:60] = (30, 60, 220)
-    return Image.fromarray(a)
 
 
 @pytest.fixture(scope="module")

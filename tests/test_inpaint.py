@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionInpaintPipeline
+from helpers import stroke_picture as picture
 from PIL import Image
 
 from ldm.text import LdmWarning
@@ -15,11 +16,6 @@ SEEDS = [5, 6]
 REFERENCE = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}  # deterministic: see test_same_images_as_diffusers
 
 
-def picture(size=64) -> Image.Image:
-    a = np.full((size, size, 3), 128, np.uint8)
-    a[8:30, 6:28] = (220, 30, 30)
-    a[34:58, 36:60] = (30, 60, 220)
-    return Image.fromarray(a)
 
 
 def right_half(size=64) -> Image.Image:
