@@ -58,7 +58,6 @@ class PipelineInfo:
     scheduler_config: dict
     unet_config: dict
     vae_config: dict
-    weights_bytes: int  # the size on disk of every weights file the components load
     components: dict[str, "ComponentInfo"]  # each component's checked config and weights
 
     @property
@@ -210,6 +209,12 @@ WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
 
 
+def check_variant(variant: str | None) -> None:
+    """A ValueError unless `variant` is None or a plain name such as "fp16" (it becomes part of file names)."""
+    if variant is not None and not (isinstance(variant, str) and VARIANT.match(variant)):
+        raise ValueError(f"variant must be a name like 'fp16', got {variant!r}")
+
+
 def weight_names(library: str, variant: str | None = None) -> tuple[str, str]:
     """(single file name, shard index name) of a library's weights, of `variant` if given."""
     stem = WEIGHT_STEMS[library]
@@ -341,8 +346,7 @@ def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False, varian
     tokenizer_dir = path / "tokenizer"
     if not any(file_problem(tokenizer_dir / f) != "missing" for f in ("tokenizer.json", "vocab.json", "spiece.model")):
         raise ValueError(f"{path} is not a complete pipeline folder: missing tokenizer/tokenizer.json (or vocab.json + merges.txt)")
-    if variant is not None and not (isinstance(variant, str) and VARIANT.match(variant)):
-        raise ValueError(f"variant must be a name like 'fp16', got {variant!r}")
+    check_variant(variant)
     components = {c: check_component(path / c, c, classes[c], allow_pickle, variant) for c in REQUIRED}
     context = components["tokenizer"].config.get("model_max_length")
     positions = components["text_encoder"].config.get("max_position_embeddings")
@@ -361,7 +365,6 @@ def inspect_pipeline(path: str | os.PathLike, allow_pickle: bool = False, varian
         scheduler_config=components["scheduler"].config,
         unet_config=unet_config,
         vae_config=vae_config,
-        weights_bytes=sum(c.weights_bytes for c in components.values()),
         components=components,
     )
 
@@ -374,10 +377,6 @@ class ComponentInfo:
     folder: Path
     config: dict
     weights: dict[str, tuple[Path, tuple[int, ...]]] | None = None
-
-    @property
-    def weights_bytes(self) -> int:
-        return sum(f.stat().st_size for f in {file for file, _ in (self.weights or {}).values()})
 
 
 CONFIG_FILES = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}

@@ -37,7 +37,7 @@ from ldm.editing import (
 )
 from ldm.guidance import default_guidance_rescale
 from ldm.quiet import library_quiet
-from ldm.models import HUB_ID, VARIANT, WEIGHTED, inspect_pipeline, load_component, resolve_model, stored_dtype
+from ldm.models import HUB_ID, WEIGHTED, check_variant, inspect_pipeline, load_component, resolve_model, stored_dtype
 from ldm.sampling import (
     DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler,
     resolve_sampler, weak_sampler_warning,
@@ -388,8 +388,7 @@ class LatentPipeline:
         """
         import diffusers
 
-        if variant is not None and not (isinstance(variant, str) and VARIANT.match(variant)):
-            raise ValueError(f"variant must be a name like 'fp16', got {variant!r}")
+        check_variant(variant)
         wanted = None
         if torch_dtype is not None:
             wanted = torch_dtype if isinstance(torch_dtype, torch.dtype) else DTYPES.get(torch_dtype)
@@ -568,42 +567,39 @@ class LatentPipeline:
     def prepare_masks(self, mask_image, count: int, height: int, width: int) -> torch.Tensor:
         """`mask_image` (white = repaint, black = keep; one, or one per prompt) as (count, 1, H, W)
         in {0, 1}, resized to the image's size (diffusers' mask processor: grayscale, binarized)."""
-        from diffusers.image_processor import VaeImageProcessor
-
-        processor = VaeImageProcessor(vae_scale_factor=self.latent_factor, do_normalize=False, do_binarize=True,
-                                      do_convert_grayscale=True)
-        masks = mask_image if isinstance(mask_image, list) else [mask_image]
-        if len(masks) not in (1, count):
-            raise ValueError(f"got {len(masks)} masks for {count} prompts; pass one mask, or one per prompt")
-        for mask in masks:
+        for mask in mask_image if isinstance(mask_image, list) else [mask_image]:
             if hasattr(mask, "size") and not callable(mask.size) and tuple(mask.size) != (width, height):
                 warnings.warn(f"mask_image is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height}; "
                               "resizing the mask", LdmWarning, stacklevel=4)
-        try:
-            tensor = processor.preprocess(masks, height=height, width=width)  # (k, 1, H, W)
-        except (ValueError, TypeError, AttributeError) as e:
-            reason = " ".join(str(e).split())[:160]
-            raise ValueError(f"mask_image: not a mask diffusers' image processor can read ({reason})") from None
-        if not tensor.any():
+        masks = self._preprocess("mask_image", "mask", mask_image, count, height, width, do_normalize=False,
+                                 do_binarize=True, do_convert_grayscale=True)  # (count, 1, H, W)
+        if not masks.any():
             raise ValueError("mask_image selects nothing: white (or 1) marks what to repaint, black what to keep")
-        return tensor.repeat(count // len(masks), 1, 1, 1) if len(masks) == 1 else tensor
+        return masks
 
     def prepare_images(self, image, count: int, height: int | None, width: int | None) -> torch.Tensor:
         """`image` (a PIL image, array or tensor, or a list of them, one per prompt) as a (count, 3,
         H, W) tensor in [−1, 1], resized to height × width; by default the first image's size rounded
         down to the latent factor (diffusers' VaeImageProcessor, so the pixels match diffusers')."""
+        return self._preprocess("image", "image", image, count, height, width)  # (count, 3, H, W)
+
+    def _preprocess(self, argument: str, noun: str, value, count: int, height: int | None, width: int | None,
+                    **options) -> torch.Tensor:
+        """`value` (one picture, or a list with one per prompt) through diffusers' VaeImageProcessor
+        with `options`, as (count, C, H, W); a ValueError naming `argument` otherwise."""
         from diffusers.image_processor import VaeImageProcessor
 
-        processor = VaeImageProcessor(vae_scale_factor=self.latent_factor)
-        images = image if isinstance(image, list) else [image]
-        if len(images) not in (1, count):
-            raise ValueError(f"got {len(images)} images for {count} prompts; pass one image, or one per prompt")
+        values = value if isinstance(value, list) else [value]
+        if len(values) not in (1, count):
+            raise ValueError(f"got {len(values)} {noun}s for {count} prompts; pass one {noun}, or one per prompt")
         try:
-            tensor = processor.preprocess(images, height=height, width=width)  # (k, 3, H, W)
+            tensor = VaeImageProcessor(vae_scale_factor=self.latent_factor, **options).preprocess(values, height=height,
+                                                                                                  width=width)
         except (ValueError, TypeError, AttributeError) as e:
             reason = " ".join(str(e).split())[:160]
-            raise ValueError(f"image: not a picture diffusers' image processor can read ({reason})") from None
-        return tensor.repeat(count // len(images), 1, 1, 1) if len(images) == 1 else tensor
+            what = "mask" if noun == "mask" else "picture"
+            raise ValueError(f"{argument}: not a {what} diffusers' image processor can read ({reason})") from None
+        return tensor.repeat(count, 1, 1, 1) if len(values) == 1 else tensor
 
     def uses_vae_tiling(self, height: int, width: int, vae_tiling: bool | str = "auto") -> bool:
         """Whether images of this size decode tile by tile: "auto" tiles above VAE_TILING_PIXELS."""
