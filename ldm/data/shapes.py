@@ -375,6 +375,14 @@ def _coverage(o: SceneObject, x0: int, y0: int, w: int, h: int) -> np.ndarray:
     return inside.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3))  # (h, w)
 
 
+def object_box(o: SceneObject, size: int, grow: int = 0) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the pixels [x0, x1) x [y0, y1) of a `size` px canvas that object `o` touches
+    (every pixel it covers lies inside), grown by `grow` px on each side and clipped to the canvas."""
+    x0, y0 = int(np.floor(o.cx - o.extent / 2)) - grow, int(np.floor(o.cy - o.extent / 2)) - grow
+    x1, y1 = int(np.ceil(o.cx + o.extent / 2)) + grow, int(np.ceil(o.cy + o.extent / 2)) + grow
+    return max(0, x0), max(0, y0), min(size, x1), min(size, y1)
+
+
 def render_array(scene: Scene) -> np.ndarray:
     """Scene -> (S, S, 3) uint8. Each object blends over the background only: boxes never overlap."""
     S = scene.size
@@ -382,9 +390,7 @@ def render_array(scene: Scene) -> np.ndarray:
     image = np.empty((S, S, 3), np.float32)
     image[:] = bg
     for o in scene.objects:
-        x0, y0 = int(np.floor(o.cx - o.extent / 2)), int(np.floor(o.cy - o.extent / 2))
-        x1, y1 = min(S, int(np.ceil(o.cx + o.extent / 2))), min(S, int(np.ceil(o.cy + o.extent / 2)))
-        x0, y0 = max(0, x0), max(0, y0)
+        x0, y0, x1, y1 = object_box(o, S)
         cover = _coverage(o, x0, y0, x1 - x0, y1 - y0)[..., None]
         image[y0:y1, x0:x1] = bg + cover * (np.array(COLORS[o.color], np.float32) - bg)
     return np.rint(image).astype(np.uint8)

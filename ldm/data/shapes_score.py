@@ -202,6 +202,24 @@ def analyze(image) -> Analysis:
     return analysis
 
 
+def _attribute_matches(prompt: Prompt, found: list[Detected]):
+    """Each assignment of found objects to the caption's (a tuple in the caption's order) whose
+    colours, shapes and stated sizes agree; the counts must already be equal."""
+    for order in permutations(range(len(found))):
+        chosen = tuple(found[i] for i in order)
+        if all(s.color == d.color and s.shape == d.shape and (s.size is None or s.size == d.size)
+               for s, d in zip(prompt.objects, chosen)):
+            yield chosen
+
+
+def _relation_ok(prompt: Prompt, chosen: tuple[Detected, ...], size: int) -> bool:
+    """Does the caption's relation (if any) hold between the centres of `chosen`?"""
+    if prompt.relation is None:
+        return True
+    a, b = chosen
+    return _relation_holds((a.cx, a.cy), (b.cx, b.cy), prompt.relation, RELATION_MARGIN_SCORE * size)
+
+
 def match(prompt: Prompt, analysis: Analysis) -> tuple[bool, str]:
     """(passed, reason): the exact-set test described in the module docstring."""
     if prompt.background is not None and analysis.background != prompt.background:
@@ -209,22 +227,29 @@ def match(prompt: Prompt, analysis: Analysis) -> tuple[bool, str]:
     found, wanted = analysis.objects, prompt.objects
     if len(found) != len(wanted):
         return False, f"{len(found)} objects found, {len(wanted)} wanted"
-    margin = RELATION_MARGIN_SCORE * analysis.size
     attributes_matched = False
-    for order in permutations(range(len(found))):
-        pairs = [(spec, found[i]) for spec, i in zip(wanted, order)]
-        if not all(s.color == d.color and s.shape == d.shape and (s.size is None or s.size == d.size) for s, d in pairs):
-            continue
+    for chosen in _attribute_matches(prompt, found):
         attributes_matched = True
-        if prompt.relation is None:
-            return True, "ok"
-        a, b = pairs[0][1], pairs[1][1]
-        if _relation_holds((a.cx, a.cy), (b.cx, b.cy), prompt.relation, margin):
+        if _relation_ok(prompt, chosen, analysis.size):
             return True, "ok"
     if attributes_matched:
         return False, f"objects match but not '{prompt.relation}'"
     seen = ", ".join(f"{d.size} {d.color} {d.shape}" for d in found)
     return False, f"objects are {seen}"
+
+
+def assignments(prompt: Prompt, analysis: Analysis) -> list[tuple[Detected, ...]]:
+    """Every way the image passes `match`: for each, the detected object standing for each of
+    `prompt.objects`, in that order (several for alike objects, e.g. "three red circles"; none if
+    the image fails). What an edit's evaluation asks where each object ended up."""
+    if not match(prompt, analysis)[0]:
+        return []
+    return [c for c in _attribute_matches(prompt, analysis.objects) if _relation_ok(prompt, c, analysis.size)]
+
+
+def centroid(d: Detected) -> tuple[float, float]:
+    """The centroid of a detected object's mass (x, y): its centre, less `analyze`'s triangle shift."""
+    return d.cx, d.cy + (d.extent / 6 if d.shape == "triangle" else 0)
 
 
 def score_image(image, caption: str) -> ScoreResult:
