@@ -36,18 +36,42 @@ def build_parser() -> ArgumentParser:
 
     e = sub.add_parser("eval", help="generate images for held-out prompts with a model, then score them",
                        description="Draw prompts from the evaluation seed stream (never used for training data), "
-                                   "generate with the model, write images + metadata.jsonl + report.json, and score.")
-    e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world (default: the embedded default model)")
-    e.add_argument("--num-prompts", type=int, default=600, help="number of prompts (balanced over the six caption kinds)")
-    e.add_argument("--seed", type=int, default=0, help="evaluation seed: picks the prompts; image i is generated with seed + i")
+                                   "generate with the model, write images + metadata.jsonl + report.json, and score. "
+                                   "--task img2img and inpaint measure editing instead (see --help of each option).")
+    e.add_argument("--task", choices=("txt2img", "img2img", "inpaint"), default="txt2img",
+                   help="txt2img: generate from each prompt. img2img (SDEdit): edit a crude stroke painting of each "
+                        "held-out scene (flat blobs of its colours) toward its caption; a pass is the caption "
+                        "accepted and every object within 0.1 S of its blob. inpaint: repaint one object's box of a "
+                        "two-object scene with its colour or shape changed; a pass is the new caption accepted "
+                        "and every pixel outside the mask unchanged")
+    e.add_argument("--strength", action="append", metavar="S[,S...]",
+                   help="img2img strength(s) in (0, 1], repeatable or a comma list (e.g. 0.3,0.5,0.75,0.9): one "
+                        "evaluation each, into OUTDIR/strength-S, and a table of strength vs pass rate in "
+                        "OUTDIR/sweep.json (default: 0.75)")
+    e.add_argument("--inpaint-method", default=None, metavar="METHOD",
+                   help="inpaint: replace (the known region replaced after every step) or repaint (RePaint's "
+                        "resampling) (default: replace)")
+    e.add_argument("--jump-length", type=int, default=None,
+                   help="inpaint with repaint: RePaint's jump length j (default: the pipeline's)")
+    e.add_argument("--jump-samples", type=int, default=None,
+                   help="inpaint with repaint: RePaint's resamplings r (default: the pipeline's)")
+    e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world "
+                                   "(default: the embedded default model)")
+    e.add_argument("--num-prompts", type=int, default=600,
+                   help="number of prompts (balanced over the six caption kinds; inpaint: over two and position)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="evaluation seed: picks the prompts; image i is generated with seed + i")
     e.add_argument("--sampler", default=None,
-                   help="sampler name, ours or AUTOMATIC1111's (default: the project's default sampler)")
+                   help="sampler name, ours or AUTOMATIC1111's (default: the project's default sampler; for "
+                        "img2img and inpaint, the pipeline's own choice, which the report names)")
     e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the project's default)")
     e.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     e.add_argument("--guidance-rescale", type=float, metavar="PHI",
-                   help="guidance rescale φ (Lin et al. 2023), 0-1 (default: the model's, as ldm-txt2img: 0.7 for a zero-terminal-SNR model, else 0)")
+                   help="guidance rescale φ (Lin et al. 2023), 0-1 (default: the model's, as ldm-txt2img: 0.7 for a "
+                        "zero-terminal-SNR model, else 0)")
     e.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
-    e.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
+    e.add_argument("--size", type=int, default=None, help="txt2img image size (default: the model's; the editing "
+                                                            "tasks edit 64 px scenes)")
     e.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     e.add_argument("--outdir", default="outputs/shapes-eval", help="folder for images, metadata.jsonl and report.json")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --outdir")
@@ -87,20 +111,61 @@ def _main(argv=None) -> int:
             write_report(report, args.json)
         return 0
 
-    from ldm.data.shapes_eval import evaluate
+    from ldm.data import shapes_eval
 
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    check_task_options(args)
     from ldm.pipeline import DEFAULT_MODEL
 
     if args.model is None and not DEFAULT_MODEL.is_dir():
-        raise ValueError(f"the default model is missing from this installation (expected at {DEFAULT_MODEL}); pass --model PATH with a pipeline folder trained in the shapes world")
-    report = evaluate(args.model or str(DEFAULT_MODEL), args.outdir, num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler,
-                      steps=args.steps, cfg=args.cfg, batch_size=args.batch_size, size=args.size, device=args.device,
-                      overwrite=args.overwrite, progress=not args.quiet, guidance_rescale=args.guidance_rescale)
-    print(format_report(report))
-    print(f"images, metadata.jsonl and report.json in {args.outdir}")
+        raise ValueError(f"the default model is missing from this installation (expected at {DEFAULT_MODEL}); "
+                         "pass --model PATH with a pipeline folder trained in the shapes world")
+    common = dict(num_prompts=args.num_prompts, seed=args.seed, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
+                  batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+                  guidance_rescale=args.guidance_rescale)
+    model = args.model or str(DEFAULT_MODEL)
+    if args.task == "img2img":
+        strengths = parse_strengths(args.strength or ["0.75"])
+        report = shapes_eval.evaluate_img2img(model, args.outdir, strengths=strengths, **common)
+        for strength, run in report["strengths"].items():
+            print(f"strength {strength}:\n{shapes_eval.format_checks(run, shapes_eval.CHECKS['img2img'])}\n")
+        print(shapes_eval.format_sweep(report["sweep"]))
+        print(f"outputs beside their stroke paintings in {args.outdir}/strength-S/; sweep.json and report.json in "
+              f"{args.outdir}")
+    elif args.task == "inpaint":
+        report = shapes_eval.evaluate_inpaint(model, args.outdir, inpaint_method=args.inpaint_method or "replace",
+                                              jump_length=args.jump_length, jump_samples=args.jump_samples, **common)
+        print(shapes_eval.format_checks(report, shapes_eval.CHECKS["inpaint"]))
+        seconds = report["settings"]["seconds"]
+        print(f"{report['settings']['seconds_per_image']:.3f} s per image ({seconds:.1f} s in the pipeline); "
+              f"inputs, masks, outputs, metadata.jsonl and report.json in {args.outdir}")
+    else:
+        report = shapes_eval.evaluate(model, args.outdir, size=args.size, **common)
+        print(format_report(report))
+        print(f"images, metadata.jsonl and report.json in {args.outdir}")
     return 0
+
+
+def check_task_options(args) -> None:
+    """A ValueError for an option that does not apply to --task (it would be silently ignored)."""
+    only = {"strength": ("img2img",), "inpaint_method": ("inpaint",), "jump_length": ("inpaint",),
+            "jump_samples": ("inpaint",), "size": ("txt2img",)}
+    for name, tasks in only.items():
+        if getattr(args, name) is not None and args.task not in tasks:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)}, not {args.task}")
+
+
+def parse_strengths(values: list[str]) -> list[float]:
+    """--strength values, each a number or a comma list, as floats in the order given."""
+    strengths = []
+    for value in values:
+        for item in value.split(","):
+            try:
+                strengths.append(float(item))
+            except ValueError:
+                raise ValueError(f"--strength takes numbers in (0, 1], got {item.strip()!r}") from None
+    return strengths
 
 
 def main(argv=None) -> int:

@@ -4,21 +4,53 @@ Prompts come from `shapes.eval_prompts(num_prompts, seed)`, the evaluation seed 
 training dataset draws from (see `ldm.data.shapes`); they are drawn at the reference size 64 so
 that the prompt list of a seed is the same whatever resolution the model generates at.
 Image i is generated with seed `seed + i`, so any image can be reproduced alone with ldm-txt2img.
+
+The editing tasks (`ldm-shapes eval --task img2img|inpaint`) measure what a model does with a picture it
+is given, on the same held-out stream, at EDIT_SIZE = 64 px:
+
+- img2img (SDEdit): held-out scene i (`make_scene(seed, i, domain=EVAL_DOMAIN)`, whose prompt is
+  `eval_prompts(n, seed)[i]`) painted crudely, each object a flat jittered blob of its colour on the
+  scene's background (`stroke_painting`), is edited toward its caption at strength s. A pass: the scorer
+  accepts the caption *and* an assignment of objects it accepts keeps every object's centroid within
+  PLACEMENT_TOLERANCE * S of its blob's (`sdedit_checks`).
+- inpaint: a held-out two-object scene, rendered; one object's box grown by MASK_DILATION px is masked
+  and that object's colour or shape changed in the caption (`inpaint_case`). A pass: the scorer accepts
+  the new caption *and* every pixel outside the mask equals the input's, compared exactly (`inpaint_checks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import time
+import typing
+from dataclasses import dataclass
 
-from .shapes import eval_prompts, format_prompt
-from .shapes_score import score_folder, write_report
+import numpy as np
+from PIL import Image
+
+from .shapes import (
+    BACKGROUNDS, COLORS, EVAL_DOMAIN, KIND_TITLES, KINDS, SHAPES, Scene, SceneObject, eval_prompts, format_prompt,
+    object_box, sample_scene, scene_rng,
+)
+from .shapes_score import analyze, assignments, centroid, match, parse_caption, score_folder, score_image, write_report
+
+TASKS = ("txt2img", "img2img", "inpaint")
+EDIT_SIZE = 64  # px: the editing tasks' inputs are scenes of the world's reference size
+PLACEMENT_TOLERANCE = 0.1  # of S: how far an object's centroid may end up from its blob's
+MASK_DILATION = 3  # px the inpainting mask reaches beyond the changed object's box
+INPAINT_KINDS = ("two", "position")  # the kinds whose scenes always hold two objects
+# What each editing task checks per image ("passed" first: the pass), and the report's column titles.
+CHECKS = {"img2img": ("passed", "accepted", "placed"), "inpaint": ("passed", "accepted", "unchanged")}
+CHECK_TITLES = {"passed": "pass", "accepted": "caption", "placed": "placement", "unchanged": "outside kept"}
 
 
-def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_prompts: int, seed: int, sampler: str | None,
-                    steps: int | None, cfg: float, batch_size: int, size: int | None, overwrite: bool,
-                    guidance_rescale: float | None = None, scheduler_config: dict | None = None) -> tuple[str, int, int, float]:
+def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_prompts: int, seed: int,
+                    sampler: str | None, steps: int | None, cfg: float, batch_size: int, size: int | None,
+                    overwrite: bool, guidance_rescale: float | None = None,
+                    scheduler_config: dict | None = None) -> tuple[str, int, int, float]:
     """Validate every evaluation setting (before any weights load); returns (sampler, steps, size,
     guidance_rescale) with the defaults filled in. Raises ValueError naming the bad setting."""
     from ldm.guidance import default_guidance_rescale
@@ -33,26 +65,32 @@ def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_p
         raise ValueError(f"--num-prompts must be at least 1, got {num_prompts}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
-    check_generation_args(latent_factor=latent_factor, height=size, width=size, num_inference_steps=steps, guidance_scale=cfg,
-                          sampler=sampler, batch_size=batch_size, guidance_rescale=guidance_rescale,
-                          scheduler_config=scheduler_config)
+    check_generation_args(latent_factor=latent_factor, height=size, width=size, num_inference_steps=steps,
+                          guidance_scale=cfg, sampler=sampler, batch_size=batch_size,
+                          guidance_rescale=guidance_rescale, scheduler_config=scheduler_config)
+    check_outdir(outdir, overwrite)
+    return sampler, steps, size, guidance_rescale
+
+
+def check_outdir(outdir: str, overwrite: bool) -> None:
+    """A ValueError if `outdir` is a file, or holds an evaluation (metadata.jsonl) and not `overwrite`."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise ValueError(f"--outdir {outdir} exists and is not a folder")
     meta_path = os.path.join(outdir, "metadata.jsonl")
     if os.path.exists(meta_path) and not overwrite:
         raise ValueError(f"{meta_path} exists; choose another --outdir (or --overwrite)")
-    return sampler, steps, size, guidance_rescale
 
 
 def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
-                         overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None) -> list[dict]:
+                         overwrite: bool = False, progress: bool = False,
+                         guidance_rescale: float | None = None) -> list[dict]:
     """Generate one image per evaluation prompt with `pipe` (a LatentPipeline) into `outdir`
     as PNGs + metadata.jsonl (format (b)); returns the rows written. `guidance_rescale` is φ of
     Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance; None: the model's default)."""
     sampler, steps, size, guidance_rescale = check_eval_args(
-        latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
-        sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
+        latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts,
+        seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
         guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config)
     meta_path = os.path.join(outdir, "metadata.jsonl")
     os.makedirs(outdir, exist_ok=True)
@@ -75,7 +113,8 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
 
 def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
-             device: str | None = None, overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None) -> dict:
+             device: str | None = None, overwrite: bool = False, progress: bool = False,
+             guidance_rescale: float | None = None) -> dict:
     """Load `model`, generate the evaluation folder, score it; writes and returns `outdir/report.json`."""
     from ldm import LatentPipeline
     from ldm.models import inspect_pipeline, resolve_model
@@ -84,15 +123,420 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     info = inspect_pipeline(resolve_model(model))  # configs only: every setting is checked before weights load
     device = resolve_device(device)
     sampler, steps, size, guidance_rescale = check_eval_args(
-        latent_factor=info.latent_factor, default_size=info.default_size, outdir=outdir, num_prompts=num_prompts, seed=seed,
-        sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
+        latent_factor=info.latent_factor, default_size=info.default_size, outdir=outdir, num_prompts=num_prompts,
+        seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
         guidance_rescale=guidance_rescale, scheduler_config=info.scheduler_config)
     start = time.time()
     pipe = LatentPipeline.from_pretrained(model, device=device)
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
-                         batch_size=batch_size, size=size, overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale)
+                         batch_size=batch_size, size=size, overwrite=overwrite, progress=progress,
+                         guidance_rescale=guidance_rescale)
     report = score_folder(outdir)
-    report["settings"] = {"model": os.fspath(model), "num_prompts": num_prompts, "seed": seed, "sampler": sampler,
-                          "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale, "size": size, "seconds": round(time.time() - start, 1)}
+    report["settings"] = {"task": "txt2img", "model": os.fspath(model), "num_prompts": num_prompts, "seed": seed,
+                          "sampler": sampler, "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale,
+                          "size": size, "seconds": round(time.time() - start, 1)}
     write_report(report, os.path.join(outdir, "report.json"))
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The editing tasks' inputs
+
+
+def eval_scene(seed: int, index: int, kinds: typing.Sequence[str] = KINDS) -> tuple[Scene, np.random.Generator]:
+    """Held-out scene `index` at EDIT_SIZE (`make_scene(seed, index, domain=EVAL_DOMAIN, kinds=kinds)`)
+    and its random stream, left where the scene's draws end, for the case's further draws."""
+    rng = scene_rng(seed, index, EVAL_DOMAIN)
+    return sample_scene(rng, EDIT_SIZE, kinds[index % len(kinds)]), rng
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A painted blob: its colour and the centroid of its pixels (px; x right, y down, as `analyze`)."""
+
+    color: str
+    cx: float
+    cy: float
+
+
+def _pixel_centres(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5  # (S, S) each
+    return xx, yy
+
+
+def blob_mask(o: SceneObject, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(S, S) bool: a jittered ellipse about o's centre. Its outline r(θ) is an ellipse (semi-axes 0.8-1,
+    random tilt) times 1 + Σ a_k cos(kθ + φ_k), k = 2..5, |a_k| ≤ 0.08, scaled to reach o's bounding box
+    on its widest axis and never leave it: boxes are MIN_GAP_PX apart, so blobs never touch."""
+    axes, tilt = rng.uniform(0.8, 1.0, 2), rng.uniform(0, np.pi)
+    k, amplitude, phase = np.arange(2, 6), rng.uniform(-0.08, 0.08, 4), rng.uniform(0, 2 * np.pi, 4)
+
+    def radius(theta: np.ndarray) -> np.ndarray:
+        ellipse = 1 / np.hypot(np.cos(theta - tilt) / axes[0], np.sin(theta - tilt) / axes[1])
+        return ellipse * (1 + (amplitude * np.cos(k * theta[..., None] + phase)).sum(axis=-1))
+
+    theta = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+    reach = np.abs(radius(theta)[:, None] * np.stack([np.cos(theta), np.sin(theta)], axis=1)).max()
+    xx, yy = _pixel_centres(size)
+    dx, dy = xx - o.cx, yy - o.cy
+    return np.hypot(dx, dy) <= o.extent / 2 / reach * radius(np.arctan2(dy, dx))
+
+
+def stroke_painting(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, list[Blob]]:
+    """A crude painting of `scene` as (S, S, 3) uint8: its background colour, each object a flat blob
+    of its exact colour (`blob_mask`), not its shape; and the blobs, in the scene's object order."""
+    image = np.empty((scene.size, scene.size, 3), np.uint8)
+    image[:] = BACKGROUNDS[scene.background]
+    xx, yy = _pixel_centres(scene.size)
+    blobs = []
+    for o in scene.objects:
+        inside = blob_mask(o, scene.size, rng)
+        image[inside] = COLORS[o.color]
+        blobs.append(Blob(o.color, float(xx[inside].mean()), float(yy[inside].mean())))
+    return image, blobs
+
+
+@dataclass(frozen=True)
+class InpaintCase:
+    """A held-out two-object scene, the object to repaint, and the caption after the change."""
+
+    scene: Scene
+    changed: int  # index into scene.objects (and scene.prompt.objects)
+    attribute: str  # "color" | "shape"
+    new_value: str
+    caption: str  # the scene's caption with that object's attribute changed
+
+    @property
+    def mask(self) -> np.ndarray:
+        return inpaint_mask(self.scene, self.changed)
+
+
+def inpaint_case(seed: int, index: int) -> InpaintCase:
+    """Case `index`: held-out scene `index` of kinds INPAINT_KINDS. The attribute changed alternates
+    (colour, shape) every len(INPAINT_KINDS) cases and the object every twice that, so both balance
+    within each kind; the new value is one neither object has, so the caption's objects stay distinct."""
+    scene, rng = eval_scene(seed, index, INPAINT_KINDS)
+    attribute = ("color", "shape")[index // len(INPAINT_KINDS) % 2]
+    changed = index // (2 * len(INPAINT_KINDS)) % 2
+    taken = {getattr(o, attribute) for o in scene.objects}
+    options = [v for v in (COLORS if attribute == "color" else SHAPES) if v not in taken]
+    new_value = options[int(rng.integers(len(options)))]
+    objects = list(scene.prompt.objects)
+    objects[changed] = dataclasses.replace(objects[changed], **{attribute: new_value})
+    prompt = dataclasses.replace(scene.prompt, objects=tuple(objects))
+    return InpaintCase(scene, changed, attribute, new_value, format_prompt(prompt))
+
+
+def inpaint_mask(scene: Scene, changed: int, dilation: int = MASK_DILATION) -> np.ndarray:
+    """(S, S) bool, True = repaint: object `changed`'s pixel box grown by `dilation` px, less every
+    other object's box (the dilation may reach across the 2 px gap; those objects are kept whole)."""
+    mask = np.zeros((scene.size, scene.size), bool)
+    x0, y0, x1, y1 = object_box(scene.objects[changed], scene.size, dilation)
+    mask[y0:y1, x0:x1] = True
+    for j, o in enumerate(scene.objects):
+        if j != changed:
+            x0, y0, x1, y1 = object_box(o, scene.size)
+            mask[y0:y1, x0:x1] = False
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass tests
+
+
+def sdedit_checks(image, caption: str, blobs: typing.Sequence[Blob]) -> dict:
+    """The img2img test of one output, blobs in the caption's object order: "accepted" (the scorer
+    passes the caption), "placed" (each blob has its own detected object of its colour, any shape or
+    size, whose centroid is within PLACEMENT_TOLERANCE * S of the blob's), "passed" (one assignment
+    the scorer accepts has every caption object that near its blob: both at once); and "reason"."""
+    prompt, analysis = parse_caption(caption), analyze(image)
+    tolerance = PLACEMENT_TOLERANCE * analysis.size
+
+    def distance(d, blob: Blob) -> float:
+        return math.dist(centroid(d), (blob.cx, blob.cy))
+
+    accepted, reason = match(prompt, analysis)
+    moved = [max(map(distance, chosen, blobs)) for chosen in assignments(prompt, analysis)]
+    passed = accepted and min(moved) <= tolerance
+    if accepted and not passed:
+        reason = f"an object moved {min(moved):.1f} px from its blob (tolerance {tolerance:.1f})"
+
+    def placeable(i: int, used: frozenset) -> bool:  # a one-to-one choice, blob by blob
+        if i == len(blobs):
+            return True
+        near = [j for j, d in enumerate(analysis.objects)
+                if j not in used and d.color == blobs[i].color and distance(d, blobs[i]) <= tolerance]
+        return any(placeable(i + 1, used | {j}) for j in near)
+
+    return {"passed": passed, "accepted": accepted, "placed": placeable(0, frozenset()), "reason": reason}
+
+
+def inpaint_checks(output, given, mask: np.ndarray, caption: str) -> dict:
+    """The inpainting test of one output: "accepted" (the scorer passes the new caption), "unchanged"
+    (every pixel outside `mask` (True = repaint) equals the input `given`'s exactly), "passed" (both);
+    and "reason"."""
+    out, given = np.asarray(output.convert("RGB")), np.asarray(given.convert("RGB"))
+    if out.shape != given.shape:
+        raise ValueError(f"the output is {out.shape[1]}x{out.shape[0]} px, the input {given.shape[1]}x{given.shape[0]}")
+    changed = int((out[~mask] != given[~mask]).any(axis=-1).sum())
+    result = score_image(out, caption)
+    reasons = [f"{changed} pixels outside the mask changed"] if changed else []
+    reasons += [] if result.passed else [result.reason]
+    return {"passed": result.passed and not changed, "accepted": result.passed, "unchanged": not changed,
+            "reason": "; ".join(reasons) or "ok"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating, scoring and reporting an editing task
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """One editing request: the caption, the picture (and inpainting's mask, white = repaint), and
+    the ground truth its check needs (`record`, written to metadata.jsonl)."""
+
+    text: str
+    kind: str
+    image: Image.Image
+    mask: Image.Image | None
+    record: dict
+
+
+def sdedit_cases(num: int, seed: int) -> list[EditCase]:
+    """The img2img requests: held-out scene i's caption and its stroke painting."""
+    cases = []
+    for i in range(num):
+        scene, rng = eval_scene(seed, i)
+        painting, blobs = stroke_painting(scene, rng)
+        record = {"background": scene.background, "blobs": [dataclasses.asdict(b) for b in blobs]}
+        cases.append(EditCase(scene.caption, scene.kind, Image.fromarray(painting), None, record))
+    return cases
+
+
+def inpaint_cases(num: int, seed: int) -> list[EditCase]:
+    """The inpainting requests: the changed caption, the rendered scene and the mask."""
+    from .shapes import render
+
+    cases = []
+    for i in range(num):
+        case = inpaint_case(seed, i)
+        o = case.scene.objects[case.changed]
+        record = {"background": case.scene.background, "original_text": case.scene.caption, "changed": case.changed,
+                  "attribute": case.attribute, "old_value": getattr(o, case.attribute), "new_value": case.new_value}
+        mask = Image.fromarray(case.mask.astype(np.uint8) * 255)
+        cases.append(EditCase(case.caption, case.scene.kind, render(case.scene), mask, record))
+    return cases
+
+
+def generate_edit_folder(pipe, outdir: str, cases: list[EditCase], *, seed: int, batch_size: int,
+                         **call) -> tuple[float, str]:
+    """Edit each case with `pipe(prompt, image=, mask_image=, seed=, **call)` into `outdir`: NNNNN.png
+    (the output) beside NNNNN-input.png (and NNNNN-mask.png), and metadata.jsonl rows {file_name, text,
+    kind, seed, input, mask, **record}. Image i has seed `seed + i`. Returns the pipeline's wall seconds
+    and the sampler it ran (as its infotext names it: `call` may leave the choice to the pipeline)."""
+    os.makedirs(outdir, exist_ok=True)
+    rows, seconds = [], 0.0
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start:start + batch_size]
+        masks = [c.mask for c in batch] if batch[0].mask is not None else None
+        tick = time.perf_counter()
+        out = pipe(prompt=[c.text for c in batch], image=[c.image for c in batch], mask_image=masks, seed=seed + start,
+                   **call)
+        seconds += time.perf_counter() - tick
+        for i, (case, output) in enumerate(zip(batch, out.images)):
+            name = f"{start + i:05d}"
+            files = {"file_name": f"{name}.png", "input": f"{name}-input.png", "mask": f"{name}-mask.png"}
+            for key, picture in zip(files, (output, case.image, case.mask)):
+                if picture is not None:
+                    picture.save(os.path.join(outdir, files[key]))
+            if case.mask is None:
+                del files["mask"]
+            rows.append({**files, "text": case.text, "kind": case.kind, "seed": int(out.seeds[i]), **case.record})
+    with open(os.path.join(outdir, "metadata.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return seconds, out.parameters[0].split("Sampler: ", 1)[1].split(",", 1)[0]
+
+
+def score_edit_folder(folder: str, task: str) -> dict:
+    """Check every row of an editing folder (`sdedit_checks` for img2img, `inpaint_checks` for inpaint)
+    from its files and metadata.jsonl alone; see `summarize_checks`."""
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    results = []
+    for row in rows:
+        output = Image.open(os.path.join(folder, row["file_name"]))
+        if task == "img2img":
+            checks = sdedit_checks(output, row["text"], [Blob(**b) for b in row["blobs"]])
+        else:
+            mask = np.asarray(Image.open(os.path.join(folder, row["mask"])).convert("L")) > 127
+            checks = inpaint_checks(output, Image.open(os.path.join(folder, row["input"])), mask, row["text"])
+        results.append((row, checks))
+    report = summarize_checks(results, CHECKS[task])
+    report["folder"] = os.fspath(folder)
+    return report
+
+
+def summarize_checks(results: list[tuple[dict, dict]], checks: typing.Sequence[str]) -> dict:
+    """`summarize`'s layout for (metadata row, checks) pairs: per kind and overall, "n" and each check's
+    count and "<check>_rate" ("accuracy" is the pass rate); the same per input background
+    ("input_backgrounds"); and every failed image with its reason."""
+    def counts(title: str) -> dict:
+        return {"title": title, "n": 0, **{c: 0 for c in checks}}
+
+    kinds = {kind: counts(KIND_TITLES[kind]) for kind in KINDS} | {"overall": counts("overall")}
+    backgrounds = {name: counts(f"input on {name}") for name in BACKGROUNDS}
+    failures = []
+    for row, result in results:
+        for line in (kinds[row["kind"]], kinds["overall"], backgrounds[row["background"]]):
+            line["n"] += 1
+            for c in checks:
+                line[c] += int(result[c])
+        if not result["passed"]:
+            failures.append({"file_name": row["file_name"], "text": row["text"], "reason": result["reason"]})
+    for line in [*kinds.values(), *backgrounds.values()]:
+        for c in checks:
+            line[f"{c}_rate"] = line[c] / line["n"] if line["n"] else None
+        line["accuracy"] = line["passed_rate"]
+    return {"kinds": kinds, "input_backgrounds": backgrounds, "failures": failures}
+
+
+def format_checks(report: dict, checks: typing.Sequence[str]) -> str:
+    """An editing report as a table: kind (then input background), images, and each check's rate."""
+    lines = [f"{'kind':<24}{'images':>8}" + "".join(f"{CHECK_TITLES[c]:>14}" for c in checks)]
+    for name, line in [*report["kinds"].items(), *report["input_backgrounds"].items()]:
+        if line["n"] or name == "overall":
+            rates = "".join(f"{100 * line[f'{c}_rate']:>13.1f}%" if line["n"] else f"{'-':>14}" for c in checks)
+            lines.append(f"{line['title']:<24}{line['n']:>8}{rates}")
+    return "\n".join(lines)
+
+
+def _prepare_edits(model: str, folders: list[str], *, num_prompts: int, seed: int, sampler: str | None,
+                   steps: int | None, cfg: float, batch_size: int, device: str | None, overwrite: bool,
+                   progress: bool, guidance_rescale: float | None, check=None):
+    """Check an editing task's settings before any weights load (then `check(info, steps)` for the task's
+    own), load the model; returns (pipe, the pipeline keywords, the settings for the report)."""
+    from ldm import LatentPipeline
+    from ldm.models import inspect_pipeline, resolve_model
+    from ldm.pipeline import resolve_device
+
+    info = inspect_pipeline(resolve_model(model))
+    device = resolve_device(device)
+    _, steps, size, guidance_rescale = check_eval_args(
+        latent_factor=info.latent_factor, default_size=info.default_size, outdir=folders[0], num_prompts=num_prompts,
+        seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=EDIT_SIZE, overwrite=overwrite,
+        guidance_rescale=guidance_rescale, scheduler_config=info.scheduler_config)
+    for folder in folders[1:]:
+        check_outdir(folder, overwrite)
+    if check is not None:
+        check(info, steps)
+    call = {"num_inference_steps": steps, "guidance_scale": cfg, "guidance_rescale": guidance_rescale,
+            "progress": progress} | ({"sampler": sampler} if sampler is not None else {})  # else the pipeline's own
+    settings = {"model": os.fspath(model), "num_prompts": num_prompts, "seed": seed, "sampler": sampler, "steps": steps,
+                "cfg": cfg, "guidance_rescale": guidance_rescale, "size": size, "batch_size": batch_size,
+                "device": str(device)}
+    return LatentPipeline.from_pretrained(model, device=device), call, settings
+
+
+def _edit_report(folder: str, task: str, settings: dict, seconds: float, sampler: str) -> dict:
+    """Score an editing folder and write its report.json, with the settings and the pipeline's wall seconds."""
+    report = score_edit_folder(folder, task)
+    num = report["kinds"]["overall"]["n"]
+    report["settings"] = {"task": task, **settings, "sampler": sampler, "seconds": round(seconds, 1),
+                          "seconds_per_image": round(seconds / num, 4)}
+    write_report(report, os.path.join(folder, "report.json"))
+    return report
+
+
+def strength_folder(outdir: str, strength: float) -> str:
+    return os.path.join(outdir, f"strength-{strength:g}")
+
+
+def evaluate_img2img(model: str, outdir: str, *, strengths: typing.Sequence[float], num_prompts: int, seed: int = 0,
+                     sampler: str | None = None, steps: int | None = None, cfg: float = 7.5, batch_size: int = 16,
+                     device: str | None = None, overwrite: bool = False, progress: bool = False,
+                     guidance_rescale: float | None = None) -> dict:
+    """SDEdit of held-out stroke paintings toward their captions, once per strength, each into
+    `outdir/strength-S` (outputs beside their paintings, metadata.jsonl, report.json). A pass: the
+    scorer accepts the caption and every object stays where its blob was (`sdedit_checks`). Writes
+    `outdir/sweep.json` (per strength: pass, caption and placement rates, seconds per image) and
+    `outdir/report.json` (everything); returns the latter. Image i has seed `seed + i` at every strength."""
+    from ldm.editing import check_strength
+
+    strengths = list(strengths)
+    if not strengths or len(set(strengths)) != len(strengths):
+        raise ValueError(f"--strength needs one or more distinct values, got {strengths}")
+
+    def check(info, steps):
+        for strength in strengths:
+            check_strength(strength, steps)
+
+    folders = [strength_folder(outdir, s) for s in strengths]
+    pipe, call, settings = _prepare_edits(model, folders, num_prompts=num_prompts, seed=seed, sampler=sampler,
+                                          steps=steps, cfg=cfg, batch_size=batch_size, device=device,
+                                          overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale,
+                                          check=check)
+    start = time.time()
+    cases = sdedit_cases(num_prompts, seed)
+    runs = {}
+    for strength in strengths:
+        folder = strength_folder(outdir, strength)
+        seconds, sampler_used = generate_edit_folder(pipe, folder, cases, seed=seed, batch_size=batch_size,
+                                                     strength=strength, **call)
+        run_settings = {**settings, "strength": strength, "placement_tolerance": PLACEMENT_TOLERANCE}
+        runs[f"{strength:g}"] = _edit_report(folder, "img2img", run_settings, seconds, sampler_used)
+    report = {"task": "img2img", "settings": {**runs[f"{strengths[0]:g}"]["settings"], "strength": strengths,
+                                              "seconds": round(time.time() - start, 1)},
+              "sweep": [sweep_row(s, runs[f"{s:g}"]) for s in strengths], "strengths": runs}
+    write_report({k: report[k] for k in ("task", "settings", "sweep")}, os.path.join(outdir, "sweep.json"))
+    write_report(report, os.path.join(outdir, "report.json"))
+    return report
+
+
+def sweep_row(strength: float, report: dict) -> dict:
+    """One line of the strength sweep: overall rates, per-kind pass rates, and seconds per image."""
+    overall = report["kinds"]["overall"]
+    return {"strength": strength, "n": overall["n"], "pass_rate": overall["passed_rate"],
+            "accept_rate": overall["accepted_rate"], "placement_rate": overall["placed_rate"],
+            "kind_pass_rates": {k: v["passed_rate"] for k, v in report["kinds"].items() if v["n"] and k != "overall"},
+            "seconds_per_image": report["settings"]["seconds_per_image"]}
+
+
+def format_sweep(sweep: list[dict]) -> str:
+    """The strength sweep as a table."""
+    lines = [f"{'strength':>8}{'images':>8}{'pass':>10}{'caption':>10}{'placement':>11}{'s/image':>9}"]
+    for row in sweep:
+        rates = f"{100 * row['pass_rate']:>9.1f}%{100 * row['accept_rate']:>9.1f}%{100 * row['placement_rate']:>10.1f}%"
+        lines.append(f"{row['strength']:>8g}{row['n']:>8}{rates}{row['seconds_per_image']:>9.3f}")
+    return "\n".join(lines)
+
+
+def evaluate_inpaint(model: str, outdir: str, *, num_prompts: int, seed: int = 0, inpaint_method: str = "replace",
+                     jump_length: int | None = None, jump_samples: int | None = None, sampler: str | None = None,
+                     steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, device: str | None = None,
+                     overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None) -> dict:
+    """Inpainting of held-out two-object scenes (`inpaint_case`): one object's box masked, the caption
+    changed in that object's colour or shape. A pass: the scorer accepts the new caption and every
+    pixel outside the mask is the input's (`inpaint_checks`). `jump_length` / `jump_samples` go to the
+    pipeline only when given (RePaint's). Writes input, mask and output per case, metadata.jsonl and
+    `outdir/report.json` (with the seconds per image); returns the report."""
+    from ldm.editing import check_inpainting
+    from ldm.sampling import resolve_sampler
+
+    if inpaint_method != "repaint" and (jump_length is not None or jump_samples is not None):
+        raise ValueError("--jump-length and --jump-samples apply to --inpaint-method repaint only")
+    jumps = {k: v for k, v in (("jump_length", jump_length), ("jump_samples", jump_samples)) if v is not None}
+
+    def check(info, steps):
+        named = None if sampler is None else resolve_sampler(sampler)
+        channels = info.unet_config.get("in_channels", 4), info.vae_config.get("latent_channels", 4)
+        check_inpainting(inpaint_method, *channels, named, jump_length, jump_samples, steps)
+
+    pipe, call, settings = _prepare_edits(model, [outdir], num_prompts=num_prompts, seed=seed, sampler=sampler,
+                                          steps=steps, cfg=cfg, batch_size=batch_size, device=device,
+                                          overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale,
+                                          check=check)
+    cases = inpaint_cases(num_prompts, seed)
+    seconds, sampler_used = generate_edit_folder(pipe, outdir, cases, seed=seed, batch_size=batch_size,
+                                                 inpaint_method=inpaint_method, **jumps, **call)
+    settings |= {"inpaint_method": inpaint_method, **jumps, "mask_dilation": MASK_DILATION}
+    return _edit_report(outdir, "inpaint", settings, seconds, sampler_used)
