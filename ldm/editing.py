@@ -17,6 +17,16 @@ I.2; the base of RePaint, Lugmayr et al. 2022, eq. 8-9): after every reverse ste
 m ⊙ z_{t-1} + (1 − m) ⊙ q(z_{t-1} | z_0), and with z_0 itself after the last; the unknown region
 (mask 1) is what the model draws. This is diffusers' path for ordinary 4-channel U-Nets
 (`StableDiffusionInpaintPipeline`), reproduced step for step.
+
+Replacement alone harmonises poorly: the model sees the known region only through noisy latents,
+and each step's drawn part never gets to adapt to what the next replacement puts beside it.
+RePaint (Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic
+Models", Alg. 1 and §4.2) resamples: after a step to t − 1, with fresh noise in the known region
+(eq. 8a), it sometimes jumps back j steps by the forward process, z_{t−1+j} ~ q(z_{t−1+j} | z_{t−1})
+= N(√(ᾱ_{t−1+j}/ᾱ_{t−1}) z_{t−1}, (1 − ᾱ_{t−1+j}/ᾱ_{t−1}) I) (eq. 1 composed j times), and re-runs those
+j steps, r − 1 extra times per jump point (`jump_schedule`). The reverse steps are the sampler's
+own (DDPM's ancestral step as in the paper, or DDIM's); only samplers whose step depends on
+nothing but (t, t_prev) can be sent back in time, so RePaint drives `REPAINT_SAMPLERS`.
 """
 
 from __future__ import annotations
@@ -45,16 +55,60 @@ def check_strength(strength, num_inference_steps: int) -> None:
         )
 
 
-INPAINT_METHODS = ("replace",)
+INPAINT_METHODS = ("replace", "repaint")
+# Samplers whose step is a function of (t, t_prev) alone (no step counter, no history), so that
+# RePaint can send the sample back in time and step again. "ddpm" is the paper's ancestral step.
+REPAINT_SAMPLERS = ("ddpm", "ddim")
+DEFAULT_JUMP_LENGTH = 5
+DEFAULT_JUMP_SAMPLES = 3
 
 
-def check_inpainting(method: str, unet_channels: int, latent_channels: int) -> None:
-    """A ValueError for an inpainting method not built, or a U-Net these methods cannot drive."""
+def check_inpainting(method: str, unet_channels: int, latent_channels: int, sampler: str | None = None,
+                     jump_length=None, jump_samples=None, steps: int | None = None) -> None:
+    """A ValueError for an inpainting method not built, a U-Net these methods cannot drive, a
+    sampler RePaint cannot send back in time, or a jump schedule that cannot run in `steps` steps."""
     if method not in INPAINT_METHODS:
         raise ValueError(f"unknown inpaint_method {method!r}; choose one of: {', '.join(INPAINT_METHODS)}")
+    if method != "repaint":
+        if jump_length is not None or jump_samples is not None:
+            raise ValueError("jump_length and jump_samples apply to inpaint_method='repaint' only")
+    else:
+        if sampler is not None and sampler not in REPAINT_SAMPLERS:
+            raise ValueError(f"inpaint_method 'repaint' steps back in time, which sampler {sampler} cannot (it "
+                             f"counts its steps or keeps a history); use one of: {', '.join(REPAINT_SAMPLERS)}")
+        for name, value in (("jump_length", jump_length), ("jump_samples", jump_samples)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+        jump = DEFAULT_JUMP_LENGTH if jump_length is None else jump_length
+        if steps is not None and (jump_samples or DEFAULT_JUMP_SAMPLES) > 1 and jump >= steps:
+            raise ValueError(f"jump_length {jump} leaves no room to jump back in the {steps} steps that run; use a "
+                             f"jump_length below {steps}, or more steps")
     if unet_channels != latent_channels:
         raise ValueError(f"this U-Net takes {unet_channels} input channels (an inpainting U-Net: latents, mask and "
                          f"masked image); ldm inpaints with ordinary {latent_channels}-channel U-Nets only so far")
+
+
+def jump_schedule(steps: int, jump_length: int, jump_samples: int) -> list[int]:
+    """RePaint's time schedule (Lugmayr et al. 2022, §4.2, App. B; diffusers' `RePaintScheduler.set_timesteps`)
+    as the step each U-Net call takes: position p means "step from the p-th to the (p+1)-th of the
+    `steps` noise levels" (p + 1 = `steps`: to the clean sample). Where a position is lower than
+    its predecessor + 1 the sample was first re-noised back to it. Every `jump_length` levels (from
+    the clean end, and not within the first `jump_length` steps) the last `jump_length` steps are
+    repeated `jump_samples` − 1 times: about `jump_samples` × the U-Net calls (`repaint_calls`)."""
+    jumps = {level: jump_samples - 1 for level in range(0, steps - jump_length, jump_length)}
+    positions, level = [], steps  # level: the diffusers index of the step about to run, counting down
+    while level >= 1:
+        level -= 1
+        positions.append(steps - 1 - level)
+        if jumps.get(level, 0) > 0:
+            jumps[level] -= 1
+            level += jump_length  # re-noise jump_length levels up, then step down over them again
+    return positions
+
+
+def repaint_calls(steps: int, jump_length: int, jump_samples: int) -> int:
+    """The U-Net calls (per guidance half) RePaint makes for `steps` steps: steps + jumps · j · (r − 1)."""
+    return steps + len(range(0, steps - jump_length, jump_length)) * jump_length * (jump_samples - 1)
 
 
 def sdedit_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:
@@ -108,3 +162,38 @@ class Replacement:
         if i < len(self.timesteps) - 1:  # noised to the level the next step starts from
             known = self.scheduler.add_noise(self.z0, self.noise, self.timesteps[i + 1 : i + 2])
         return (1 - self.mask) * known + self.mask * latents
+
+
+class Resampling:
+    """RePaint's per-step constraint (see the module docstring): called after the step at
+    `positions[i]` with the latents, puts the known region at the level reached, with fresh noise
+    (Lugmayr et al. 2022, eq. 8a-8c), then, where the schedule jumps back, re-noises the whole
+    sample to the level the next step starts from (eq. 1 composed). Noise is drawn from the
+    per-image generators, so an image is the same alone as in a batch."""
+
+    def __init__(self, scheduler, z0: torch.Tensor, mask: torch.Tensor, levels: torch.Tensor, positions: list[int],
+                 generator):
+        self.scheduler, self.z0, self.levels, self.positions, self.generator = scheduler, z0, levels, positions, generator
+        self.mask = mask.to(z0.dtype)  # (B, 1, h, w): 1 = repaint, 0 = keep
+
+    def alpha_bar(self, position: int) -> torch.Tensor:
+        """ᾱ at a position of the schedule; past the last level, the clean end (the sampler's final ᾱ)."""
+        if position < len(self.levels):
+            return self.scheduler.alphas_cumprod[int(self.levels[position])].to(torch.float64)
+        return torch.as_tensor(getattr(self.scheduler, "final_alpha_cumprod", 1.0), dtype=torch.float64)
+
+    def _noise(self) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(self.z0.shape, generator=self.generator, device=self.z0.device, dtype=self.z0.dtype)
+
+    def __call__(self, i: int, latents: torch.Tensor) -> torch.Tensor:
+        reached = self.positions[i] + 1
+        known = self.z0
+        if reached < len(self.levels):
+            known = self.scheduler.add_noise(self.z0, self._noise(), self.levels[reached : reached + 1])
+        latents = (1 - self.mask) * known + self.mask * latents
+        if i + 1 < len(self.positions) and self.positions[i + 1] < reached:  # jump back: q(z_s | z_t), s > t
+            ratio = self.alpha_bar(self.positions[i + 1]) / self.alpha_bar(reached)
+            latents = ratio.sqrt().to(latents.dtype) * latents + (1 - ratio).sqrt().to(latents.dtype) * self._noise()
+        return latents

@@ -32,8 +32,8 @@ import torch
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.editing import (
-    DEFAULT_STRENGTH, Replacement, check_inpainting, check_strength, encode_images, latent_mask, noised_latents,
-    sdedit_timesteps,
+    DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES, DEFAULT_STRENGTH, Replacement, Resampling, check_inpainting,
+    check_strength, encode_images, jump_schedule, latent_mask, noised_latents, sdedit_timesteps,
 )
 from ldm.guidance import default_guidance_rescale
 from ldm.quiet import library_quiet
@@ -542,12 +542,15 @@ class LatentPipeline:
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
     def initial_latents(self, scheduler, generator, batch: int, height: int, width: int, num_inference_steps: int,
-                        images: torch.Tensor | None = None, strength: float = 1.0, masks: torch.Tensor | None = None):
+                        images: torch.Tensor | None = None, strength: float = 1.0, masks: torch.Tensor | None = None,
+                        inpaint_method: str = "replace", jump_length: int = DEFAULT_JUMP_LENGTH,
+                        jump_samples: int = DEFAULT_JUMP_SAMPLES):
         """(latents, timesteps, constraint): where the reverse process starts, the steps it runs, and
         what holds after each step. Without images: N(0, I) noise at the sampler's initial σ, all N
         steps. With images ((B, 3, H, W) in [−1, 1]), SDEdit: their latents noised to where the last
-        ⌊N·s⌋ steps begin. With masks too ((B, 1, H, W), 1 = repaint), inpainting by replacement:
-        from pure noise at strength 1 (as diffusers), the known region held each step (ldm.editing)."""
+        ⌊N·s⌋ steps begin. With masks too ((B, 1, H, W), 1 = repaint), inpainting: from pure noise at
+        strength 1 (as diffusers), the known region held after each step by replacement, or by
+        RePaint's resampling, whose timesteps go back and forth (`ldm.editing`)."""
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         if images is None:
             noise = self.initial_noise(generator, batch, height, width)
@@ -562,6 +565,9 @@ class LatentPipeline:
         else:
             start = noised_latents(scheduler, z0, noise, timesteps[:1])
         mask = latent_mask(masks.to(self.device), z0.shape[-2:])  # (B, 1, h, w)
+        if inpaint_method == "repaint":
+            positions = jump_schedule(len(timesteps), jump_length, jump_samples)
+            return start, timesteps[positions], Resampling(scheduler, z0, mask, timesteps, positions, generator)
         return start, timesteps, Replacement(scheduler, z0, noise, mask, timesteps)
 
     def prepare_masks(self, mask_image, count: int, height: int, width: int) -> torch.Tensor:
@@ -711,6 +717,8 @@ class LatentPipeline:
         strength: float | None = None,
         mask_image=None,
         inpaint_method: str = "replace",
+        jump_length: int | None = None,
+        jump_samples: int | None = None,
         composite: bool = True,
     ) -> LatentPipelineOutput:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline.
@@ -732,14 +740,18 @@ class LatentPipeline:
         images = masks = None
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image: the picture whose masked part is repainted")
+        if mask_image is None and (jump_length is not None or jump_samples is not None):
+            raise ValueError("jump_length and jump_samples apply to inpainting (mask_image with inpaint_method='repaint')")
         if strength is not None and image is None:
             raise ValueError("strength applies to img2img and inpainting: pass image (strength would change nothing)")
         if image is not None:  # img2img (SDEdit) or inpainting: check the strength, then read and size the images
             if strength is None:  # diffusers' defaults
                 strength = 1.0 if mask_image is not None else DEFAULT_STRENGTH
-            check_strength(strength, num_inference_steps if isinstance(num_inference_steps, int) else 1)
+            steps = num_inference_steps if isinstance(num_inference_steps, int) else 1  # checked below
+            check_strength(strength, steps)
             if mask_image is not None:
-                check_inpainting(inpaint_method, self.unet.config.in_channels, self.vae.config.latent_channels)
+                check_inpainting(inpaint_method, self.unet.config.in_channels, self.vae.config.latent_channels,
+                                 sampler, jump_length, jump_samples, int(steps * strength))
             images = self.prepare_images(image, len(prompts), height, width)  # (P, 3, H, W), one per prompt
             height, width = images.shape[-2:]
             if mask_image is not None:
@@ -805,6 +817,7 @@ class LatentPipeline:
             latents, timesteps, constraint = self.initial_latents(
                 scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps,
                 images[chunk] if images is not None else None, strength, masks[chunk] if masks is not None else None,
+                inpaint_method, jump_length or DEFAULT_JUMP_LENGTH, jump_samples or DEFAULT_JUMP_SAMPLES,
             )
             denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod)
             step_eta = eta if sampler == "ddim" else None
@@ -818,10 +831,13 @@ class LatentPipeline:
         images = result if output_type == "latent" else self.to_images(result, output_type)
 
         settings = {"Steps": num_inference_steps, "Sampler": sampler, "CFG scale": guidance_scale}
-        if images is not None:
+        if strength is not None:
             settings["Denoising strength"] = strength  # A1111's name
         if masks is not None:
             settings["Inpaint method"] = inpaint_method
+            if inpaint_method == "repaint":
+                settings["Jump length"] = jump_length or DEFAULT_JUMP_LENGTH
+                settings["Jump samples"] = jump_samples or DEFAULT_JUMP_SAMPLES
         if guidance_rescale:
             settings["Guidance rescale"] = guidance_rescale
         if eta:

@@ -94,7 +94,7 @@ def test_an_all_white_mask_is_txt2img_on_that_canvas(tiny_pipe):
     [
         (dict(mask_image=Image.fromarray(np.zeros((64, 64), np.uint8))), "mask_image selects nothing"),
         (dict(image=None), "mask_image needs image"),
-        (dict(inpaint_method="repaint"), r"unknown inpaint_method 'repaint'; choose one of: replace"),
+        (dict(inpaint_method="outpaint"), r"unknown inpaint_method .outpaint.; choose one of: replace, repaint"),
         (dict(mask_image=[right_half()] * 3), "got 3 masks for 1 prompts"),
     ],
 )
