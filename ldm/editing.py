@@ -63,29 +63,44 @@ DEFAULT_JUMP_LENGTH = 5
 DEFAULT_JUMP_SAMPLES = 3
 
 
-def check_inpainting(method: str, unet_channels: int, latent_channels: int, sampler: str | None = None,
-                     jump_length=None, jump_samples=None, steps: int | None = None) -> None:
-    """A ValueError for an inpainting method not built, a U-Net these methods cannot drive, a
-    sampler RePaint cannot send back in time, or a jump schedule that cannot run in `steps` steps."""
-    if method not in INPAINT_METHODS:
+def unet_takes_mask(unet_channels: int, latent_channels: int) -> bool:
+    """Whether the U-Net is an inpainting one (SD's inpainting checkpoints: latents, the latent mask
+    and the masked image's latents stacked, 2C + 1 input channels) rather than an ordinary one (C);
+    a ValueError for any other count."""
+    if unet_channels == latent_channels:
+        return False
+    if unet_channels == 2 * latent_channels + 1:
+        return True
+    raise ValueError(f"this U-Net takes {unet_channels} input channels; ldm runs ordinary U-Nets ({latent_channels}, "
+                     f"the VAE's latent channels) and inpainting U-Nets ({2 * latent_channels + 1})")
+
+
+def check_inpainting(method: str | None, inpainting_unet: bool, sampler: str | None = None,
+                     jump_length=None, jump_samples=None, steps: int | None = None) -> str:
+    """The inpainting method to run (None: "replace" with an ordinary U-Net, "unet" with an
+    inpainting one), or a ValueError for a method not built, one the U-Net cannot take, a sampler
+    RePaint cannot send back in time, or a jump schedule that cannot run in `steps` steps."""
+    if method is not None and method not in INPAINT_METHODS:
         raise ValueError(f"unknown inpaint_method {method!r}; choose one of: {', '.join(INPAINT_METHODS)}")
+    if inpainting_unet and method is not None:
+        raise ValueError(f"inpaint_method {method!r} applies to ordinary U-Nets; this is an inpainting U-Net, which "
+                         "inpaints by itself from the mask and the masked image (leave inpaint_method unset)")
+    method = method or ("unet" if inpainting_unet else "replace")
     if method != "repaint":
         if jump_length is not None or jump_samples is not None:
             raise ValueError("jump_length and jump_samples apply to inpaint_method='repaint' only")
-    else:
-        if sampler is not None and sampler not in REPAINT_SAMPLERS:
-            raise ValueError(f"inpaint_method 'repaint' steps back in time, which sampler {sampler} cannot (it "
-                             f"counts its steps or keeps a history); use one of: {', '.join(REPAINT_SAMPLERS)}")
-        for name, value in (("jump_length", jump_length), ("jump_samples", jump_samples)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
-        jump = DEFAULT_JUMP_LENGTH if jump_length is None else jump_length
-        if steps is not None and (jump_samples or DEFAULT_JUMP_SAMPLES) > 1 and jump >= steps:
-            raise ValueError(f"jump_length {jump} leaves no room to jump back in the {steps} steps that run; use a "
-                             f"jump_length below {steps}, or more steps")
-    if unet_channels != latent_channels:
-        raise ValueError(f"this U-Net takes {unet_channels} input channels (an inpainting U-Net: latents, mask and "
-                         f"masked image); ldm inpaints with ordinary {latent_channels}-channel U-Nets only so far")
+        return method
+    if sampler is not None and sampler not in REPAINT_SAMPLERS:
+        raise ValueError(f"inpaint_method 'repaint' steps back in time, which sampler {sampler} cannot (it "
+                         f"counts its steps or keeps a history); use one of: {', '.join(REPAINT_SAMPLERS)}")
+    for name, value in (("jump_length", jump_length), ("jump_samples", jump_samples)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    jump = DEFAULT_JUMP_LENGTH if jump_length is None else jump_length
+    if steps is not None and (jump_samples or DEFAULT_JUMP_SAMPLES) > 1 and jump >= steps:
+        raise ValueError(f"jump_length {jump} leaves no room to jump back in the {steps} steps that run; use a "
+                         f"jump_length below {steps}, or more steps")
+    return method
 
 
 def jump_schedule(steps: int, jump_length: int, jump_samples: int) -> list[int]:
@@ -135,6 +150,15 @@ def encode_images(vae, images: torch.Tensor, generators: list | torch.Generator 
     if config.get("shift_factor") is not None:
         latents = latents - config.shift_factor
     return latents * config.scaling_factor  # (B, C, H/f, W/f)
+
+
+def masked_image_latents(vae, images: torch.Tensor, masks: torch.Tensor, generators) -> torch.Tensor:
+    """What an inpainting U-Net reads beside the latents (Rombach et al. 2022, §4.5; SD's inpainting
+    checkpoints): the latent mask and the latents of the image with the masked part blanked to 0
+    (mid-gray), (B, 1 + C, h, w). Diffusers' `prepare_mask_latents`, draw for draw."""
+    blanked = images * (masks < 0.5)
+    latents = encode_images(vae, blanked.to(vae.dtype), generators)
+    return torch.cat([latent_mask(masks, latents.shape[-2:]).to(latents.dtype), latents], dim=1)
 
 
 def noised_latents(scheduler, z0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.editing import (
     DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES, DEFAULT_STRENGTH, Replacement, Resampling, check_inpainting,
-    check_strength, encode_images, jump_schedule, latent_mask, noised_latents, sdedit_timesteps,
+    check_strength, encode_images, jump_schedule, latent_mask, masked_image_latents, noised_latents, sdedit_timesteps,
+    unet_takes_mask,
 )
 from ldm.guidance import default_guidance_rescale
 from ldm.quiet import library_quiet
@@ -538,37 +539,48 @@ class LatentPipeline:
         from diffusers.utils.torch_utils import randn_tensor
 
         f = self.latent_factor
-        shape = (batch, self.unet.config.in_channels, height // f, width // f)  # (B, C, H/f, W/f)
+        shape = (batch, self.vae.config.latent_channels, height // f, width // f)  # (B, C, H/f, W/f)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
     def initial_latents(self, scheduler, generator, batch: int, height: int, width: int, num_inference_steps: int,
                         images: torch.Tensor | None = None, strength: float = 1.0, masks: torch.Tensor | None = None,
                         inpaint_method: str = "replace", jump_length: int = DEFAULT_JUMP_LENGTH,
                         jump_samples: int = DEFAULT_JUMP_SAMPLES):
-        """(latents, timesteps, constraint): where the reverse process starts, the steps it runs, and
-        what holds after each step. Without images: N(0, I) noise at the sampler's initial σ, all N
-        steps. With images ((B, 3, H, W) in [−1, 1]), SDEdit: their latents noised to where the last
-        ⌊N·s⌋ steps begin. With masks too ((B, 1, H, W), 1 = repaint), inpainting: from pure noise at
-        strength 1 (as diffusers), the known region held after each step by replacement, or by
-        RePaint's resampling, whose timesteps go back and forth (`ldm.editing`)."""
+        """(latents, timesteps, constraint, unet_extra): where the reverse process starts, the steps it
+        runs, what holds after each step, and what an inpainting U-Net reads beside the latents.
+
+        Without images: N(0, I) noise at the sampler's initial σ, all N steps. With images ((B, 3, H,
+        W) in [−1, 1]), SDEdit: their latents noised to where the last ⌊N·s⌋ steps begin. With masks
+        too ((B, 1, H, W), 1 = repaint), inpainting: from pure noise at strength 1 (as diffusers);
+        an ordinary U-Net has the known region held after each step by replacement, or by RePaint's
+        resampling, whose timesteps go back and forth (`ldm.editing`); an inpainting U-Net instead
+        reads the mask and the masked image's latents at every step, as diffusers runs it (with no
+        mask it gets an all-repaint one: txt2img and SDEdit work with it too, as in AUTOMATIC1111)."""
         scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if images is None:
-            noise = self.initial_noise(generator, batch, height, width)
-            return noise * scheduler.init_noise_sigma, scheduler.timesteps, None
-        timesteps = sdedit_timesteps(scheduler, num_inference_steps, strength)
-        z0 = encode_images(self.vae, images.to(self.device, self.vae.dtype), generator).to(self.dtype)
+        inpainting_unet = self.unet.config.in_channels != self.vae.config.latent_channels
+        timesteps = scheduler.timesteps if images is None else sdedit_timesteps(scheduler, num_inference_steps, strength)
+        z0 = None
+        if images is not None and not (inpainting_unet and masks is not None and strength == 1):  # diffusers' draws
+            z0 = encode_images(self.vae, images.to(self.device, self.vae.dtype), generator).to(self.dtype)
         noise = self.initial_noise(generator, batch, height, width)  # after the posterior sample, as diffusers
-        if masks is None:
-            return noised_latents(scheduler, z0, noise, timesteps[:1]), timesteps, None
-        if strength == 1:  # diffusers starts inpainting from pure noise at full strength
+        if z0 is None or (masks is not None and strength == 1):  # from pure noise
             start = noise * scheduler.init_noise_sigma
         else:
             start = noised_latents(scheduler, z0, noise, timesteps[:1])
+        if inpainting_unet:
+            if masks is None:  # all to be drawn: a mid-gray (blanked) picture under an all-white mask
+                masks = torch.ones(batch, 1, height, width)
+                images = torch.zeros(batch, 3, height, width)
+            extra = masked_image_latents(self.vae, images.to(self.device, self.vae.dtype),
+                                         masks.to(self.device, self.vae.dtype), generator)
+            return start, timesteps, None, extra.to(self.dtype)
+        if masks is None:
+            return start, timesteps, None, None
         mask = latent_mask(masks.to(self.device), z0.shape[-2:])  # (B, 1, h, w)
         if inpaint_method == "repaint":
             positions = jump_schedule(len(timesteps), jump_length, jump_samples)
-            return start, timesteps[positions], Resampling(scheduler, z0, mask, timesteps, positions, generator)
-        return start, timesteps, Replacement(scheduler, z0, noise, mask, timesteps)
+            return start, timesteps[positions], Resampling(scheduler, z0, mask, timesteps, positions, generator), None
+        return start, timesteps, Replacement(scheduler, z0, noise, mask, timesteps), None
 
     def prepare_masks(self, mask_image, count: int, height: int, width: int) -> torch.Tensor:
         """`mask_image` (white = repaint, black = keep; one, or one per prompt) as (count, 1, H, W)
@@ -716,7 +728,7 @@ class LatentPipeline:
         image=None,
         strength: float | None = None,
         mask_image=None,
-        inpaint_method: str = "replace",
+        inpaint_method: str | None = None,
         jump_length: int | None = None,
         jump_samples: int | None = None,
         composite: bool = True,
@@ -738,6 +750,9 @@ class LatentPipeline:
         prompts, negatives = check_prompts(prompt, negative_prompt)
         sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
         images = masks = None
+        inpainting_unet = unet_takes_mask(self.unet.config.in_channels, self.vae.config.latent_channels)
+        if mask_image is None and inpaint_method is not None:
+            raise ValueError("inpaint_method applies to inpainting: pass mask_image (white = repaint)")
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image: the picture whose masked part is repainted")
         if mask_image is None and (jump_length is not None or jump_samples is not None):
@@ -750,8 +765,8 @@ class LatentPipeline:
             steps = num_inference_steps if isinstance(num_inference_steps, int) else 1  # checked below
             check_strength(strength, steps)
             if mask_image is not None:
-                check_inpainting(inpaint_method, self.unet.config.in_channels, self.vae.config.latent_channels,
-                                 sampler, jump_length, jump_samples, int(steps * strength))
+                inpaint_method = check_inpainting(inpaint_method, inpainting_unet, sampler, jump_length, jump_samples,
+                                                  int(steps * strength))
             images = self.prepare_images(image, len(prompts), height, width)  # (P, 3, H, W), one per prompt
             height, width = images.shape[-2:]
             if mask_image is not None:
@@ -814,12 +829,13 @@ class LatentPipeline:
             cond = self.encode_prompts(prompts[chunk]) if guidance.needs_cond else None
             uncond = self.encode_prompts(negatives[chunk]) if guidance.needs_uncond else None
             scheduler = make_scheduler(sampler, self.scheduler.config)
-            latents, timesteps, constraint = self.initial_latents(
+            latents, timesteps, constraint, unet_extra = self.initial_latents(
                 scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps,
                 images[chunk] if images is not None else None, strength, masks[chunk] if masks is not None else None,
                 inpaint_method, jump_length or DEFAULT_JUMP_LENGTH, jump_samples or DEFAULT_JUMP_SAMPLES,
             )
-            denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod)
+            denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod,
+                                      unet_extra)
             step_eta = eta if sampler == "ddim" else None
             latents = denoise(denoiser, scheduler, latents, timesteps, chunk_generator, step_eta, progress, constraint)
             outputs.append(latents if output_type == "latent" else self.decode_latents(latents, vae_tiling))

@@ -246,8 +246,10 @@ class GuidedDenoiser:
     those, at half the cost.
     """
 
-    def __init__(self, unet, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Guidance, prediction_type: str, alphas_cumprod: torch.Tensor):
+    def __init__(self, unet, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Guidance, prediction_type: str,
+                 alphas_cumprod: torch.Tensor, extra: torch.Tensor | None = None):
         self.unet = unet
+        self.extra = extra  # (B, E, h, w) stacked after the latents on the channels (an inpainting U-Net's input)
         self.cond = cond  # (B, L, D)
         self.uncond = uncond  # (B, L, D) or None when not needed
         self.guidance = guidance
@@ -257,6 +259,8 @@ class GuidedDenoiser:
             self._both = torch.cat([uncond, cond])  # (2B, L, D): one U-Net call per step
 
     def _unet(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        if self.extra is not None:
+            z = torch.cat([z, self.extra.repeat(len(z) // len(self.extra), 1, 1, 1)], dim=1)
         return self.unet(z, t, encoder_hidden_states=context, return_dict=False)[0]
 
     @torch.no_grad()

@@ -41,8 +41,10 @@ def tiny_clip_tokenizer(workdir: Path, model_max_length: int = 16):
     return CLIPTokenizer(vocab=str(workdir / "vocab.json"), merges=str(workdir / "merges.txt"), model_max_length=model_max_length)
 
 
-def tiny_components(seed: int = 0, prediction_type: str = "epsilon", workdir: Path | None = None, model_max_length: int = 16):
-    """(unet, vae, text_encoder, tokenizer, scheduler) with random weights drawn from `seed`."""
+def tiny_components(seed: int = 0, prediction_type: str = "epsilon", workdir: Path | None = None, model_max_length: int = 16,
+                    unet_in_channels: int = 4):
+    """(unet, vae, text_encoder, tokenizer, scheduler) with random weights drawn from `seed`;
+    `unet_in_channels` 9 makes the U-Net an inpainting one, as SD's inpainting checkpoints."""
     import tempfile
 
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
@@ -53,7 +55,7 @@ def tiny_components(seed: int = 0, prediction_type: str = "epsilon", workdir: Pa
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=8,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -102,12 +104,13 @@ def tiny_components(seed: int = 0, prediction_type: str = "epsilon", workdir: Pa
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
-def make_tiny_pipeline(path: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def make_tiny_pipeline(path: Path, seed: int = 0, prediction_type: str = "epsilon", unet_in_channels: int = 4) -> Path:
     """Write a tiny random SD-style pipeline folder with diffusers itself (the reference layout)."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
-    unet, vae, text_encoder, tokenizer, scheduler = tiny_components(seed, prediction_type, workdir=path.parent)
+    unet, vae, text_encoder, tokenizer, scheduler = tiny_components(seed, prediction_type, workdir=path.parent,
+                                                                    unet_in_channels=unet_in_channels)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

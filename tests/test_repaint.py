@@ -101,7 +101,8 @@ def test_repaint_images_do_not_depend_on_the_batch(tiny_pipe):
         (dict(jump_samples=0), r"jump_samples must be an integer ≥ 1, got 0"),
         (dict(jump_length=1.5), r"jump_length must be an integer ≥ 1, got 1.5"),
         (dict(inpaint_method="replace", jump_length=2), "apply to inpaint_method='repaint' only"),
-        (dict(mask_image=None, inpaint_method="replace", jump_samples=2), "apply to inpainting"),
+        (dict(mask_image=None, inpaint_method=None, jump_samples=2), "apply to inpainting"),
+        (dict(mask_image=None, inpaint_method="replace"), "inpaint_method applies to inpainting: pass mask_image"),
     ],
 )
 def test_bad_repaint_input_is_a_value_error(tiny_pipe, kwargs, message):
