@@ -142,6 +142,13 @@ def test_inpaint_eval_end_to_end(tmp_path, tiny_pipeline_dir, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["kinds"]["overall"]["unchanged_rate"] == 1.0  # the pipeline composites the outside back
     assert report["settings"]["inpaint_method"] == "replace" and report["settings"]["seconds_per_image"] > 0
+    # RePaint's keywords reach the pipeline (the report names what ran, from the images' infotext)
+    assert main(["eval", "--task", "inpaint", "--model", str(tiny_pipeline_dir), "--num-prompts", "1", "--steps", "3",
+                 "--inpaint-method", "repaint", "--sampler", "DDIM", "--jump-length", "1", "--jump-samples", "2",
+                 "--outdir", str(tmp_path / "repaint"), "--device", "cpu", "--quiet"]) == 0
+    settings = json.loads((tmp_path / "repaint" / "report.json").read_text())["settings"]
+    ran = {k: settings[k] for k in ("inpaint_method", "sampler", "jump_length", "jump_samples")}
+    assert ran == {"inpaint_method": "repaint", "sampler": "ddim", "jump_length": 1, "jump_samples": 2}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -50,7 +50,7 @@ def build_parser() -> ArgumentParser:
                         "OUTDIR/sweep.json (default: 0.75)")
     e.add_argument("--inpaint-method", default=None, metavar="METHOD",
                    help="inpaint: replace (the known region replaced after every step) or repaint (RePaint's "
-                        "resampling) (default: replace)")
+                        "resampling) (default: the pipeline's, replace for an ordinary U-Net)")
     e.add_argument("--jump-length", type=int, default=None,
                    help="inpaint with repaint: RePaint's jump length j (default: the pipeline's)")
     e.add_argument("--jump-samples", type=int, default=None,
@@ -134,7 +134,7 @@ def _main(argv=None) -> int:
         print(f"outputs beside their stroke paintings in {args.outdir}/strength-S/; sweep.json and report.json in "
               f"{args.outdir}")
     elif args.task == "inpaint":
-        report = shapes_eval.evaluate_inpaint(model, args.outdir, inpaint_method=args.inpaint_method or "replace",
+        report = shapes_eval.evaluate_inpaint(model, args.outdir, inpaint_method=args.inpaint_method,
                                               jump_length=args.jump_length, jump_samples=args.jump_samples, **common)
         print(shapes_eval.format_checks(report, shapes_eval.CHECKS["inpaint"]))
         seconds = report["settings"]["seconds"]

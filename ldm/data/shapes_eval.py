@@ -329,12 +329,12 @@ def inpaint_cases(num: int, seed: int) -> list[EditCase]:
 
 
 def generate_edit_folder(pipe, outdir: str, cases: list[EditCase], *, seed: int, batch_size: int,
-                         **call) -> tuple[float, str]:
+                         **call) -> tuple[float, dict]:
     """Edit each case with `pipe(prompt, image=, mask_image=, seed=, **call)` into `outdir`: NNNNN.png
     (the output) beside NNNNN-input.png (and NNNNN-mask.png), and metadata.jsonl rows {file_name, text,
     kind, seed, input, mask, **record}. Image i has seed `seed + i`. Returns the pipeline's wall seconds
-    and the sampler it ran (as its infotext names it: `call` may leave the choice to the pipeline)."""
-    os.makedirs(outdir, exist_ok=True)
+    and the settings it ran, as its infotext names them ("Sampler", "Inpaint method", ...: `call` may
+    leave them to the pipeline). The folder is made after the first call, so a bad setting leaves none."""
     rows, seconds = [], 0.0
     for start in range(0, len(cases), batch_size):
         batch = cases[start:start + batch_size]
@@ -343,18 +343,24 @@ def generate_edit_folder(pipe, outdir: str, cases: list[EditCase], *, seed: int,
         out = pipe(prompt=[c.text for c in batch], image=[c.image for c in batch], mask_image=masks, seed=seed + start,
                    **call)
         seconds += time.perf_counter() - tick
+        os.makedirs(outdir, exist_ok=True)
         for i, (case, output) in enumerate(zip(batch, out.images)):
             name = f"{start + i:05d}"
-            files = {"file_name": f"{name}.png", "input": f"{name}-input.png", "mask": f"{name}-mask.png"}
-            for key, picture in zip(files, (output, case.image, case.mask)):
-                if picture is not None:
-                    picture.save(os.path.join(outdir, files[key]))
-            if case.mask is None:
-                del files["mask"]
+            pictures = {"file_name": output, "input": case.image} | ({"mask": case.mask} if case.mask else {})
+            files = {key: f"{name}{'' if key == 'file_name' else '-' + key}.png" for key in pictures}
+            for key, picture in pictures.items():
+                picture.save(os.path.join(outdir, files[key]))
             rows.append({**files, "text": case.text, "kind": case.kind, "seed": int(out.seeds[i]), **case.record})
     with open(os.path.join(outdir, "metadata.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    return seconds, out.parameters[0].split("Sampler: ", 1)[1].split(",", 1)[0]
+    return seconds, infotext_settings(out.parameters[0])
+
+
+def infotext_settings(infotext: str) -> dict:
+    """The settings line of a pipeline infotext (AUTOMATIC1111's "Steps: 25, Sampler: euler, ...") as a
+    dict of strings; the values read here (sampler and method names, numbers) hold no comma."""
+    line = infotext.splitlines()[-1]
+    return dict(item.partition(": ")[::2] for item in line.split(", "))
 
 
 def score_edit_folder(folder: str, task: str) -> dict:
@@ -437,11 +443,11 @@ def _prepare_edits(model: str, folders: list[str], *, num_prompts: int, seed: in
     return LatentPipeline.from_pretrained(model, device=device), call, settings
 
 
-def _edit_report(folder: str, task: str, settings: dict, seconds: float, sampler: str) -> dict:
+def _edit_report(folder: str, task: str, settings: dict, seconds: float) -> dict:
     """Score an editing folder and write its report.json, with the settings and the pipeline's wall seconds."""
     report = score_edit_folder(folder, task)
     num = report["kinds"]["overall"]["n"]
-    report["settings"] = {"task": task, **settings, "sampler": sampler, "seconds": round(seconds, 1),
+    report["settings"] = {"task": task, **settings, "seconds": round(seconds, 1),
                           "seconds_per_image": round(seconds / num, 4)}
     write_report(report, os.path.join(folder, "report.json"))
     return report
@@ -480,10 +486,11 @@ def evaluate_img2img(model: str, outdir: str, *, strengths: typing.Sequence[floa
     runs = {}
     for strength in strengths:
         folder = strength_folder(outdir, strength)
-        seconds, sampler_used = generate_edit_folder(pipe, folder, cases, seed=seed, batch_size=batch_size,
-                                                     strength=strength, **call)
-        run_settings = {**settings, "strength": strength, "placement_tolerance": PLACEMENT_TOLERANCE}
-        runs[f"{strength:g}"] = _edit_report(folder, "img2img", run_settings, seconds, sampler_used)
+        seconds, ran = generate_edit_folder(pipe, folder, cases, seed=seed, batch_size=batch_size, strength=strength,
+                                            **call)
+        run_settings = {**settings, "sampler": ran["Sampler"], "strength": strength,
+                        "placement_tolerance": PLACEMENT_TOLERANCE}
+        runs[f"{strength:g}"] = _edit_report(folder, "img2img", run_settings, seconds)
     report = {"task": "img2img", "settings": {**runs[f"{strengths[0]:g}"]["settings"], "strength": strengths,
                                               "seconds": round(time.time() - start, 1)},
               "sweep": [sweep_row(s, runs[f"{s:g}"]) for s in strengths], "strengths": runs}
@@ -510,33 +517,26 @@ def format_sweep(sweep: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_inpaint(model: str, outdir: str, *, num_prompts: int, seed: int = 0, inpaint_method: str = "replace",
+def evaluate_inpaint(model: str, outdir: str, *, num_prompts: int, seed: int = 0, inpaint_method: str | None = None,
                      jump_length: int | None = None, jump_samples: int | None = None, sampler: str | None = None,
                      steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, device: str | None = None,
                      overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None) -> dict:
     """Inpainting of held-out two-object scenes (`inpaint_case`): one object's box masked, the caption
     changed in that object's colour or shape. A pass: the scorer accepts the new caption and every
-    pixel outside the mask is the input's (`inpaint_checks`). `jump_length` / `jump_samples` go to the
-    pipeline only when given (RePaint's). Writes input, mask and output per case, metadata.jsonl and
-    `outdir/report.json` (with the seconds per image); returns the report."""
-    from ldm.editing import check_inpainting
-    from ldm.sampling import resolve_sampler
-
+    pixel outside the mask is the input's (`inpaint_checks`). `inpaint_method`, `jump_length` and
+    `jump_samples` go to the pipeline only when given (it checks them, before any work); the report
+    names what ran. Writes input, mask and output per case, metadata.jsonl and `outdir/report.json`
+    (with the pipeline's seconds per image); returns the report."""
     if inpaint_method != "repaint" and (jump_length is not None or jump_samples is not None):
         raise ValueError("--jump-length and --jump-samples apply to --inpaint-method repaint only")
-    jumps = {k: v for k, v in (("jump_length", jump_length), ("jump_samples", jump_samples)) if v is not None}
-
-    def check(info, steps):
-        named = None if sampler is None else resolve_sampler(sampler)
-        channels = info.unet_config.get("in_channels", 4), info.vae_config.get("latent_channels", 4)
-        check_inpainting(inpaint_method, *channels, named, jump_length, jump_samples, steps)
-
+    given = {"inpaint_method": inpaint_method, "jump_length": jump_length, "jump_samples": jump_samples}
     pipe, call, settings = _prepare_edits(model, [outdir], num_prompts=num_prompts, seed=seed, sampler=sampler,
                                           steps=steps, cfg=cfg, batch_size=batch_size, device=device,
-                                          overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale,
-                                          check=check)
+                                          overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale)
     cases = inpaint_cases(num_prompts, seed)
-    seconds, sampler_used = generate_edit_folder(pipe, outdir, cases, seed=seed, batch_size=batch_size,
-                                                 inpaint_method=inpaint_method, **jumps, **call)
-    settings |= {"inpaint_method": inpaint_method, **jumps, "mask_dilation": MASK_DILATION}
-    return _edit_report(outdir, "inpaint", settings, seconds, sampler_used)
+    seconds, ran = generate_edit_folder(pipe, outdir, cases, seed=seed, batch_size=batch_size,
+                                        **{k: v for k, v in given.items() if v is not None}, **call)
+    settings |= {"sampler": ran["Sampler"], "inpaint_method": ran.get("Inpaint method"), "mask_dilation": MASK_DILATION}
+    settings |= {key: int(ran[name]) for key, name in (("jump_length", "Jump length"), ("jump_samples", "Jump samples"))
+                 if name in ran}
+    return _edit_report(outdir, "inpaint", settings, seconds)
