@@ -32,6 +32,9 @@ nothing but (t, t_prev) can be sent back in time, so RePaint drives `REPAINT_SAM
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 
@@ -221,3 +224,164 @@ class Resampling:
             ratio = self.alpha_bar(self.positions[i + 1]) / self.alpha_bar(reached)
             latents = ratio.sqrt().to(latents.dtype) * latents + (1 - ratio).sqrt().to(latents.dtype) * self._noise()
         return latents
+
+
+# ---- what AUTOMATIC1111 users expect around a mask (modules/masking.py, processing.py there) --------
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A separable Gaussian blur of (B, C, H, W) with OpenCV's kernel for σ (2·round(2.5σ) + 1 taps)
+    and its default border (mirrored without repeating the edge): AUTOMATIC1111's mask blur."""
+    if sigma <= 0:
+        return x
+    radius = int(2.5 * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    channels = x.shape[1]
+    for dim in (-1, -2):
+        size = x.shape[dim]
+        pad = [radius, radius, 0, 0] if dim == -1 else [0, 0, radius, radius]
+        x = torch.nn.functional.pad(x, pad, mode="reflect" if radius < size else "replicate")
+        weight = kernel.view(1, 1, 1, -1) if dim == -1 else kernel.view(1, 1, -1, 1)
+        x = torch.nn.functional.conv2d(x, weight.repeat(channels, 1, 1, 1), groups=channels)
+    return x
+
+
+# AUTOMATIC1111's "fill" (masked content 0): the masked part painted with the colours around it,
+# blurred at falling radii, each layer laid over the last. Before encoding, so that the latents
+# around the mask no longer carry what is to be replaced.
+FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))  # (blur radius px, times laid)
+MASKED_CONTENT = ("original", "fill")
+
+
+def fill_masked(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """`images` (B, 3, H, W) in [−1, 1] with the masked part ((B, 1, H, W), 1 = repaint) filled from
+    its surroundings (FILL_LAYERS, on 8-bit premultiplied RGBA as AUTOMATIC1111 does)."""
+    from PIL import Image, ImageFilter
+
+    filled = []
+    for image, mask in zip(images, masks):
+        rgb = ((image.float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        keep = ((1 - mask[0].float().cpu().numpy()) * 255).round().astype(np.uint8)
+        known = Image.fromarray(np.dstack([rgb, keep]), "RGBA").convert("RGBa")  # premultiplied: blur ignores holes
+        canvas = Image.new("RGBA", known.size)
+        for radius, times in FILL_LAYERS:
+            layer = known.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+            for _ in range(times):
+                canvas.alpha_composite(layer)
+        out = torch.from_numpy(np.asarray(canvas.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        filled.append(torch.where(mask.cpu() > 0.5, out, image.float().cpu()))  # outside: the input, unrounded
+    return torch.stack(filled).to(images.device, images.dtype)
+
+
+def crop_region(mask: torch.Tensor, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the box around the mask's nonzero pixels ((H, W)), grown by `padding` px and
+    then to the aspect ratio of the `width` × `height` it is inpainted at, kept inside the image
+    (AUTOMATIC1111's "inpaint area: only masked")."""
+    rows, cols = torch.nonzero(mask > 0, as_tuple=True)
+    H, W = mask.shape
+    x0, x1 = max(int(cols.min()) - padding, 0), min(int(cols.max()) + 1 + padding, W)
+    y0, y1 = max(int(rows.min()) - padding, 0), min(int(rows.max()) + 1 + padding, H)
+    if (x1 - x0) * height > (y1 - y0) * width:  # too wide for the target: grow the height
+        y0, y1 = _grow(y0, y1, round((x1 - x0) * height / width), H)
+    else:
+        x0, x1 = _grow(x0, x1, round((y1 - y0) * width / height), W)
+    return x0, y0, x1, y1
+
+
+def _grow(lo: int, hi: int, want: int, limit: int) -> tuple[int, int]:
+    """The interval [lo, hi) grown about its centre to length `want`, shifted to stay in [0, limit)."""
+    want = min(want, limit)
+    lo -= (want - (hi - lo)) // 2
+    lo = min(max(lo, 0), limit - want)
+    return lo, lo + want
+
+
+def check_outpaint(outpaint) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) pixels to add, or a ValueError."""
+    if (not isinstance(outpaint, (list, tuple)) or len(outpaint) != 4
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in outpaint)
+            or not any(outpaint)):
+        raise ValueError(f"outpaint must be four whole numbers of pixels ≥ 0 to add (left, top, right, bottom), "
+                         f"not all 0, got {outpaint!r}")
+    return tuple(outpaint)
+
+
+def outpaint_canvas(images: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(canvas, mask): `images` (B, 3, H, W) on a canvas grown by (left, top, right, bottom) pixels,
+    the new border filled from the picture's edges (`fill_masked`), and the mask of that border."""
+    left, top, right, bottom = pads
+    B, _, H, W = images.shape
+    canvas = torch.zeros(B, 3, top + H + bottom, left + W + right, dtype=images.dtype, device=images.device)
+    canvas[:, :, top : top + H, left : left + W] = images
+    masks = torch.ones(B, 1, *canvas.shape[-2:], dtype=images.dtype, device=images.device)
+    masks[:, :, top : top + H, left : left + W] = 0
+    return fill_masked(canvas, masks), masks
+
+
+INPAINT_AREAS = ("whole", "masked")
+DEFAULT_MASKED_PADDING = 32  # AUTOMATIC1111's default
+
+
+def check_mask_options(has_mask: bool, *, mask_blur=0, mask_invert=False, masked_content="original",
+                       inpaint_area="whole", masked_padding=DEFAULT_MASKED_PADDING, outpaint=None) -> None:
+    """A ValueError for a mask option with no mask to apply it to, or a value out of its range."""
+    given = [name for name, value, default in (
+        ("mask_blur", mask_blur, 0), ("mask_invert", mask_invert, False), ("masked_content", masked_content, "original"),
+        ("inpaint_area", inpaint_area, "whole"), ("masked_padding", masked_padding, DEFAULT_MASKED_PADDING),
+    ) if value != default]
+    if given and not has_mask:
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to inpainting: pass mask_image "
+                         "(white = repaint) or outpaint")
+    if not isinstance(mask_blur, (int, float)) or isinstance(mask_blur, bool) or not 0 <= mask_blur <= 256:
+        raise ValueError(f"mask_blur is a blur radius in pixels in [0, 256], got {mask_blur!r}")
+    if not isinstance(mask_invert, bool):
+        raise ValueError(f"mask_invert must be True or False, got {mask_invert!r}")
+    if masked_content not in MASKED_CONTENT:
+        raise ValueError(f"unknown masked_content {masked_content!r}; choose one of: {', '.join(MASKED_CONTENT)}")
+    if inpaint_area not in INPAINT_AREAS:
+        raise ValueError(f"unknown inpaint_area {inpaint_area!r}; choose one of: {', '.join(INPAINT_AREAS)}")
+    if not isinstance(masked_padding, int) or isinstance(masked_padding, bool) or masked_padding < 0:
+        raise ValueError(f"masked_padding must be a whole number of pixels ≥ 0, got {masked_padding!r}")
+    if outpaint is not None:
+        check_outpaint(outpaint)
+        if mask_invert or inpaint_area != "whole":
+            raise ValueError("outpaint makes its own mask (the new border): mask_invert and inpaint_area do not apply")
+
+
+@dataclass
+class Edit:
+    """A picture to edit, prepared. `canvas` (B, 3, H, W) in [−1, 1] is what the result lands on:
+    the input, or the outpainting canvas. `source` is what the latents start from (the canvas, its
+    masked part filled with masked_content "fill", or with inpaint area "masked" the crops around
+    the mask at the size they are drawn at) and `masks` its binary masks (1 = repaint); `overlay`
+    the canvas-size mask the result is composited through (blurred by mask_blur), and `regions` the
+    crop boxes (x0, y0, x1, y1) the drawn crops are pasted back into."""
+
+    canvas: torch.Tensor
+    source: torch.Tensor
+    masks: torch.Tensor | None = None
+    overlay: torch.Tensor | None = None
+    regions: list[tuple[int, int, int, int]] | None = None
+
+    def repeat(self, n: int) -> "Edit":
+        """Each picture n times in a row (num_images_per_prompt)."""
+        twice = lambda x: None if x is None else x.repeat_interleave(n, dim=0)  # noqa: E731
+        regions = None if self.regions is None else [r for r in self.regions for _ in range(n)]
+        return Edit(twice(self.canvas), twice(self.source), twice(self.masks), twice(self.overlay), regions)
+
+    def finish(self, drawn: torch.Tensor, composite: bool = True) -> torch.Tensor:
+        """Decoded pictures (B, 3, h, w) onto the canvas: crops resized back into their boxes, then
+        (with `composite`) laid in through the overlay, so that outside it every pixel is the input's."""
+        canvas = self.canvas.to(drawn.device, drawn.dtype)
+        if self.regions is not None:
+            pasted = canvas.clone()
+            for i, (x0, y0, x1, y1) in enumerate(self.regions):
+                pasted[i, :, y0:y1, x0:x1] = torch.nn.functional.interpolate(
+                    drawn[i : i + 1], size=(y1 - y0, x1 - x0), mode="bicubic", antialias=True)[0]
+            drawn = pasted
+        if self.overlay is None or not composite:
+            return drawn
+        overlay = self.overlay.to(drawn.device, drawn.dtype)
+        return overlay * drawn + (1 - overlay) * canvas

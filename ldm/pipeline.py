@@ -32,8 +32,9 @@ import torch
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.editing import (
-    DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES, DEFAULT_STRENGTH, Replacement, Resampling, check_inpainting,
-    check_strength, encode_images, jump_schedule, latent_mask, masked_image_latents, noised_latents, sdedit_timesteps,
+    DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES, DEFAULT_MASKED_PADDING, DEFAULT_STRENGTH, Edit, Replacement, Resampling, check_inpainting,
+    check_mask_options, check_outpaint, check_strength, crop_region, encode_images, fill_masked, gaussian_blur,
+    outpaint_canvas, jump_schedule, latent_mask, masked_image_latents, noised_latents, sdedit_timesteps,
     unet_takes_mask,
 )
 from ldm.guidance import default_guidance_rescale
@@ -582,7 +583,45 @@ class LatentPipeline:
             return start, timesteps[positions], Resampling(scheduler, z0, mask, timesteps, positions, generator), None
         return start, timesteps, Replacement(scheduler, z0, noise, mask, timesteps), None
 
-    def prepare_masks(self, mask_image, count: int, height: int, width: int) -> torch.Tensor:
+    def prepare_edit(self, image, mask_image, count: int, height: int | None, width: int | None, *, mask_blur=0,
+                     mask_invert=False, masked_content="original", inpaint_area="whole",
+                     masked_padding=DEFAULT_MASKED_PADDING, outpaint=None) -> Edit:
+        """The picture(s) to edit as an `ldm.editing.Edit` of `count` rows (one per prompt).
+
+        Outpainting grows the canvas by `outpaint` (left, top, right, bottom) pixels, the right and
+        bottom rounded up to the latent factor, and masks the new border. `mask_invert` swaps what is
+        kept and repainted; `mask_blur` softens the edge the result is composited through;
+        `masked_content` "fill" paints the masked part from its surroundings before encoding; with
+        `inpaint_area` "masked" the box around each mask (grown by `masked_padding`) is drawn at
+        height × width (default: the model's size) and pasted back (AUTOMATIC1111's "only masked")."""
+        crops = inpaint_area == "masked"
+        canvas = self.prepare_images(image, count, None if crops or outpaint else height,
+                                     None if crops or outpaint else width)  # (count, 3, H, W)
+        masks = None
+        if outpaint is not None:
+            if height is not None or width is not None:
+                raise ValueError("outpaint sets the size (the picture plus its new border); leave height/width unset")
+            f, (left, top, right, bottom) = self.latent_factor, check_outpaint(outpaint)
+            H, W = canvas.shape[-2:]
+            right, bottom = right + -(W + left + right) % f, bottom + -(H + top + bottom) % f
+            canvas, masks = outpaint_canvas(canvas, (left, top, right, bottom))
+        elif mask_image is not None:
+            masks = self.prepare_masks(mask_image, count, *canvas.shape[-2:], invert=mask_invert)  # (count, 1, H, W)
+        if masks is None:
+            return Edit(canvas, canvas)
+        source = fill_masked(canvas, masks) if masked_content == "fill" else canvas
+        overlay = gaussian_blur(masks, mask_blur)
+        if not crops:
+            return Edit(canvas, source, masks, overlay)
+        size = (height or self.default_size, width or self.default_size)
+        regions = [crop_region(m[0], masked_padding, size[1], size[0]) for m in masks]
+        resize = lambda x, box: torch.nn.functional.interpolate(  # noqa: E731
+            x[None, :, box[1]:box[3], box[0]:box[2]], size=size, mode="bicubic", antialias=True)[0]
+        crops_source = torch.stack([resize(x, box) for x, box in zip(source, regions)])
+        crops_masks = torch.stack([(resize(m, box) >= 0.5).to(m.dtype) for m, box in zip(masks, regions)])
+        return Edit(canvas, crops_source, crops_masks, overlay, regions)
+
+    def prepare_masks(self, mask_image, count: int, height: int, width: int, invert: bool = False) -> torch.Tensor:
         """`mask_image` (white = repaint, black = keep; one, or one per prompt) as (count, 1, H, W)
         in {0, 1}, resized to the image's size (diffusers' mask processor: grayscale, binarized)."""
         for mask in mask_image if isinstance(mask_image, list) else [mask_image]:
@@ -591,7 +630,12 @@ class LatentPipeline:
                               "resizing the mask", LdmWarning, stacklevel=4)
         masks = self._preprocess("mask_image", "mask", mask_image, count, height, width, do_normalize=False,
                                  do_binarize=True, do_convert_grayscale=True)  # (count, 1, H, W)
+        if invert:
+            masks = 1 - masks
         if not masks.any():
+            if invert:
+                raise ValueError("mask_image selects nothing to repaint: with mask_invert, black (or 0) marks what to "
+                                 "repaint, white what to keep")
             raise ValueError("mask_image selects nothing: white (or 1) marks what to repaint, black what to keep")
         return masks
 
@@ -731,6 +775,12 @@ class LatentPipeline:
         inpaint_method: str | None = None,
         jump_length: int | None = None,
         jump_samples: int | None = None,
+        mask_blur: float = 0,
+        mask_invert: bool = False,
+        masked_content: str = "original",
+        inpaint_area: str = "whole",
+        masked_padding: int = DEFAULT_MASKED_PADDING,
+        outpaint: tuple[int, int, int, int] | None = None,
         composite: bool = True,
     ) -> LatentPipelineOutput:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline.
@@ -749,28 +799,35 @@ class LatentPipeline:
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
         sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
-        images = masks = None
         inpainting_unet = unet_takes_mask(self.unet.config.in_channels, self.vae.config.latent_channels)
-        if mask_image is None and inpaint_method is not None:
+        inpainting = mask_image is not None or outpaint is not None
+        if not inpainting and inpaint_method is not None:
             raise ValueError("inpaint_method applies to inpainting: pass mask_image (white = repaint)")
-        if mask_image is not None and image is None:
-            raise ValueError("mask_image needs image: the picture whose masked part is repainted")
-        if mask_image is None and (jump_length is not None or jump_samples is not None):
+        if not inpainting and (jump_length is not None or jump_samples is not None):
             raise ValueError("jump_length and jump_samples apply to inpainting (mask_image with inpaint_method='repaint')")
-        if strength is not None and image is None:
+        check_mask_options(inpainting, mask_blur=mask_blur, mask_invert=mask_invert, masked_content=masked_content,
+                           inpaint_area=inpaint_area, masked_padding=masked_padding, outpaint=outpaint)
+        if image is None and inpainting:
+            what = "mask_image" if mask_image is not None else "outpaint"
+            raise ValueError(f"{what} needs image: the picture whose {'masked part' if mask_image is not None else 'border'}"
+                             " is painted")
+        if image is None and strength is not None:
             raise ValueError("strength applies to img2img and inpainting: pass image (strength would change nothing)")
-        if image is not None:  # img2img (SDEdit) or inpainting: check the strength, then read and size the images
+        if outpaint is not None and mask_image is not None:
+            raise ValueError("outpaint makes its own mask (the new border); pass mask_image or outpaint, not both")
+        edit = None
+        if image is not None:  # img2img (SDEdit) or inpainting: check the settings, then read and size the pictures
             if strength is None:  # diffusers' defaults
-                strength = 1.0 if mask_image is not None else DEFAULT_STRENGTH
+                strength = 1.0 if inpainting else DEFAULT_STRENGTH
             steps = num_inference_steps if isinstance(num_inference_steps, int) else 1  # checked below
             check_strength(strength, steps)
-            if mask_image is not None:
+            if inpainting:
                 inpaint_method = check_inpainting(inpaint_method, inpainting_unet, sampler, jump_length, jump_samples,
                                                   int(steps * strength))
-            images = self.prepare_images(image, len(prompts), height, width)  # (P, 3, H, W), one per prompt
-            height, width = images.shape[-2:]
-            if mask_image is not None:
-                masks = self.prepare_masks(mask_image, len(prompts), height, width)  # (P, 1, H, W)
+            edit = self.prepare_edit(image, mask_image, len(prompts), height, width, mask_blur=mask_blur,
+                                     mask_invert=mask_invert, masked_content=masked_content, inpaint_area=inpaint_area,
+                                     masked_padding=masked_padding, outpaint=outpaint)
+            height, width = edit.source.shape[-2:]  # the size drawn at
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         if guidance_rescale is None:
@@ -784,10 +841,8 @@ class LatentPipeline:
         tiled = self.uses_vae_tiling(height, width, vae_tiling)  # checks the value before any work
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if images is not None:
-            images = images.repeat_interleave(num_images_per_prompt, dim=0)
-        if masks is not None:
-            masks = masks.repeat_interleave(num_images_per_prompt, dim=0)
+        if edit is not None:
+            edit = edit.repeat(num_images_per_prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # image order: prompt by prompt
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         n = len(prompts)
@@ -831,8 +886,8 @@ class LatentPipeline:
             scheduler = make_scheduler(sampler, self.scheduler.config)
             latents, timesteps, constraint, unet_extra = self.initial_latents(
                 scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps,
-                images[chunk] if images is not None else None, strength, masks[chunk] if masks is not None else None,
-                inpaint_method, jump_length or DEFAULT_JUMP_LENGTH, jump_samples or DEFAULT_JUMP_SAMPLES,
+                *((edit.source[chunk], strength, edit.masks[chunk] if edit.masks is not None else None)
+                  if edit is not None else (None, strength, None)), inpaint_method, jump_length or DEFAULT_JUMP_LENGTH, jump_samples or DEFAULT_JUMP_SAMPLES,
             )
             denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod,
                                       unet_extra)
@@ -840,20 +895,30 @@ class LatentPipeline:
             latents = denoise(denoiser, scheduler, latents, timesteps, chunk_generator, step_eta, progress, constraint)
             outputs.append(latents if output_type == "latent" else self.decode_latents(latents, vae_tiling))
         result = torch.cat(outputs)
-        if masks is not None and composite and output_type != "latent":
-            # outside the mask, the input's own pixels: bit-identical after the 8-bit round trip
-            m = masks.to(result.device, result.dtype)
-            result = m * result + (1 - m) * images.to(result.device, result.dtype)
+        if edit is not None and output_type != "latent":
+            # crops pasted back; outside the mask, the input's own pixels: bit-identical after the 8-bit round trip
+            result = edit.finish(result, composite)
+            height, width = result.shape[-2:]
         images = result if output_type == "latent" else self.to_images(result, output_type)
 
         settings = {"Steps": num_inference_steps, "Sampler": sampler, "CFG scale": guidance_scale}
         if strength is not None:
             settings["Denoising strength"] = strength  # A1111's name
-        if masks is not None:
+        if inpainting:  # A1111's names where it has the setting
             settings["Inpaint method"] = inpaint_method
             if inpaint_method == "repaint":
                 settings["Jump length"] = jump_length or DEFAULT_JUMP_LENGTH
                 settings["Jump samples"] = jump_samples or DEFAULT_JUMP_SAMPLES
+            settings["Mask blur"] = mask_blur
+            if mask_invert:
+                settings["Mask mode"] = "Inpaint not masked"
+            if masked_content != "original":
+                settings["Masked content"] = masked_content
+            if inpaint_area == "masked":
+                settings["Inpaint area"] = "Only masked"
+                settings["Masked area padding"] = masked_padding
+            if outpaint is not None:
+                settings["Outpaint"] = ",".join(map(str, outpaint))
         if guidance_rescale:
             settings["Guidance rescale"] = guidance_rescale
         if eta:
