@@ -6,7 +6,9 @@
 Reads the sweep.json that `ldm-shapes eval --task img2img` writes (one row per strength: the
 overall pass, caption-accept and placement rates) and draws them against the strength. Low
 strength keeps the blobs where they were but leaves them blobs (the caption's shapes are not
-drawn); high strength draws the shapes but may move them: the pass needs both. Needs matplotlib
+drawn); high strength draws the shapes but may move them: the pass needs both. Thin lines: the
+pass rate split by the painting's background (a model trained with gray unnamed backgrounds cannot
+keep a white or black one its caption does not name). Needs matplotlib
 (`python -m pip install matplotlib`), which ldm itself does not depend on.
 """
 
@@ -37,15 +39,19 @@ def main() -> None:
     rows = sorted(sweep["sweep"], key=lambda row: row["strength"])
     settings = sweep["settings"]
     strengths = [row["strength"] for row in rows]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
     for key, label, style in LINES:
         ax.plot(strengths, [100 * row[key] for row in rows], style, label=label)
+    for name, color in (("gray", "0.45"), ("white", "0.75"), ("black", "0.1")):  # the input's background
+        if all(name in row.get("background_pass_rates", {}) for row in rows):
+            ax.plot(strengths, [100 * row["background_pass_rates"][name] for row in rows], "-", color=color,
+                    linewidth=0.8, label=f"pass, paintings on {name}")
     ax.set_xlabel("SDEdit strength (fraction of the noise schedule re-run)")
     ax.set_ylabel("% of held-out stroke paintings")
     ax.set_ylim(0, 100)
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     ax.set_title(f"img2img on {rows[0]['n']} stroke paintings: {settings['sampler']}, {settings['steps']} steps, "
                  f"CFG {settings['cfg']:g}", fontsize=9)
     fig.tight_layout()

@@ -500,11 +500,13 @@ def evaluate_img2img(model: str, outdir: str, *, strengths: typing.Sequence[floa
 
 
 def sweep_row(strength: float, report: dict) -> dict:
-    """One line of the strength sweep: overall rates, per-kind pass rates, and seconds per image."""
-    overall = report["kinds"]["overall"]
+    """One line of the strength sweep: overall rates, pass rates per kind and per input background,
+    and seconds per image."""
+    overall, backgrounds = report["kinds"]["overall"], report["input_backgrounds"]
     return {"strength": strength, "n": overall["n"], "pass_rate": overall["passed_rate"],
             "accept_rate": overall["accepted_rate"], "placement_rate": overall["placed_rate"],
             "kind_pass_rates": {k: v["passed_rate"] for k, v in report["kinds"].items() if v["n"] and k != "overall"},
+            "background_pass_rates": {k: v["passed_rate"] for k, v in backgrounds.items() if v["n"]},
             "seconds_per_image": report["settings"]["seconds_per_image"]}
 
 
