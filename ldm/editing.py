@@ -62,6 +62,7 @@ INPAINT_METHODS = ("replace", "repaint")
 # Samplers whose step is a function of (t, t_prev) alone (no step counter, no history), so that
 # RePaint can send the sample back in time and step again. "ddpm" is the paper's ancestral step.
 REPAINT_SAMPLERS = ("ddpm", "ddim")
+REPAINT_DEFAULT_SAMPLER = "ddim"  # on the default model's held-out edits it beat ddpm at the same jumps
 DEFAULT_JUMP_LENGTH = 5
 DEFAULT_JUMP_SAMPLES = 3
 

@@ -32,7 +32,8 @@ import torch
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
 from ldm.editing import (
-    DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES, DEFAULT_MASKED_PADDING, DEFAULT_STRENGTH, Edit, Replacement, Resampling, check_inpainting,
+    DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES, DEFAULT_MASKED_PADDING, DEFAULT_STRENGTH, REPAINT_DEFAULT_SAMPLER, Edit,
+    Replacement, Resampling, check_inpainting,
     check_mask_options, check_outpaint, check_strength, crop_region, encode_images, fill_masked, gaussian_blur,
     outpaint_canvas, jump_schedule, latent_mask, masked_image_latents, noised_latents, sdedit_timesteps,
     unet_takes_mask,
@@ -41,8 +42,8 @@ from ldm.guidance import default_guidance_rescale
 from ldm.quiet import library_quiet
 from ldm.models import HUB_ID, WEIGHTED, check_variant, inspect_pipeline, load_component, resolve_model, stored_dtype
 from ldm.sampling import (
-    DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler,
-    resolve_sampler, weak_sampler_warning,
+    DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler, resolve_sampler,
+    sampler_of, weak_sampler_warning,
 )
 from ldm.text import LdmWarning, PromptEncoder
 
@@ -103,7 +104,7 @@ def check_generation_args(
     width: int,
     num_inference_steps: int,
     guidance_scale: float,
-    sampler: str,
+    sampler: str | None,
     guidance_rescale: float = 0.0,
     eta: float = 0.0,
     num_images_per_prompt: int = 1,
@@ -129,10 +130,11 @@ def check_generation_args(
         raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} training timesteps")
     if not _finite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance scale (cfg) must be a number ≥ 0, got {guidance_scale!r}")
-    sampler = resolve_sampler(sampler)
-    check_sampler(sampler, scheduler_config)
-    if scheduler_config is not None:
-        check_schedule(sampler, scheduler_config, num_inference_steps)
+    if sampler is not None:  # None: the folder's own scheduler, a class we have no name for
+        sampler = resolve_sampler(sampler)
+        check_sampler(sampler, scheduler_config)
+        if scheduler_config is not None:
+            check_schedule(sampler, scheduler_config, num_inference_steps)
     if not _finite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
     if not _finite(eta) or eta < 0:
@@ -529,6 +531,13 @@ class LatentPipeline:
 
     # ---- the phases of a call ----------------------------------------------------------------
 
+    def make_scheduler(self, sampler: str | None):
+        """A fresh scheduler for `sampler` on the model's noise schedule; None: a copy of the
+        pipeline's own scheduler (a class we have no name for, run as its folder configures it)."""
+        if sampler is None:
+            return type(self.scheduler).from_config(self.scheduler.config)
+        return make_scheduler(sampler, self.scheduler.config)
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text embeddings (B, L, D), each distinct prompt encoded once."""
         unique = list(dict.fromkeys(prompts))
@@ -760,7 +769,7 @@ class LatentPipeline:
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | list[int] | None = None,
-        sampler: str = DEFAULT_SAMPLER,
+        sampler: str | None = None,
         guidance_rescale: float | None = None,
         eta: float = 0.0,
         dynamic_threshold: float | None = None,
@@ -798,7 +807,10 @@ class LatentPipeline:
         size decodes in a fixed memory budget; tiles are blended as in diffusers' VAE tiling.
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
-        sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
+        if sampler is None:  # the scheduler the folder names (or pipe.scheduler), as diffusers; RePaint's own
+            sampler = REPAINT_DEFAULT_SAMPLER if inpaint_method == "repaint" else sampler_of(self.scheduler)
+        else:
+            sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
         inpainting_unet = unet_takes_mask(self.unet.config.in_channels, self.vae.config.latent_channels)
         inpainting = mask_image is not None or outpaint is not None
         if not inpainting and inpaint_method is not None:
@@ -883,7 +895,7 @@ class LatentPipeline:
             chunk_generator = generators[chunk] if generators is not None else generator
             cond = self.encode_prompts(prompts[chunk]) if guidance.needs_cond else None
             uncond = self.encode_prompts(negatives[chunk]) if guidance.needs_uncond else None
-            scheduler = make_scheduler(sampler, self.scheduler.config)
+            scheduler = self.make_scheduler(sampler)
             latents, timesteps, constraint, unet_extra = self.initial_latents(
                 scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps,
                 *((edit.source[chunk], strength, edit.masks[chunk] if edit.masks is not None else None)
@@ -901,7 +913,8 @@ class LatentPipeline:
             height, width = result.shape[-2:]
         images = result if output_type == "latent" else self.to_images(result, output_type)
 
-        settings = {"Steps": num_inference_steps, "Sampler": sampler, "CFG scale": guidance_scale}
+        settings = {"Steps": num_inference_steps, "Sampler": sampler or type(self.scheduler).__name__,
+                    "CFG scale": guidance_scale}
         if strength is not None:
             settings["Denoising strength"] = strength  # A1111's name
         if inpainting:  # A1111's names where it has the setting

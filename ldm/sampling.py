@@ -46,6 +46,8 @@ WEAK_ON_ZERO_SNR = {"plms": 11.7, "dpm++2m_sde": 48.8, "unipc": 58.3}
 def weak_sampler_warning(name: str, training_config: dict, guidance_scale: float) -> str | None:
     """A warning's text when sampler `name` is known to fail on this kind of model (zero terminal
     SNR, CFG above 3), else None."""
+    if name is None:  # the folder's own scheduler, under a name we do not know
+        return None
     name = resolve_sampler(name)
     score = WEAK_ON_ZERO_SNR.get(name)
     if score is None or not training_config.get("rescale_betas_zero_snr") or guidance_scale <= 3:
@@ -143,6 +145,22 @@ def resolve_sampler(name: str) -> str:
 # changes nothing; ending at σ_min instead of 0 is worse (71.2%).
 DEFAULT_SAMPLER = "euler"
 DEFAULT_STEPS = 25
+
+
+def sampler_of(scheduler) -> str | None:
+    """Our name for a diffusers scheduler (the one a pipeline folder names, or `pipe.scheduler = ...`):
+    the first sampler of SAMPLERS with its class and settings, or None when we have no name for it."""
+    config = scheduler.config
+    for name, spec in SAMPLERS.items():
+        if type(scheduler).__name__ == spec.scheduler and all(config.get(k) == v for k, v in spec.overrides.items()):
+            return name
+    return None
+
+
+def sampling_scheduler(training_scheduler):
+    """The scheduler a trained pipeline's folder names: DEFAULT_SAMPLER's, on the training noise
+    schedule, so that diffusers (and `ldm` with no sampler named) sample it as `ldm-txt2img` does."""
+    return make_scheduler(DEFAULT_SAMPLER, training_scheduler.config)
 
 
 def check_sampler(name: str, training_config: dict | None = None) -> SamplerSpec:

@@ -121,4 +121,4 @@ def test_the_cli_inpaints_with_mask_and_keeps_the_rest(tiny_pipeline_dir, tmp_pa
     assert "Denoising strength: 1, Inpaint method: replace" in written.info["parameters"]
     with pytest.raises(SystemExit) as e:
         main([*base, "--no-composite", "--outdir", str(tmp_path / "out2")])
-    assert e.value.code == 2 and "apply only with --mask" in capsys.readouterr().err
+    assert e.value.code == 2 and "--no-composite applies only with --mask or --outpaint" in capsys.readouterr().err

@@ -49,7 +49,7 @@ def test_the_png_names_the_model_and_its_hash_never_its_path(tiny_pipeline_dir, 
     assert fields["Model"] == "shapes, v2" and fields["Model hash"] == expected_hash
     assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Seed"], fields["Size"]) == (
         "2",
-        "euler",
+        "plms",  # the scheduler the folder names (PNDM), as diffusers would run
         "6",
         "5",
         "64x64",
@@ -67,7 +67,7 @@ def test_sd_parsers_reads_what_we_write(tiny_pipe, tmp_path):
     assert [p.value for p in sampler.prompts] == ["a red circle"] and [p.value for p in sampler.negative_prompts] == [
         "blue"
     ]
-    assert sampler.name == "euler" and (sampler.model.name, sampler.model.hash) == (
+    assert sampler.name == "plms" and (sampler.model.name, sampler.model.hash) == (
         tiny_pipe.model_name,
         tiny_pipe.model_hash,
     )

@@ -77,10 +77,7 @@ def test_save_load_round_trip_and_diffusers_loads_our_folder(tiny_pipe, tmp_path
     assert np.array_equal(again(PROMPTS[:2], **kw).images, before)
 
     ref = StableDiffusionPipeline.from_pretrained(saved)
-    ref.set_progress_bar_config(disable=True)
-    from diffusers import EulerDiscreteScheduler
-
-    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)  # ours samples with euler by default
+    ref.set_progress_bar_config(disable=True)  # both run the scheduler the folder names (PNDM here)
     theirs = ref(PROMPTS[:2], num_inference_steps=5, generator=[torch.Generator().manual_seed(s) for s in (11, 12)], output_type="np").images
     assert np.abs(theirs - before).max() <= 1e-3
 
@@ -107,7 +104,7 @@ def test_output_save_writes_parameters_and_never_overwrites(tiny_pipe, tmp_path)
     assert [p.name for p in first + second] == ["00000-4.png", "00001-4.png"]
     text = Image.open(first[0]).info["parameters"]
     assert text.splitlines()[0] == "a red circle" and text.splitlines()[1] == "Negative prompt: blue"
-    for part in ("Steps: 2", "Sampler: euler", "CFG scale: 3,", "Seed: 4", "Size: 64x64", "Model: "):
+    for part in ("Steps: 2", "Sampler: plms", "CFG scale: 3,", "Seed: 4", "Size: 64x64", "Model: "):
         assert part in text
 
 
@@ -324,3 +321,32 @@ def test_a_sampler_known_to_fail_on_zero_snr_models_warns(tiny_pipeline_dir, tmp
         warnings.simplefilter("error", LdmWarning)
         pipe("a red circle", sampler="unipc", guidance_scale=3, num_inference_steps=2, progress=False)  # CFG 3: fine
         pipe("a red circle", sampler="euler", guidance_scale=7.5, num_inference_steps=2, progress=False)
+
+
+def test_with_no_sampler_the_folders_scheduler_runs_as_in_diffusers(tiny_pipeline_dir):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    pipe = LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, output_type="np")
+    for scheduler, name in ((DDIMScheduler, "ddim"), (EulerDiscreteScheduler, "EulerDiscreteScheduler")):
+        # diffusers' habit: swap the scheduler in; one with Karras σ has no name here and runs as configured
+        extra = {"use_karras_sigmas": True} if name != "ddim" else {}
+        pipe.scheduler = ref.scheduler = scheduler.from_config(pipe.scheduler.config, **extra)
+        ours = pipe(PROMPTS[:2], seed=[3, 4], progress=False, **kw)
+        theirs = ref(PROMPTS[:2], generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **kw).images
+        assert np.abs(ours.images - theirs).max() <= 1e-3
+        assert f"Sampler: {name}," in ours.parameters[0]
+
+
+def test_models_trained_here_name_euler_in_their_folder():
+    from ldm.sampling import DEFAULT_SAMPLER, sampler_of, sampling_scheduler
+    from ldm.train.unet import ObjectiveConfig, make_training_scheduler
+
+    training = make_training_scheduler(ObjectiveConfig(zero_terminal_snr=True, prediction_type="v_prediction"))
+    folder = sampling_scheduler(training)
+    assert sampler_of(folder) == DEFAULT_SAMPLER == "euler"
+    assert torch.equal(folder.alphas_cumprod[:-1], training.alphas_cumprod[:-1])  # Euler floors ᾱ_T = 0 at 2^-24
+    assert folder.config.rescale_betas_zero_snr
+    assert folder.config.timestep_spacing == "trailing" and folder.config.prediction_type == "v_prediction"

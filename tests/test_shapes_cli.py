@@ -125,7 +125,7 @@ def test_eval_guidance_rescale_reaches_the_pipeline_and_the_report(tmp_path, tin
     assert [r["guidance_rescale"] for r in rows] == [0.7] * 3
     assert json.loads((out / "report.json").read_text())["settings"]["guidance_rescale"] == 0.7
     written = np.stack([np.asarray(Image.open(out / r["file_name"]), np.float32) / 255 for r in rows])
-    kw = dict(seed=4, num_inference_steps=3, output_type="np", progress=False)
+    kw = dict(seed=4, num_inference_steps=3, output_type="np", progress=False, sampler="euler")  # eval's default
     texts = [r["text"] for r in rows]
     rescaled = tiny_pipe(texts, guidance_rescale=0.7, **kw).images
     plain = tiny_pipe(texts, guidance_rescale=0.0, **kw).images

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
-from ldm.editing import DEFAULT_STRENGTH
 from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, resolve_sampler
 
 MAX_PROMPTS_BYTES = 16 * 2**20  # ~200,000 prompts; a file that never ends is refused at this size
@@ -26,18 +25,9 @@ def build_parser(editing: bool = False) -> ArgumentParser:
                         "latents to a level set by --strength, then denoises them guided by the prompts.",
             epilog='Example: ldm-img2img sketch.png "a red circle to the left of a blue square" --strength 0.6',
         )
-        p.add_argument("image", type=Path, help="the picture to start from (any format PIL reads)")
-        p.add_argument("--strength", type=float,
-                       help="how far to depart from the image: the share of the steps run from its noised latents, "
-                            f"in (0, 1]; small keeps it, 1 draws anew (default: {DEFAULT_STRENGTH}; 1 with --mask, "
-                            "as diffusers)")
-        p.add_argument("--mask", type=Path, help="inpaint: a mask image, white where to repaint, black where to keep")
-        p.add_argument("--inpaint-method", default="replace", choices=["replace"],
-                       help="replace: after each step the kept region is the image's latents noised to that level "
-                            "(one U-Net call per step, as txt2img)")
-        p.add_argument("--no-composite", action="store_true",
-                       help="with --mask: keep the raw decode instead of pasting the result into the image through "
-                            "the mask (which keeps every pixel outside it)")
+        from ldm.cli.img2img import add_arguments
+
+        add_arguments(p)
     else:
         p = ArgumentParser(
             prog="ldm-txt2img",
@@ -49,9 +39,10 @@ def build_parser(editing: bool = False) -> ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt: what the image should not show (the unconditional half of guidance)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale w; 0 = unconditional, 1 = no guidance")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="number of denoising steps")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME",
-                   help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too "
-                        "('Euler a', 'DPM++ 2M Karras', 'k_lms', ...), in any case")
+    p.add_argument("--sampler", metavar="NAME",
+                   help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too ('Euler a', 'DPM++ 2M "
+                        "Karras', 'k_lms', ...), in any case (default: the one the model's folder names, as in "
+                        f"diffusers; {DEFAULT_SAMPLER} for models trained here and the default model)")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random, printed in each PNG's metadata)")
     size = "the image's, rounded down to the latent factor" if editing else "the model's size"
     p.add_argument("--height", type=int,
@@ -142,7 +133,7 @@ def _main(argv=None, editing: bool = False) -> int:
 
     # 1. Everything that can be checked without weights.
     prompts = read_prompts(args)
-    args.sampler = resolve_sampler(args.sampler)
+    args.sampler = resolve_sampler(args.sampler) if args.sampler is not None else None
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)
     if args.model is None and not DEFAULT_MODEL.is_dir():
@@ -160,22 +151,13 @@ def _main(argv=None, editing: bool = False) -> int:
     if single_file and not Path(model).is_file():
         raise FileNotFoundError(f"checkpoint not found: {model}")
     info = inspect_pipeline(resolve_model(args.config if single_file else model), allow_pickle=args.allow_pickle and not single_file)
-    image, default_height, default_width = None, info.default_size, info.default_size
+    request, default_height, default_width = {}, info.default_size, info.default_size
     if editing:
-        from ldm.data.images import load_image
-        from ldm.editing import check_strength
+        from ldm.cli.img2img import editing_request
 
-        if args.mask is None and (args.no_composite or args.inpaint_method != "replace"):
-            raise ValueError("--inpaint-method and --no-composite apply only with --mask")
-        args.strength = args.strength if args.strength is not None else 1.0 if args.mask else DEFAULT_STRENGTH
-        check_strength(args.strength, args.steps if args.steps >= 1 else 1)
-        image = load_image(args.image, key=f"IMAGE {args.image}")  # RGB, fully decoded, bombs refused
-        mask = load_image(args.mask, key=f"--mask {args.mask}") if args.mask else None
-        f = info.latent_factor
-        default_width, default_height = image.width // f * f, image.height // f * f
-        if not (default_width and default_height):
-            raise ValueError(f"IMAGE {args.image} is {image.width}x{image.height}, smaller than the model's "
-                             f"latent factor {f}")
+        request, default_height, default_width = editing_request(args, info.latent_factor)
+        default_height = default_height or info.default_size
+        default_width = default_width or info.default_size
     height = args.height if args.height is not None else default_height
     width = args.width if args.width is not None else default_width
     rescale = default_guidance_rescale(info.scheduler_config) if args.guidance_rescale is None else args.guidance_rescale
@@ -206,12 +188,10 @@ def _main(argv=None, editing: bool = False) -> int:
         batch = jobs[start : start + args.batch_size]
         out = pipe(
             batch, negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,
-            height=height, width=width, seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
+            **({} if request.get("outpaint") else {"height": height, "width": width}), seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
             guidance_rescale=rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
             threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling,
-            **({"image": image, "strength": args.strength} if editing else {}),
-            **({"mask_image": mask, "inpaint_method": args.inpaint_method, "composite": not args.no_composite}
-               if editing and mask is not None else {}),
+            **request,
         )
         for path in out.save(args.outdir):
             print(path, flush=True)

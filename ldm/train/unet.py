@@ -504,6 +504,7 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
     run.output_dir) or a checkpoint folder; `out` must not exist yet (or be empty). Works for a
     checkpoint of any process count, on the CPU, without touching the run."""
     from ldm.pipeline import LatentPipeline
+    from ldm.sampling import sampling_scheduler
     from ldm.train.checkpoint import load_model_weights, load_state, resolve_resume
     from ldm.train.common import make_ema
 
@@ -524,7 +525,8 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
                 raise ValueError(f"checkpoint {folder} has no EMA of {name}; export the raw weights with ema.enabled=false")
             ema.load_state_dict(load_state(folder, f"ema-{name}"))
             ema.copy_to(model.parameters())
-    pipe = LatentPipeline(vae, text_encoder.eval(), tokenizer, unet.eval(), make_training_scheduler(config.objective))
+    scheduler = sampling_scheduler(make_training_scheduler(config.objective))  # the folder names its sampler
+    pipe = LatentPipeline(vae, text_encoder.eval(), tokenizer, unet.eval(), scheduler)
     pipe.save_pretrained(out)
     log.info("wrote %s from %s (%s weights)", out, folder, "EMA" if config.ema.enabled else "raw")
     return out
@@ -535,6 +537,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     """Train per `config`; returns OUTPUT/final (or, with `build_cache_only`, the cache file)."""
     from ldm.data import open_dataset
     from ldm.pipeline import LatentPipeline
+    from ldm.sampling import sampling_scheduler
     from ldm.train import cache as latent_cache
     from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
     from ldm.train.common import (DataPosition, MetricsLog, fit_attention_to_precision, make_accelerator, make_ema, make_loader,
@@ -643,7 +646,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
             ema.store(trained[name].parameters())
             ema.copy_to(trained[name].parameters())
         models = {name: accelerator.unwrap_model(m).eval() for name, m in trained.items()}
-        return LatentPipeline(vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"], noise_scheduler)
+        return LatentPipeline(vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"],
+                              sampling_scheduler(noise_scheduler))
 
     def restore_weights() -> None:
         for name, ema in emas.items():
