@@ -8,14 +8,16 @@ every setting is checked before any weights load.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from ldm.cli.common import run
 from ldm.editing import (
     DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES, DEFAULT_MASKED_PADDING, DEFAULT_STRENGTH, INPAINT_AREAS, INPAINT_METHODS,
-    MASKED_CONTENT, REPAINT_SAMPLERS,
+    MASKED_CONTENT, REPAINT_DEFAULT_SAMPLER, REPAINT_SAMPLERS, repaint_calls,
 )
+from ldm.sampling import DEFAULT_STEPS
 
 MASK_FLAGS = ("mask_blur", "mask_invert", "masked_content", "inpaint_area", "masked_padding")
 
@@ -36,9 +38,11 @@ def add_arguments(p) -> None:
                    help="replace: after each step the kept region is the image's latents noised to that level (one "
                         "U-Net call per step, as txt2img; the default with an ordinary U-Net). repaint: RePaint's "
                         "resampling (Lugmayr et al. 2022), which jumps back --jump-length steps and redoes them, "
-                        "--jump-samples times in all: about --jump-samples times the U-Net calls, on samplers "
-                        f"{' and '.join(REPAINT_SAMPLERS)} (default: ddim). An inpainting U-Net (9 input channels) "
-                        "inpaints by itself and takes neither")
+                        "until each stretch has run --jump-samples times; it costs steps + jumps x length x "
+                        f"(samples - 1) U-Net calls: {repaint_calls(DEFAULT_STEPS, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES)} "
+                        f"instead of {DEFAULT_STEPS} at the defaults. Runs on samplers "
+                        f"{' and '.join(REPAINT_SAMPLERS)} (default: {REPAINT_DEFAULT_SAMPLER}). An inpainting U-Net "
+                        "(9 input channels) inpaints by itself and takes neither")
     m.add_argument("--jump-length", type=int,
                    help=f"repaint: steps to jump back each time (default: {DEFAULT_JUMP_LENGTH})")
     m.add_argument("--jump-samples", type=int,
@@ -90,7 +94,8 @@ def editing_request(args, latent_factor: int) -> tuple[dict, int, int]:
     try:
         check_mask_options(inpainting, outpaint=outpaint, **options)
     except ValueError as e:  # the Python names, as flags
-        raise ValueError(str(e).replace("mask_image", "--mask").replace("_", "-")) from None
+        flags = lambda m: "--mask" if m[0] == "mask_image" else "--" + m[0].replace("_", "-")  # noqa: E731
+        raise ValueError(re.sub(rf"\b({'|'.join(('mask_image', 'outpaint') + MASK_FLAGS)})\b", flags, str(e))) from None
     strength = args.strength if args.strength is not None else 1.0 if inpainting else DEFAULT_STRENGTH
     check_strength(strength, args.steps if args.steps >= 1 else 1)
     if inpainting and args.inpaint_method == "repaint":  # the U-Net's kind is only known once it loads
