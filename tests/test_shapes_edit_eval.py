@@ -116,7 +116,7 @@ def test_img2img_eval_end_to_end(tmp_path, tiny_pipeline_dir, capsys):
         assert [r["text"] for r in rows] == [make_scene(3, i, domain=EVAL_DOMAIN).caption for i in (0, 1)]
         assert [r["seed"] for r in rows] == [3, 4]
         for i, row in enumerate(rows):
-            scene, rng = eval_scene(3, i)
+            scene, rng = eval_scene(3, i, unnamed_background="gray")  # the default: what the model reads
             painting, _ = stroke_painting(scene, rng)
             assert np.array_equal(np.asarray(Image.open(out / f"strength-{strength}" / row["input"])), painting)
             assert Image.open(out / f"strength-{strength}" / row["file_name"]).size == (64, 64)
@@ -133,7 +133,7 @@ def test_inpaint_eval_end_to_end(tmp_path, tiny_pipeline_dir, capsys):
     assert "outside kept" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     for i, row in enumerate(rows):
-        case = inpaint_case(0, i)
+        case = inpaint_case(0, i, "gray")
         assert (row["text"], row["original_text"]) == (case.caption, case.scene.caption)
         assert np.array_equal(np.asarray(Image.open(out / row["mask"])) > 127, case.mask)
         given, output = (np.asarray(Image.open(out / row[k])) for k in ("input", "file_name"))

@@ -55,6 +55,10 @@ def build_parser() -> ArgumentParser:
                    help="inpaint with repaint: RePaint's jump length j (default: the pipeline's)")
     e.add_argument("--jump-samples", type=int, default=None,
                    help="inpaint with repaint: RePaint's resamplings r (default: the pipeline's)")
+    e.add_argument("--unnamed-background", choices=("gray", "white", "black", "random"), default=None,
+                   help="img2img and inpaint: the background of input scenes whose caption names none (default: "
+                        "gray, which is what such a caption means to the default model, trained on gray-unnamed "
+                        "data; random: any of the three, which that model cannot keep)")
     e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world "
                                    "(default: the embedded default model)")
     e.add_argument("--num-prompts", type=int, default=600,
@@ -125,9 +129,11 @@ def _main(argv=None) -> int:
                   batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                   guidance_rescale=args.guidance_rescale)
     model = args.model or str(DEFAULT_MODEL)
+    unnamed = args.unnamed_background or "gray"
+    backgrounds = {"unnamed_background": None if unnamed == "random" else unnamed}
     if args.task == "img2img":
         strengths = parse_strengths(args.strength or ["0.75"])
-        report = shapes_eval.evaluate_img2img(model, args.outdir, strengths=strengths, **common)
+        report = shapes_eval.evaluate_img2img(model, args.outdir, strengths=strengths, **common, **backgrounds)
         for strength, run in report["strengths"].items():
             print(f"strength {strength}:\n{shapes_eval.format_checks(run, shapes_eval.CHECKS['img2img'])}\n")
         print(shapes_eval.format_sweep(report["sweep"]))
@@ -135,7 +141,8 @@ def _main(argv=None) -> int:
               f"{args.outdir}")
     elif args.task == "inpaint":
         report = shapes_eval.evaluate_inpaint(model, args.outdir, inpaint_method=args.inpaint_method,
-                                              jump_length=args.jump_length, jump_samples=args.jump_samples, **common)
+                                              jump_length=args.jump_length, jump_samples=args.jump_samples, **common,
+                                              **backgrounds)
         print(shapes_eval.format_checks(report, shapes_eval.CHECKS["inpaint"]))
         seconds = report["settings"]["seconds"]
         print(f"{report['settings']['seconds_per_image']:.3f} s per image ({seconds:.1f} s in the pipeline); "
@@ -150,7 +157,7 @@ def _main(argv=None) -> int:
 def check_task_options(args) -> None:
     """A ValueError for an option that does not apply to --task (it would be silently ignored)."""
     only = {"strength": ("img2img",), "inpaint_method": ("inpaint",), "jump_length": ("inpaint",),
-            "jump_samples": ("inpaint",), "size": ("txt2img",)}
+            "jump_samples": ("inpaint",), "size": ("txt2img",), "unnamed_background": ("img2img", "inpaint")}
     for name, tasks in only.items():
         if getattr(args, name) is not None and args.task not in tasks:
             raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)}, not {args.task}")

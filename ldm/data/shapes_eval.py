@@ -143,11 +143,13 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
 # The editing tasks' inputs
 
 
-def eval_scene(seed: int, index: int, kinds: typing.Sequence[str] = KINDS) -> tuple[Scene, np.random.Generator]:
+def eval_scene(seed: int, index: int, kinds: typing.Sequence[str] = KINDS,
+               unnamed_background: str | None = None) -> tuple[Scene, np.random.Generator]:
     """Held-out scene `index` at EDIT_SIZE (`make_scene(seed, index, domain=EVAL_DOMAIN, kinds=kinds)`)
-    and its random stream, left where the scene's draws end, for the case's further draws."""
+    and its random stream, left where the scene's draws end, for the case's further draws. A caption
+    that names no background gets `unnamed_background` (None: a random one), as `ldm-shapes make`."""
     rng = scene_rng(seed, index, EVAL_DOMAIN)
-    return sample_scene(rng, EDIT_SIZE, kinds[index % len(kinds)]), rng
+    return sample_scene(rng, EDIT_SIZE, kinds[index % len(kinds)], unnamed_background), rng
 
 
 @dataclass(frozen=True)
@@ -211,11 +213,11 @@ class InpaintCase:
         return inpaint_mask(self.scene, self.changed)
 
 
-def inpaint_case(seed: int, index: int) -> InpaintCase:
+def inpaint_case(seed: int, index: int, unnamed_background: str | None = None) -> InpaintCase:
     """Case `index`: held-out scene `index` of kinds INPAINT_KINDS. The attribute changed alternates
     (colour, shape) every len(INPAINT_KINDS) cases and the object every twice that, so both balance
     within each kind; the new value is one neither object has, so the caption's objects stay distinct."""
-    scene, rng = eval_scene(seed, index, INPAINT_KINDS)
+    scene, rng = eval_scene(seed, index, INPAINT_KINDS, unnamed_background)
     attribute = ("color", "shape")[index // len(INPAINT_KINDS) % 2]
     changed = index // (2 * len(INPAINT_KINDS)) % 2
     taken = {getattr(o, attribute) for o in scene.objects}
@@ -302,24 +304,24 @@ class EditCase:
     record: dict
 
 
-def sdedit_cases(num: int, seed: int) -> list[EditCase]:
+def sdedit_cases(num: int, seed: int, unnamed_background: str | None = None) -> list[EditCase]:
     """The img2img requests: held-out scene i's caption and its stroke painting."""
     cases = []
     for i in range(num):
-        scene, rng = eval_scene(seed, i)
+        scene, rng = eval_scene(seed, i, unnamed_background=unnamed_background)
         painting, blobs = stroke_painting(scene, rng)
         record = {"background": scene.background, "blobs": [dataclasses.asdict(b) for b in blobs]}
         cases.append(EditCase(scene.caption, scene.kind, Image.fromarray(painting), None, record))
     return cases
 
 
-def inpaint_cases(num: int, seed: int) -> list[EditCase]:
+def inpaint_cases(num: int, seed: int, unnamed_background: str | None = None) -> list[EditCase]:
     """The inpainting requests: the changed caption, the rendered scene and the mask."""
     from .shapes import render
 
     cases = []
     for i in range(num):
-        case = inpaint_case(seed, i)
+        case = inpaint_case(seed, i, unnamed_background)
         o = case.scene.objects[case.changed]
         record = {"background": case.scene.background, "original_text": case.scene.caption, "changed": case.changed,
                   "attribute": case.attribute, "old_value": getattr(o, case.attribute), "new_value": case.new_value}
@@ -460,7 +462,7 @@ def strength_folder(outdir: str, strength: float) -> str:
 def evaluate_img2img(model: str, outdir: str, *, strengths: typing.Sequence[float], num_prompts: int, seed: int = 0,
                      sampler: str | None = None, steps: int | None = None, cfg: float = 7.5, batch_size: int = 16,
                      device: str | None = None, overwrite: bool = False, progress: bool = False,
-                     guidance_rescale: float | None = None) -> dict:
+                     guidance_rescale: float | None = None, unnamed_background: str | None = "gray") -> dict:
     """SDEdit of held-out stroke paintings toward their captions, once per strength, each into
     `outdir/strength-S` (outputs beside their paintings, metadata.jsonl, report.json). A pass: the
     scorer accepts the caption and every object stays where its blob was (`sdedit_checks`). Writes
@@ -482,14 +484,14 @@ def evaluate_img2img(model: str, outdir: str, *, strengths: typing.Sequence[floa
                                           overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale,
                                           check=check)
     start = time.time()
-    cases = sdedit_cases(num_prompts, seed)
+    cases = sdedit_cases(num_prompts, seed, unnamed_background)
     runs = {}
     for strength in strengths:
         folder = strength_folder(outdir, strength)
         seconds, ran = generate_edit_folder(pipe, folder, cases, seed=seed, batch_size=batch_size, strength=strength,
                                             **call)
         run_settings = {**settings, "sampler": ran["Sampler"], "strength": strength,
-                        "placement_tolerance": PLACEMENT_TOLERANCE}
+                        "placement_tolerance": PLACEMENT_TOLERANCE, "unnamed_background": unnamed_background}
         runs[f"{strength:g}"] = _edit_report(folder, "img2img", run_settings, seconds)
     report = {"task": "img2img", "settings": {**runs[f"{strengths[0]:g}"]["settings"], "strength": strengths,
                                               "seconds": round(time.time() - start, 1)},
@@ -522,7 +524,8 @@ def format_sweep(sweep: list[dict]) -> str:
 def evaluate_inpaint(model: str, outdir: str, *, num_prompts: int, seed: int = 0, inpaint_method: str | None = None,
                      jump_length: int | None = None, jump_samples: int | None = None, sampler: str | None = None,
                      steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, device: str | None = None,
-                     overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None) -> dict:
+                     overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None,
+                     unnamed_background: str | None = "gray") -> dict:
     """Inpainting of held-out two-object scenes (`inpaint_case`): one object's box masked, the caption
     changed in that object's colour or shape. A pass: the scorer accepts the new caption and every
     pixel outside the mask is the input's (`inpaint_checks`). `inpaint_method`, `jump_length` and
@@ -535,10 +538,11 @@ def evaluate_inpaint(model: str, outdir: str, *, num_prompts: int, seed: int = 0
     pipe, call, settings = _prepare_edits(model, [outdir], num_prompts=num_prompts, seed=seed, sampler=sampler,
                                           steps=steps, cfg=cfg, batch_size=batch_size, device=device,
                                           overwrite=overwrite, progress=progress, guidance_rescale=guidance_rescale)
-    cases = inpaint_cases(num_prompts, seed)
+    cases = inpaint_cases(num_prompts, seed, unnamed_background)
     seconds, ran = generate_edit_folder(pipe, outdir, cases, seed=seed, batch_size=batch_size,
                                         **{k: v for k, v in given.items() if v is not None}, **call)
-    settings |= {"sampler": ran["Sampler"], "inpaint_method": ran.get("Inpaint method"), "mask_dilation": MASK_DILATION}
+    settings |= {"sampler": ran["Sampler"], "inpaint_method": ran.get("Inpaint method"), "mask_dilation": MASK_DILATION,
+                 "unnamed_background": unnamed_background}
     settings |= {key: int(ran[name]) for key, name in (("jump_length", "Jump length"), ("jump_samples", "Jump samples"))
                  if name in ran}
     return _edit_report(outdir, "inpaint", settings, seconds)
