@@ -42,8 +42,8 @@ from ldm.guidance import default_guidance_rescale
 from ldm.quiet import library_quiet
 from ldm.models import HUB_ID, WEIGHTED, check_variant, inspect_pipeline, load_component, resolve_model, stored_dtype
 from ldm.sampling import (
-    DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, make_scheduler, resolve_sampler,
-    sampler_of, weak_sampler_warning,
+    DEFAULT_STEPS, Guidance, GuidedDenoiser, check_sampler, check_schedule, denoise, legacy_fixups, make_scheduler,
+    resolve_sampler, sampler_of, set_timesteps, weak_sampler_warning,
 )
 from ldm.text import LdmWarning, PromptEncoder
 
@@ -315,6 +315,7 @@ class LatentPipeline:
         parts = {c: load_component(info.path / c, c, info.classes[c], dtype if c in WEIGHTED else None,
                                    allow_pickle=allow_pickle, checked=info.components[c], variant=variant)
                  for c in info.classes}
+        parts["scheduler"] = legacy_fixups(parts["scheduler"])  # older SD folders, as diffusers loads them
         pipe = cls(name_or_path=str(pretrained_model_name_or_path), **parts)
         pipe.weights_files = sorted({file for file, _ in (info.components["unet"].weights or {}).values()})
         pipe.stored_dtypes = {c: stored_dtype(info.components[c]) for c in WEIGHTED}
@@ -531,6 +532,53 @@ class LatentPipeline:
 
     # ---- the phases of a call ----------------------------------------------------------------
 
+    def check_embeddings(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """(prompt_embeds, negative_prompt_embeds or None) as the U-Net's dtype and device, or None when
+        prompts are given as text; a ValueError for both or neither, or embeddings of the wrong shape."""
+        if prompt_embeds is None:
+            if negative_prompt_embeds is not None:
+                raise ValueError("negative_prompt_embeds needs prompt_embeds (or pass negative_prompt as text)")
+            return None
+        if prompt is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both")
+        width = self.unet.config.cross_attention_dim
+        for name, e in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if e is None:
+                continue
+            if not isinstance(e, torch.Tensor) or e.dim() != 3 or e.shape[-1] != width or not len(e):
+                shape = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+                raise ValueError(f"{name} must be a tensor (batch, tokens, {width}) for this U-Net, got {shape}")
+        if negative_prompt_embeds is not None:
+            if negative_prompt is not None:
+                raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
+                                 f"prompt_embeds {tuple(prompt_embeds.shape)}")
+        to = dict(device=self.device, dtype=self.dtype)
+        return prompt_embeds.to(**to), None if negative_prompt_embeds is None else negative_prompt_embeds.to(**to)
+
+    def check_callback(self, callback, tensor_inputs):
+        """diffusers' `callback_on_step_end(pipe, i, t, {name: tensor})` as (i, t, latents, cond, uncond)
+        → latents; None without one; a ValueError for a callback or a tensor name it cannot have."""
+        if callback is None:
+            return None
+        if not callable(callback):
+            raise ValueError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        allowed = ("latents", "prompt_embeds", "negative_prompt_embeds")
+        unknown = [name for name in tensor_inputs if name not in allowed]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {', '.join(map(repr, unknown))} not available; "
+                             f"choose from {', '.join(allowed)}")
+
+        def step(i, t, latents, cond, uncond):
+            tensors = {"latents": latents, "prompt_embeds": cond, "negative_prompt_embeds": uncond}
+            returned = callback(self, i, t, {name: tensors[name] for name in tensor_inputs})
+            if returned is not None and not isinstance(returned, dict):
+                raise ValueError(f"callback_on_step_end must return a dict (or None), got {type(returned).__name__}")
+            return (returned or {}).get("latents", latents)
+
+        return step
+
     def make_scheduler(self, sampler: str | None):
         """A fresh scheduler for `sampler` on the model's noise schedule; None: a copy of the
         pipeline's own scheduler (a class we have no name for, run as its folder configures it)."""
@@ -538,10 +586,10 @@ class LatentPipeline:
             return type(self.scheduler).from_config(self.scheduler.config)
         return make_scheduler(sampler, self.scheduler.config)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: Sequence[str], clip_skip: int | None = None) -> torch.Tensor:
         """Text embeddings (B, L, D), each distinct prompt encoded once."""
         unique = list(dict.fromkeys(prompts))
-        embeds = self.prompt_encoder.encode(unique)  # (U, L, D)
+        embeds = self.prompt_encoder.encode(unique, clip_skip)  # (U, L, D)
         return embeds[[unique.index(p) for p in prompts]]
 
     def initial_noise(self, generator, batch: int, height: int, width: int) -> torch.Tensor:
@@ -555,7 +603,7 @@ class LatentPipeline:
     def initial_latents(self, scheduler, generator, batch: int, height: int, width: int, num_inference_steps: int,
                         images: torch.Tensor | None = None, strength: float = 1.0, masks: torch.Tensor | None = None,
                         inpaint_method: str = "replace", jump_length: int = DEFAULT_JUMP_LENGTH,
-                        jump_samples: int = DEFAULT_JUMP_SAMPLES):
+                        jump_samples: int = DEFAULT_JUMP_SAMPLES, custom_steps: tuple = (None, None)):
         """(latents, timesteps, constraint, unet_extra): where the reverse process starts, the steps it
         runs, what holds after each step, and what an inpainting U-Net reads beside the latents.
 
@@ -566,7 +614,7 @@ class LatentPipeline:
         resampling, whose timesteps go back and forth (`ldm.editing`); an inpainting U-Net instead
         reads the mask and the masked image's latents at every step, as diffusers runs it (with no
         mask it gets an all-repaint one: txt2img and SDEdit work with it too, as in AUTOMATIC1111)."""
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        set_timesteps(scheduler, num_inference_steps, self.device, *custom_steps)  # custom: (timesteps, sigmas)
         inpainting_unet = self.unet.config.in_channels != self.vae.config.latent_channels
         timesteps = scheduler.timesteps if images is None else sdedit_timesteps(scheduler, num_inference_steps, strength)
         z0 = None
@@ -759,7 +807,7 @@ class LatentPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         *,
         negative_prompt: str | list[str] | None = None,
         guidance_scale: float = 7.5,
@@ -791,6 +839,14 @@ class LatentPipeline:
         masked_padding: int = DEFAULT_MASKED_PADDING,
         outpaint: tuple[int, int, int, int] | None = None,
         composite: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        timesteps: Sequence[int] | None = None,
+        sigmas: Sequence[float] | None = None,
+        cross_attention_kwargs: dict | None = None,
     ) -> LatentPipelineOutput:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline.
 
@@ -806,7 +862,19 @@ class LatentPipeline:
         vae_tiling: decode in overlapping tiles ("auto": above VAE_TILING_PIXELS pixels), so any
         size decodes in a fixed memory budget; tiles are blended as in diffusers' VAE tiling.
         """
-        prompts, negatives = check_prompts(prompt, negative_prompt)
+        embeds = self.check_embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        prompts, negatives = check_prompts(prompt if embeds is None else [EMBEDDED] * len(embeds[0]), negative_prompt)
+        self.prompt_encoder.check_clip_skip(clip_skip)
+        if clip_skip is not None and embeds is not None and negative_prompt_embeds is not None:
+            raise ValueError("clip_skip changes how prompts are encoded; with prompt_embeds and "
+                             "negative_prompt_embeds given, nothing is encoded")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass timesteps or sigmas, not both")
+        if timesteps is not None or sigmas is not None:
+            num_inference_steps = len(timesteps if timesteps is not None else sigmas)  # diffusers' rule
+        step_callback = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise ValueError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
         if sampler is None:  # the scheduler the folder names (or pipe.scheduler), as diffusers; RePaint's own
             sampler = REPAINT_DEFAULT_SAMPLER if inpaint_method == "repaint" else sampler_of(self.scheduler)
         else:
@@ -855,6 +923,8 @@ class LatentPipeline:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if edit is not None:
             edit = edit.repeat(num_images_per_prompt)
+        if embeds is not None:
+            embeds = tuple(e.repeat_interleave(num_images_per_prompt, dim=0) if e is not None else None for e in embeds)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # image order: prompt by prompt
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         n = len(prompts)
@@ -878,8 +948,9 @@ class LatentPipeline:
         hint += "" if tiled else ", or vae_tiling=True"
         check_fits(need, self.device, what, hint, include_weights=False)
 
-        self.prompt_encoder.warn_if_truncated(prompts)
-        self.warn_unseen_words(prompts + negatives)
+        if embeds is None:
+            self.prompt_encoder.warn_if_truncated(prompts)
+            self.warn_unseen_words(prompts + negatives)
         self.warn_once(("size", height, width), (height, width) != (self.default_size, self.default_size),
                        f"the model was trained at {self.default_size}x{self.default_size} pixels; at {width}x{height} "
                        "it may repeat, stretch or break objects (the default model at 128x128 draws three circles for "
@@ -893,18 +964,25 @@ class LatentPipeline:
         for start in range(0, n, batch_size):
             chunk = slice(start, start + batch_size)
             chunk_generator = generators[chunk] if generators is not None else generator
-            cond = self.encode_prompts(prompts[chunk]) if guidance.needs_cond else None
-            uncond = self.encode_prompts(negatives[chunk]) if guidance.needs_uncond else None
+            cond = uncond = None
+            if guidance.needs_cond:
+                cond = self.encode_prompts(prompts[chunk], clip_skip) if embeds is None else embeds[0][chunk]
+            if guidance.needs_uncond:
+                given = embeds is not None and embeds[1] is not None
+                uncond = embeds[1][chunk] if given else self.encode_prompts(negatives[chunk], clip_skip)
             scheduler = self.make_scheduler(sampler)
-            latents, timesteps, constraint, unet_extra = self.initial_latents(
-                scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps,
-                *((edit.source[chunk], strength, edit.masks[chunk] if edit.masks is not None else None)
-                  if edit is not None else (None, strength, None)), inpaint_method, jump_length or DEFAULT_JUMP_LENGTH, jump_samples or DEFAULT_JUMP_SAMPLES,
+            pictures = (None, None) if edit is None else (edit.source[chunk], None if edit.masks is None else edit.masks[chunk])
+            latents, steps_run, constraint, unet_extra = self.initial_latents(
+                scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps, pictures[0],
+                strength, pictures[1], inpaint_method, jump_length or DEFAULT_JUMP_LENGTH,
+                jump_samples or DEFAULT_JUMP_SAMPLES, custom_steps=(timesteps, sigmas),
             )
             denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod,
-                                      unet_extra)
+                                      unet_extra, cross_attention_kwargs)
             step_eta = eta if sampler == "ddim" else None
-            latents = denoise(denoiser, scheduler, latents, timesteps, chunk_generator, step_eta, progress, constraint)
+            callback = step_callback and (lambda i, t, z, c=cond, u=uncond: step_callback(i, t, z, c, u))
+            latents = denoise(denoiser, scheduler, latents, steps_run, chunk_generator, step_eta, progress, constraint,
+                              callback)
             outputs.append(latents if output_type == "latent" else self.decode_latents(latents, vae_tiling))
         result = torch.cat(outputs)
         if edit is not None and output_type != "latent":
@@ -932,6 +1010,8 @@ class LatentPipeline:
                 settings["Masked area padding"] = masked_padding
             if outpaint is not None:
                 settings["Outpaint"] = ",".join(map(str, outpaint))
+        if clip_skip:
+            settings["Clip skip"] = clip_skip + 1  # A1111's count: 1 is the last layer
         if guidance_rescale:
             settings["Guidance rescale"] = guidance_rescale
         if eta:
@@ -947,6 +1027,7 @@ class LatentPipeline:
 
 
 _WORD = re.compile(r"[^\W_]+")
+EMBEDDED = "(prompt_embeds)"  # the prompt's text in the PNG parameters when only its embeddings were given
 
 
 def read_training_words(folder: str | os.PathLike) -> frozenset[str] | None:

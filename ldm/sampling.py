@@ -157,6 +157,45 @@ def sampler_of(scheduler) -> str | None:
     return None
 
 
+def set_timesteps(scheduler, num_inference_steps: int, device, timesteps=None, sigmas=None) -> None:
+    """The scheduler's steps: N evenly laid out, or the `timesteps` / `sigmas` given, where its
+    `set_timesteps` takes them (diffusers' `retrieve_timesteps`); a ValueError naming them otherwise."""
+    if timesteps is None and sigmas is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return
+    name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    if name not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"{name}: the sampler's scheduler ({type(scheduler).__name__}) does not take custom {name}")
+    try:
+        scheduler.set_timesteps(**{name: list(values)}, device=device)
+    except (ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"{name}: {type(scheduler).__name__} cannot use {list(values)!r} ({' '.join(str(e).split())})") from None
+
+
+LEGACY_FIXUPS = {"steps_offset": 1, "clip_sample": False}  # what diffusers' StableDiffusionPipeline sets on load
+
+
+def legacy_fixups(scheduler):
+    """The scheduler with the config fix-ups diffusers' StableDiffusionPipeline applies when it loads
+    an older SD folder (steps_offset 1, clip_sample off), and a one-line warning where one changes
+    the images (an offset under "leading" spacing, or clipping); where none applies, the scheduler."""
+    config = scheduler.config
+    changes = {k: v for k, v in LEGACY_FIXUPS.items() if k in config and config[k] != v}
+    if not changes:
+        return scheduler
+    matters = [k for k in changes if k == "clip_sample" or config.get("timestep_spacing", "leading") == "leading"]
+    if matters:
+        import warnings
+
+        from ldm.text import LdmWarning
+
+        was = ", ".join(f"{k} {config[k]}" for k in matters)
+        now = ", ".join(f"{k} {changes[k]}" for k in matters)
+        warnings.warn(f"this folder's scheduler config is outdated ({was}); using {now}, as diffusers does when it "
+                      "loads it (save the pipeline again to update the file)", LdmWarning, stacklevel=3)
+    return type(scheduler).from_config({**config, **changes})
+
+
 def sampling_scheduler(training_scheduler):
     """The scheduler a trained pipeline's folder names: DEFAULT_SAMPLER's, on the training noise
     schedule, so that diffusers (and `ldm` with no sampler named) sample it as `ldm-txt2img` does."""
@@ -265,9 +304,11 @@ class GuidedDenoiser:
     """
 
     def __init__(self, unet, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Guidance, prediction_type: str,
-                 alphas_cumprod: torch.Tensor, extra: torch.Tensor | None = None):
+                 alphas_cumprod: torch.Tensor, extra: torch.Tensor | None = None,
+                 cross_attention_kwargs: dict | None = None):
         self.unet = unet
         self.extra = extra  # (B, E, h, w) stacked after the latents on the channels (an inpainting U-Net's input)
+        self.cross_attention_kwargs = cross_attention_kwargs  # for the attention processors (a LoRA's scale, ...)
         self.cond = cond  # (B, L, D)
         self.uncond = uncond  # (B, L, D) or None when not needed
         self.guidance = guidance
@@ -279,7 +320,8 @@ class GuidedDenoiser:
     def _unet(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         if self.extra is not None:
             z = torch.cat([z, self.extra.repeat(len(z) // len(self.extra), 1, 1, 1)], dim=1)
-        return self.unet(z, t, encoder_hidden_states=context, return_dict=False)[0]
+        return self.unet(z, t, encoder_hidden_states=context, cross_attention_kwargs=self.cross_attention_kwargs,
+                         return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(self, z_t: torch.Tensor, t) -> torch.Tensor:
@@ -312,6 +354,7 @@ def denoise(
     eta: float | None = None,
     progress: bool = True,
     constraint: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run `scheduler` over `timesteps` (laid out by its `set_timesteps`) from `latents` to ẑ_0: the
     reverse process, one model output per step. From pure noise that is txt2img; from an image's
@@ -320,7 +363,8 @@ def denoise(
     Stochastic samplers draw their per-step noise from `generator` (a list gives each image its own
     stream, so image i of a batch equals a run of image i alone). `constraint(i, latents)`, applied
     after step i, is how editing holds a known region (`ldm.editing.Replacement`); the sampler and
-    the guided denoiser never know about it.
+    the guided denoiser never know about it. `callback(i, t, latents)`, last after step i, may
+    return latents to go on from (diffusers' `callback_on_step_end`).
     """
     accepted = inspect.signature(scheduler.step).parameters
     step_kwargs = {}
@@ -334,4 +378,6 @@ def denoise(
         latents = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
         if constraint is not None:
             latents = constraint(i, latents)
+        if callback is not None:
+            latents = callback(i, t, latents)
     return latents

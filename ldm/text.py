@@ -64,9 +64,27 @@ class PromptEncoder:
         return self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """The last hidden state for each prompt, padded to the full context: (B, L, D)."""
-        return self.embed(*self.tokenize(prompts))
+    def encode(self, prompts: list[str], clip_skip: int | None = None) -> torch.Tensor:
+        """The last hidden state for each prompt, padded to the full context: (B, L, D). With
+        `clip_skip` k (CLIP encoders only), the hidden state k layers before the last, through the
+        final layer norm, as diffusers' `encode_prompt` (and AUTOMATIC1111's "Clip skip" k + 1)."""
+        if not clip_skip:
+            return self.embed(*self.tokenize(prompts))
+        ids, _ = self.tokenize(prompts)
+        states = self.text_encoder(ids.to(self.text_encoder.device), output_hidden_states=True).hidden_states
+        encoder = self.text_encoder  # transformers 5 has the norm on the model, earlier versions on .text_model
+        norm = encoder.final_layer_norm if hasattr(encoder, "final_layer_norm") else encoder.text_model.final_layer_norm
+        return norm(states[-(clip_skip + 1)])
+
+    def check_clip_skip(self, clip_skip) -> None:
+        """A ValueError unless `clip_skip` is None or a layer count this encoder has (CLIP only)."""
+        if clip_skip is None:
+            return
+        layers = getattr(self.text_encoder.config, "num_hidden_layers", 0)
+        if self.text_encoder.config.model_type != "clip_text_model":
+            raise ValueError(f"clip_skip applies to CLIP text encoders; this one is {self.text_encoder.config.model_type}")
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip < layers:
+            raise ValueError(f"clip_skip must be a whole number of layers in [0, {layers - 1}], got {clip_skip!r}")
 
 
 def bytes_to_unicode() -> dict[int, str]:
