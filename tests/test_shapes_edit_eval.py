@@ -70,7 +70,11 @@ def test_inpaint_cases_mask_the_changed_object_and_change_one_attribute():
         assert scene.kind == INPAINT_KINDS[i % 2] and len(scene.objects) == 2
         changed, other = scene.objects[case.changed], scene.objects[1 - case.changed]
         assert mask[object_pixels(scene, changed)].all() and not mask[object_pixels(scene, other)].any()
-        assert mask.sum() <= (changed.extent + 2 * 3 + 2) ** 2  # the box, grown by 3 px
+        # the box, grown to hold the largest object (0.38 S, +8% jitter) and then by 3 px, and no more
+        largest = 0.38 * 1.08 * scene.size
+        assert mask.sum() <= (max(changed.extent, largest) + 2 * 3 + 4) ** 2  # (+ pixel rounding)
+        for along in np.nonzero(mask):  # each axis spans the largest object, unless the canvas clips it
+            assert along.max() + 1 - along.min() >= largest or along.min() == 0 or along.max() == scene.size - 1
         old, new = scene.prompt, parse_caption(case.caption)
         assert (new.form, new.relation, new.background) == (old.form, old.relation, old.background)
         assert new.objects[1 - case.changed] == old.objects[1 - case.changed]

@@ -13,7 +13,8 @@ is given, on the same held-out stream, at EDIT_SIZE = 64 px:
   scene's background (`stroke_painting`), is edited toward its caption at strength s. A pass: the scorer
   accepts the caption *and* an assignment of objects it accepts keeps every object's centroid within
   PLACEMENT_TOLERANCE * S of its blob's (`sdedit_checks`).
-- inpaint: a held-out two-object scene, rendered; one object's box grown by MASK_DILATION px is masked
+- inpaint: a held-out two-object scene, rendered; one object's box, grown to hold a large object and by
+  MASK_DILATION px more, is masked
   and that object's colour or shape changed in the caption (`inpaint_case`). A pass: the scorer accepts
   the new caption *and* every pixel outside the mask equals the input's, compared exactly (`inpaint_checks`).
 """
@@ -32,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from .shapes import (
-    BACKGROUNDS, COLORS, EVAL_DOMAIN, KIND_TITLES, KINDS, SHAPES, Scene, SceneObject, eval_prompts, format_prompt,
-    object_box, sample_scene, scene_rng,
+    BACKGROUNDS, COLORS, EVAL_DOMAIN, KIND_TITLES, KINDS, SHAPES, SIZE_FRACTIONS, SIZE_JITTER, Scene, SceneObject,
+    eval_prompts, format_prompt, object_box, sample_scene, scene_rng,
 )
 from .shapes_score import analyze, assignments, centroid, match, parse_caption, score_folder, score_image, write_report
 
@@ -230,10 +231,13 @@ def inpaint_case(seed: int, index: int, unnamed_background: str | None = None) -
 
 
 def inpaint_mask(scene: Scene, changed: int, dilation: int = MASK_DILATION) -> np.ndarray:
-    """(S, S) bool, True = repaint: object `changed`'s pixel box grown by `dilation` px, less every
-    other object's box (the dilation may reach across the 2 px gap; those objects are kept whole)."""
+    """(S, S) bool, True = repaint: object `changed`'s pixel box grown by `dilation` px, and further
+    to hold the largest object the world draws (the new caption names no size, so a small object may
+    rightly be redrawn large), less every other object's box (kept whole)."""
     mask = np.zeros((scene.size, scene.size), bool)
-    x0, y0, x1, y1 = object_box(scene.objects[changed], scene.size, dilation)
+    o = scene.objects[changed]
+    largest = SIZE_FRACTIONS["large"] * (1 + SIZE_JITTER) * scene.size
+    x0, y0, x1, y1 = object_box(o, scene.size, dilation + max(0, math.ceil((largest - o.extent) / 2)))
     mask[y0:y1, x0:x1] = True
     for j, o in enumerate(scene.objects):
         if j != changed:
