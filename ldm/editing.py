@@ -206,7 +206,8 @@ class Resampling:
 
     def __init__(self, scheduler, z0: torch.Tensor, mask: torch.Tensor, levels: torch.Tensor, positions: list[int],
                  generator):
-        self.scheduler, self.z0, self.levels, self.positions, self.generator = scheduler, z0, levels, positions, generator
+        self.scheduler, self.z0, self.levels, self.positions = scheduler, z0, levels, positions
+        self.generator = generator
         self.mask = mask.to(z0.dtype)  # (B, 1, h, w): 1 = repaint, 0 = keep
 
     def alpha_bar(self, position: int) -> torch.Tensor:
@@ -334,7 +335,8 @@ def check_mask_options(has_mask: bool, *, mask_blur=0, mask_invert=False, masked
                        inpaint_area="whole", masked_padding=DEFAULT_MASKED_PADDING, outpaint=None) -> None:
     """A ValueError for a mask option with no mask to apply it to, or a value out of its range."""
     given = [name for name, value, default in (
-        ("mask_blur", mask_blur, 0), ("mask_invert", mask_invert, False), ("masked_content", masked_content, "original"),
+        ("mask_blur", mask_blur, 0), ("mask_invert", mask_invert, False),
+        ("masked_content", masked_content, "original"),
         ("inpaint_area", inpaint_area, "whole"), ("masked_padding", masked_padding, DEFAULT_MASKED_PADDING),
     ) if value != default]
     if given and not has_mask:

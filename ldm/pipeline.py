@@ -616,7 +616,9 @@ class LatentPipeline:
         mask it gets an all-repaint one: txt2img and SDEdit work with it too, as in AUTOMATIC1111)."""
         set_timesteps(scheduler, num_inference_steps, self.device, *custom_steps)  # custom: (timesteps, sigmas)
         inpainting_unet = self.unet.config.in_channels != self.vae.config.latent_channels
-        timesteps = scheduler.timesteps if images is None else sdedit_timesteps(scheduler, num_inference_steps, strength)
+        timesteps = scheduler.timesteps
+        if images is not None:
+            timesteps = sdedit_timesteps(scheduler, num_inference_steps, strength)
         z0 = None
         if images is not None and not (inpainting_unet and masks is not None and strength == 1):  # diffusers' draws
             z0 = encode_images(self.vae, images.to(self.device, self.vae.dtype), generator).to(self.dtype)
@@ -884,13 +886,13 @@ class LatentPipeline:
         if not inpainting and inpaint_method is not None:
             raise ValueError("inpaint_method applies to inpainting: pass mask_image (white = repaint)")
         if not inpainting and (jump_length is not None or jump_samples is not None):
-            raise ValueError("jump_length and jump_samples apply to inpainting (mask_image with inpaint_method='repaint')")
+            raise ValueError("jump_length and jump_samples apply to inpainting (mask_image with "
+                             "inpaint_method='repaint')")
         check_mask_options(inpainting, mask_blur=mask_blur, mask_invert=mask_invert, masked_content=masked_content,
                            inpaint_area=inpaint_area, masked_padding=masked_padding, outpaint=outpaint)
         if image is None and inpainting:
-            what = "mask_image" if mask_image is not None else "outpaint"
-            raise ValueError(f"{what} needs image: the picture whose {'masked part' if mask_image is not None else 'border'}"
-                             " is painted")
+            what, part = ("mask_image", "masked part") if mask_image is not None else ("outpaint", "border")
+            raise ValueError(f"{what} needs image: the picture whose {part} is painted")
         if image is None and strength is not None:
             raise ValueError("strength applies to img2img and inpainting: pass image (strength would change nothing)")
         if outpaint is not None and mask_image is not None:
@@ -971,7 +973,9 @@ class LatentPipeline:
                 given = embeds is not None and embeds[1] is not None
                 uncond = embeds[1][chunk] if given else self.encode_prompts(negatives[chunk], clip_skip)
             scheduler = self.make_scheduler(sampler)
-            pictures = (None, None) if edit is None else (edit.source[chunk], None if edit.masks is None else edit.masks[chunk])
+            pictures = (None, None)
+            if edit is not None:
+                pictures = (edit.source[chunk], None if edit.masks is None else edit.masks[chunk])
             latents, steps_run, constraint, unet_extra = self.initial_latents(
                 scheduler, chunk_generator, len(prompts[chunk]), height, width, num_inference_steps, pictures[0],
                 strength, pictures[1], inpaint_method, jump_length or DEFAULT_JUMP_LENGTH,

@@ -169,7 +169,8 @@ def set_timesteps(scheduler, num_inference_steps: int, device, timesteps=None, s
     try:
         scheduler.set_timesteps(**{name: list(values)}, device=device)
     except (ValueError, TypeError, IndexError) as e:
-        raise ValueError(f"{name}: {type(scheduler).__name__} cannot use {list(values)!r} ({' '.join(str(e).split())})") from None
+        reason = " ".join(str(e).split())
+        raise ValueError(f"{name}: {type(scheduler).__name__} cannot use {list(values)!r} ({reason})") from None
 
 
 LEGACY_FIXUPS = {"steps_offset": 1, "clip_sample": False}  # what diffusers' StableDiffusionPipeline sets on load

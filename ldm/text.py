@@ -82,7 +82,8 @@ class PromptEncoder:
             return
         layers = getattr(self.text_encoder.config, "num_hidden_layers", 0)
         if self.text_encoder.config.model_type != "clip_text_model":
-            raise ValueError(f"clip_skip applies to CLIP text encoders; this one is {self.text_encoder.config.model_type}")
+            kind = self.text_encoder.config.model_type
+            raise ValueError(f"clip_skip applies to CLIP text encoders; this one is {kind}")
         if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip < layers:
             raise ValueError(f"clip_skip must be a whole number of layers in [0, {layers - 1}], got {clip_skip!r}")
 

@@ -41,8 +41,8 @@ def tiny_clip_tokenizer(workdir: Path, model_max_length: int = 16):
     return CLIPTokenizer(vocab=str(workdir / "vocab.json"), merges=str(workdir / "merges.txt"), model_max_length=model_max_length)
 
 
-def tiny_components(seed: int = 0, prediction_type: str = "epsilon", workdir: Path | None = None, model_max_length: int = 16,
-                    unet_in_channels: int = 4):
+def tiny_components(seed: int = 0, prediction_type: str = "epsilon", workdir: Path | None = None,
+                    model_max_length: int = 16, unet_in_channels: int = 4):
     """(unet, vae, text_encoder, tokenizer, scheduler) with random weights drawn from `seed`;
     `unet_in_channels` 9 makes the U-Net an inpainting one, as SD's inpainting checkpoints."""
     import tempfile

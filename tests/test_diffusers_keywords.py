@@ -43,7 +43,8 @@ def test_prompt_embeds_are_the_prompts_own(pipes):
     by_text = ours(PROMPTS, seed=SEEDS, progress=False, **KW)
     by_embeds = ours(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=SEEDS, progress=False, **KW)
     assert np.array_equal(by_text.images, by_embeds.images)
-    same(by_embeds.images, ref(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators(), **KW).images)
+    theirs = ref(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=generators(), **KW).images
+    same(by_embeds.images, theirs)
     assert by_embeds.parameters[0].startswith("(prompt_embeds)\n")
 
 
@@ -136,7 +137,8 @@ def test_an_outdated_scheduler_config_is_fixed_as_diffusers_fixes_it(tiny_pipeli
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt=None, prompt_embeds=torch.zeros(1, 16, 31)), r"prompt_embeds must be a tensor \(batch, tokens, 32\)"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(1, 16, 31)),
+         r"prompt_embeds must be a tensor \(batch, tokens, 32\)"),
         (dict(prompt=None, prompt_embeds=torch.zeros(1, 16, 32), negative_prompt_embeds=torch.zeros(2, 16, 32)),
          "must have the shape of prompt_embeds"),
         (dict(prompt_embeds=torch.zeros(1, 16, 32)), "pass prompt or prompt_embeds, not both"),

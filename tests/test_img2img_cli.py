@@ -24,7 +24,8 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + data
 
 
 @pytest.fixture
@@ -96,6 +97,6 @@ def test_help_states_repaints_cost_and_the_a1111_options(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for part in ("(samples - 1) U-Net calls: 65 instead of 25 at the defaults", "--mask-blur", "--inpaint-area", "--outpaint L,T,R,B",
-                 "--mask-invert", "--masked-content"):
+    for part in ("(samples - 1) U-Net calls: 65 instead of 25 at the defaults", "--mask-blur", "--inpaint-area",
+                 "--outpaint L,T,R,B", "--mask-invert", "--masked-content"):
         assert part in text

@@ -77,7 +77,8 @@ def test_a_unet_of_another_width_is_refused(pipe):
     config = dict(pipe.unet.config)
     pipe.unet.register_to_config(in_channels=5)
     try:
-        with pytest.raises(ValueError, match=r"takes 5 input channels; ldm runs ordinary U-Nets \(4.*inpainting U-Nets \(9\)"):
+        message = r"takes 5 input channels; ldm runs ordinary U-Nets \(4.*inpainting U-Nets \(9\)"
+        with pytest.raises(ValueError, match=message):
             pipe("a red circle", num_inference_steps=2, progress=False)
     finally:
         pipe.unet.register_to_config(in_channels=config["in_channels"])

@@ -19,6 +19,7 @@ from ldm.editing import (
 )
 from ldm.sampling import DEFAULT_STEPS
 
+REPAINT_CALLS = repaint_calls(DEFAULT_STEPS, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES)
 MASK_FLAGS = ("mask_blur", "mask_invert", "masked_content", "inpaint_area", "masked_padding")
 
 
@@ -39,8 +40,8 @@ def add_arguments(p) -> None:
                         "U-Net call per step, as txt2img; the default with an ordinary U-Net). repaint: RePaint's "
                         "resampling (Lugmayr et al. 2022), which jumps back --jump-length steps and redoes them, "
                         "until each stretch has run --jump-samples times; it costs steps + jumps x length x "
-                        f"(samples - 1) U-Net calls: {repaint_calls(DEFAULT_STEPS, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_SAMPLES)} "
-                        f"instead of {DEFAULT_STEPS} at the defaults. Runs on samplers "
+                        f"(samples - 1) U-Net calls: {REPAINT_CALLS} instead of {DEFAULT_STEPS} at the defaults. "
+                        "Runs on samplers "
                         f"{' and '.join(REPAINT_SAMPLERS)} (default: {REPAINT_DEFAULT_SAMPLER}). An inpainting U-Net "
                         "(9 input channels) inpaints by itself and takes neither")
     m.add_argument("--jump-length", type=int,
@@ -111,7 +112,8 @@ def editing_request(args, latent_factor: int) -> tuple[dict, int, int]:
     f = latent_factor
     width, height = image.width // f * f, image.height // f * f
     if not (width and height):
-        raise ValueError(f"IMAGE {args.image} is {image.width}x{image.height}, smaller than the model's latent factor {f}")
+        raise ValueError(f"IMAGE {args.image} is {image.width}x{image.height}, smaller than the model's latent "
+                         f"factor {f}")
     if outpaint is not None:
         left, top, right, bottom = outpaint
         width, height = -(-(width + left + right) // f) * f, -(-(height + top + bottom) // f) * f

@@ -188,7 +188,8 @@ def _main(argv=None, editing: bool = False) -> int:
         batch = jobs[start : start + args.batch_size]
         out = pipe(
             batch, negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,
-            **({} if request.get("outpaint") else {"height": height, "width": width}), seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
+            **({} if request.get("outpaint") else {"height": height, "width": width}),
+            seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
             guidance_rescale=rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
             threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling,
             **request,
