@@ -23,8 +23,8 @@ and each step's drawn part never gets to adapt to what the next replacement puts
 RePaint (Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic
 Models", Alg. 1 and §4.2) resamples: after a step to t − 1, with fresh noise in the known region
 (eq. 8a), it sometimes jumps back j steps by the forward process, z_{t−1+j} ~ q(z_{t−1+j} | z_{t−1})
-= N(√(ᾱ_{t−1+j}/ᾱ_{t−1}) z_{t−1}, (1 − ᾱ_{t−1+j}/ᾱ_{t−1}) I) (eq. 1 composed j times), and re-runs those
-j steps, r − 1 extra times per jump point (`jump_schedule`). The reverse steps are the sampler's
+= N(√(ᾱ_{t−1+j}/ᾱ_{t−1}) z_{t−1}, (1 − ᾱ_{t−1+j}/ᾱ_{t−1}) I) (eq. 1 composed j times), and re-runs
+those j steps, r − 1 extra times per jump point (`jump_schedule`). The reverse steps are the sampler's
 own (DDPM's ancestral step as in the paper, or DDIM's); only samplers whose step depends on
 nothing but (t, t_prev) can be sent back in time, so RePaint drives `REPAINT_SAMPLERS`.
 """

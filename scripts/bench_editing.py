@@ -33,7 +33,8 @@ def main() -> None:
     scenes = inpaint_cases(args.num, 0, "gray")
     modes = {
         "txt2img": lambda c, s: dict(prompt=[x.text for x in c]),
-        "img2img, strength 0.3": lambda c, s: dict(prompt=[x.text for x in c], image=[x.image for x in c], strength=0.3),
+        "img2img, strength 0.3": lambda c, s: dict(prompt=[x.text for x in c], image=[x.image for x in c],
+                                                   strength=0.3),
         "img2img, strength 0.75": lambda c, s: dict(prompt=[x.text for x in c], image=[x.image for x in c]),
         "inpaint, replace": lambda c, s: dict(prompt=[x.text for x in s], image=[x.image for x in s],
                                               mask_image=[x.mask for x in s]),

@@ -270,3 +270,13 @@ def stroke_picture(size: int = 64):
     a[8:30, 6:28] = (220, 30, 30)
     a[34:58, 36:60] = (30, 60, 220)
     return Image.fromarray(a)
+
+
+def right_half(size: int = 64):
+    """An inpainting mask for the editing tests: white (repaint) on the right half, black on the left."""
+    import numpy as np
+    from PIL import Image
+
+    m = np.zeros((size, size), np.uint8)
+    m[:, size // 2 :] = 255
+    return Image.fromarray(m)

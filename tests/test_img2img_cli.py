@@ -6,16 +6,10 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import stroke_picture as picture
+from helpers import right_half, stroke_picture as picture
 from PIL import Image
 
 from ldm.cli.img2img import main
-
-
-def right_half(size=64) -> Image.Image:
-    m = np.zeros((size, size), np.uint8)
-    m[:, size // 2 :] = 255
-    return Image.fromarray(m)
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -69,7 +63,8 @@ def test_outpainting_and_only_masked_from_the_command_line(files, tiny_pipeline_
     [
         (["--mask-blur", "4"], "--mask-blur applies to inpainting: pass --mask (white = repaint) or --outpaint"),
         (["--jump-length", "2"], "--jump-length applies only with --mask or --outpaint"),
-        (["--outpaint", "8,8"], "--outpaint takes four whole numbers of pixels ≥ 0, left,top,right,bottom; got '8,8'"),
+        (["--outpaint", "8,8"],
+         "--outpaint takes four whole numbers of pixels ≥ 0, left,top,right,bottom; got '8,8'"),
         (["--outpaint", "0,0,0,0"], "outpaint must be four whole numbers"),
         (["--outpaint", "8,0,0,0", "--width", "64"], "--outpaint sets the size"),
         (["--outpaint", "8,0,0,0", "--mask", "MASK"], "pass --mask or --outpaint, not both"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionInpaintPipeline
-from helpers import stroke_picture as picture
+from helpers import right_half, stroke_picture as picture
 from PIL import Image
 
 from ldm.text import LdmWarning
@@ -16,12 +16,6 @@ SEEDS = [5, 6]
 REFERENCE = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}  # deterministic: see test_same_images_as_diffusers
 
 
-
-
-def right_half(size=64) -> Image.Image:
-    m = np.zeros((size, size), np.uint8)
-    m[:, size // 2 :] = 255
-    return Image.fromarray(m)
 
 
 @pytest.fixture(scope="module")

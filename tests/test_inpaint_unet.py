@@ -6,19 +6,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionInpaintPipeline
-from helpers import make_tiny_pipeline, stroke_picture as picture
+from helpers import make_tiny_pipeline, right_half, stroke_picture as picture
 from PIL import Image
 
 from ldm import LatentPipeline
 
 PROMPTS = ["a red circle", "a blue square"]
 SEEDS = [5, 6]
-
-
-def right_half(size=64) -> Image.Image:
-    m = np.zeros((size, size), np.uint8)
-    m[:, size // 2 :] = 255
-    return Image.fromarray(m)
 
 
 @pytest.fixture(scope="module")

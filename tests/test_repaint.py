@@ -6,16 +6,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, RePaintScheduler
-from helpers import stroke_picture as picture
-from PIL import Image
+from helpers import right_half, stroke_picture as picture
 
 from ldm.editing import Resampling, jump_schedule, repaint_calls
-
-
-def right_half(size=64) -> Image.Image:
-    m = np.zeros((size, size), np.uint8)
-    m[:, size // 2 :] = 255
-    return Image.fromarray(m)
 
 
 def test_the_jump_schedule_by_hand():
