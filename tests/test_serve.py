@@ -281,3 +281,76 @@ def test_models_resolve_only_inside_the_models_dir(tiny_pipeline_dir, tmp_path):
     assert names == ["default-model", "mine"]
     digest = __import__("hashlib").sha256((models / "mine/unet/diffusion_pytorch_model.safetensors").read_bytes())
     assert f"mine [{digest.hexdigest()[:10]}]" in found
+
+
+def test_32_concurrent_requests_8_malformed(server, pipes):
+    """Every valid request gets its own image; every malformed one a 4xx; the server lives on."""
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = [dict(prompt="a red circle", seed=100 + i, steps=2, width=64, height=64, sampler_name="Euler")
+            for i in range(24)]
+    bad = [dict(steps=-1), dict(width="wide"), dict(sampler_name="Nope"), dict(enable_hr=True),
+           dict(prompt=["a", "b"]), dict(batch_size=1000), dict(seed="s"), dict(cfg_scale=float("nan"))]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def send(body):
+        if body.get("cfg_scale") != body.get("cfg_scale"):  # NaN is not JSON: send what a broken client would
+            return requests.post(f"{server.url}/sdapi/v1/txt2img", data=b'{"cfg_scale": NaN}',
+                                 headers={"content-type": "application/json"})
+        return requests.post(f"{server.url}/sdapi/v1/txt2img", json=body)
+
+    bodies = good[:12] + bad + good[12:]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(send, bodies))
+    for body, answer in zip(bodies, answers):
+        if body in bad:
+            assert 400 <= answer.status_code < 500, (body, answer.text)
+            continue
+        assert answer.status_code == 200, answer.text
+        image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+        alone = lone(pipes[FIRST], prompt="a red circle", seed=body["seed"], num_inference_steps=2, sampler="euler",
+                     guidance_scale=7)
+        assert np.abs(as_array(image).astype(int) - alone).max() <= 1
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before  # KiB, the whole test process
+    assert grown < 200 * 1024, f"memory grew by {grown / 1024:.0f} MiB"
+
+
+def test_sigterm_answers_the_queue_finishes_the_running_job_and_exits_0(tiny_pipeline_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(tiny_pipeline_dir, models / "tiny")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ldm.cli.serve", "--models-dir", str(models), "--model", "tiny",
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/sdapi/v1"
+        for _ in range(600):
+            try:
+                requests.get(f"{url}/progress", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        answers = {}
+        long = dict(prompt="a red circle", steps=100, width=64, height=64, seed=1)
+        queued = dict(long, steps=2, width=128)  # another size: it cannot share the running call
+        runner = threading.Thread(target=lambda: answers.update(first=requests.post(f"{url}/txt2img", json=long)))
+        runner.start()
+        while requests.get(f"{url}/progress").json()["state"]["sampling_step"] < 1:
+            time.sleep(0.02)
+        waiter = threading.Thread(target=lambda: answers.update(second=requests.post(f"{url}/txt2img", json=queued)))
+        waiter.start()
+        while requests.get(f"{url}/progress").json()["state"]["job_count"] < 2:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        runner.join(60)
+        waiter.join(60)
+        assert process.wait(60) == 0
+        assert answers["first"].status_code == 200 and len(answers["first"].json()["images"]) == 1
+        assert answers["second"].status_code == 503 and "shutting down" in answers["second"].json()["detail"]
+    finally:
+        process.kill()

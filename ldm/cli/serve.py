@@ -125,6 +125,8 @@ def _main(argv=None) -> int:
 def serve(app, host: str, port: int) -> None:
     """uvicorn, with SIGTERM/SIGINT first answering the queued requests with 503 (the running call
     finishes and is answered), then shutting down as uvicorn does."""
+    import contextlib
+
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -135,6 +137,13 @@ def serve(app, host: str, port: int) -> None:
 
                 threading.Thread(target=worker.stop, daemon=True).start()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """uvicorn's, less its re-raising of the signal after the shutdown: a clean stop exits 0."""
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()  # before uvicorn's exit code raises them again
 
     print(f"ldm-serve: http://{host}:{port}/ (API at /sdapi/v1/); model {app.state.worker.title}", flush=True)
     Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
