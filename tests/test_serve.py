@@ -48,14 +48,19 @@ class Server:
         self.thread.join(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def pipes(tiny_pipeline_dir, tmp_path_factory):
+def two_models(tiny_pipeline_dir, tmp_path_factory) -> dict:
+    """title -> pipeline: the tiny pipeline, and another with other weights."""
     from ldm import LatentPipeline
     from helpers import make_tiny_pipeline
 
     other = make_tiny_pipeline(tmp_path_factory.mktemp("other") / "pipeline", seed=5)
     return {FIRST: LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu"),
             SECOND: LatentPipeline.from_pretrained(other, device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_pipeline_dir, tmp_path_factory):
+    return two_models(tiny_pipeline_dir, tmp_path_factory)
 
 
 def make_server(pipes, **overrides):
@@ -101,7 +106,7 @@ def test_txt2img_through_webuiapi_is_the_pipelines_image(api, pipes):
     for i, image in enumerate(result.images):
         expected = lone(pipes[FIRST], prompt="a red circle", negative_prompt="blue", seed=5 + i, num_inference_steps=3,
                         guidance_scale=6, sampler="euler_a")
-        assert np.array_equal(as_array(image), expected)
+        assert np.abs(as_array(image).astype(int) - expected).max() <= 1  # drawn as a batch of 2: float rounding
         assert image.info["parameters"] == result.info["infotexts"][i]
     assert result.info["all_seeds"] == [5, 6] and result.info["sampler_name"] == "euler_a"
     assert "Sampler: euler_a" in result.info["infotexts"][0] and result.info["sd_model_name"] == "tiny"

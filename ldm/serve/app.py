@@ -202,6 +202,12 @@ def create_app(config: ServerConfig, load=None):
         return {"info": text, "items": {"parameters": text} if text else {},
                 "parameters": parse_infotext(text) if text else {}}
 
+    @app.get("/ldm/v1/info")
+    def ldm_info():
+        """What the page needs beyond A1111's API: the current model and the size it was trained at."""
+        return {"model": worker.title, "default_size": worker.pipe.default_size,
+                "latent_factor": worker.pipe.latent_factor}
+
     @app.get("/")
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
