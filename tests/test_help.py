@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from ldm.cli import data, shapes, train_unet, train_vae, txt2img
+from ldm.cli import data, serve, shapes, train_unet, train_vae, txt2img
 
 PARSERS = {
     "ldm-img2img": lambda: txt2img.build_parser(editing=True),
@@ -14,6 +14,7 @@ PARSERS = {
     "ldm-train-vae": train_vae.build_parser,
     "ldm-data": data.build_parser,
     "ldm-shapes": shapes.build_parser,
+    "ldm-serve": serve.build_parser,
 }
 
 
