@@ -46,11 +46,13 @@ def check_generation_args(
         if value % latent_factor:
             lo = value // latent_factor * latent_factor
             options = f"{lo} or {lo + latent_factor}" if lo >= latent_factor else f"{lo + latent_factor}"
-            raise ValueError(f"{name} {value} is not a multiple of {latent_factor} (the model's latent factor); use {options}")
+            raise ValueError(f"{name} {value} is not a multiple of {latent_factor} (the model's latent factor); "
+                             f"use {options}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps!r}")
     if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
-        raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} training timesteps")
+        raise ValueError(f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} "
+                         "training timesteps")
     if not _finite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance scale (cfg) must be a number ≥ 0, got {guidance_scale!r}")
     if sampler is not None:  # None: the folder's own scheduler, a class we have no name for
@@ -92,7 +94,8 @@ def check_prompts(prompt, negative_prompt=None) -> tuple[list[str], list[str]]:
     elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
         negatives = list(negative_prompt)
         if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one, or one per prompt")
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; pass one, or one "
+                             "per prompt")
     else:
         raise ValueError("negative_prompt must be a string or a list of strings")
     return list(prompts), negatives

@@ -251,7 +251,8 @@ def test_auth_body_limit_and_a_full_queue(pipes):
 def test_interrupt_stops_the_running_job_at_the_next_step(server, api):
     answer = {}
     body = dict(prompt="a red circle", steps=150, width=64, height=64, seed=3)
-    thread = threading.Thread(target=lambda: answer.update(r=requests.post(f"{server.url}/sdapi/v1/txt2img", json=body)))
+    url = f"{server.url}/sdapi/v1/txt2img"
+    thread = threading.Thread(target=lambda: answer.update(r=requests.post(url, json=body)))
     thread.start()
     while api.get_progress()["state"]["sampling_step"] < 2:
         time.sleep(0.01)

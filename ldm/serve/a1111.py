@@ -147,7 +147,8 @@ def parse_request(kind: str, body, limits: Limits, models: list[str]) -> Job:
         raise ApiError(422, "the request body must be a JSON object")
     for name, off in OFF.items():
         if name in body and body[name] not in off:
-            raise ApiError(422, f"{name}: {body[name]!r} is not supported by ldm-serve (send {off[0]!r} or leave it out)")
+            raise ApiError(422, f"{name}: {body[name]!r} is not supported by ldm-serve (send {off[0]!r} or leave "
+                                "it out)")
     for name in EMPTY_OK:
         if body.get(name):
             raise ApiError(422, f"{name}: not supported by ldm-serve (send it empty or leave it out)")

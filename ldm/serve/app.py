@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,15 +52,11 @@ def png_bytes(image, parameters: str) -> bytes:
 
 
 def parse_infotext(text: str) -> dict:
-    """A1111's infotext → {"Prompt": ..., "Negative prompt": ..., "Steps": "25", ...}."""
-    import re
-
+    """A1111's infotext → {"Prompt": ..., "Negative prompt": ..., "Steps": "25", ...}: the prompt
+    lines, then the settings line, its quoted values unquoted (ldm.request.infotext writes them)."""
     lines = text.strip().split("\n")
-    fields, settings = {}, lines[-1] if len(lines) > 1 else ""
-    if len(lines) > 1:
-        body = lines[:-1]
-    else:
-        body = lines
+    body, settings = (lines[:-1], lines[-1]) if len(lines) > 1 else (lines, "")
+    fields = {}
     negative = [i for i, line in enumerate(body) if line.startswith("Negative prompt: ")]
     cut = negative[0] if negative else len(body)
     fields["Prompt"] = "\n".join(body[:cut])
@@ -116,8 +114,7 @@ def create_app(config: ServerConfig, load=None):
         result = worker.submit(job).result()
         pictures = [base64.b64encode(png_bytes(image, text)).decode() for image, text in
                     zip(result.images, result.parameters)]
-        fields = {k: v for k, v in job.fields.items()}
-        return {"images": pictures, "parameters": fields,
+        return {"images": pictures, "parameters": job.fields,
                 "info": info_json(job, result.parameters, result.model_title, result.model_hash)}
 
     @app.post("/sdapi/v1/txt2img")
@@ -172,7 +169,7 @@ def create_app(config: ServerConfig, load=None):
     def progress():
         p = worker.progress
         fraction = p.step / p.steps if p.running and p.steps else 0.0
-        eta = (1 - fraction) * (worker_elapsed(p) / fraction) if fraction else 0.0
+        eta = (1 - fraction) * ((time.time() - p.started) / fraction) if fraction else 0.0
         return {"progress": fraction, "eta_relative": eta, "current_image": None, "textinfo": None,
                 "state": {"skipped": False, "interrupted": p.interrupted, "job": "ldm" if p.running else "",
                           "job_count": p.job_count + int(p.running), "job_timestamp": p.job_timestamp,
@@ -197,7 +194,7 @@ def create_app(config: ServerConfig, load=None):
 
         data = body.get("image")
         decode_picture(data, "image", config.limits.max_pixels)  # checks it is a picture within the limits
-        raw = base64.b64decode(__import__("re").sub(r"^data:[^,]*,", "", data, count=1))
+        raw = base64.b64decode(re.sub(r"^data:[^,]*,", "", data, count=1))
         text = Image.open(io.BytesIO(raw)).info.get("parameters", "")
         return {"info": text, "items": {"parameters": text} if text else {},
                 "parameters": parse_infotext(text) if text else {}}
@@ -213,12 +210,6 @@ def create_app(config: ServerConfig, load=None):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     return app
-
-
-def worker_elapsed(progress) -> float:
-    import time
-
-    return time.time() - progress.started
 
 
 def authorized(header: str, auth: tuple[str, str]) -> bool:

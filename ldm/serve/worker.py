@@ -147,7 +147,8 @@ class Worker:
         """One pipeline call for all `jobs` (equal keys), split back per job."""
         pipe, shared = self.pipe, dict(jobs[0].shared)
         prompts = [p for job in jobs for p in job.prompts]
-        kw = dict(negative_prompt=[n for job in jobs for n in job.negatives], seed=[s for job in jobs for s in job.seeds])
+        kw = dict(negative_prompt=[n for job in jobs for n in job.negatives],
+                  seed=[s for job in jobs for s in job.seeds])
         if jobs[0].kind == "img2img":
             kw["image"] = [i for job in jobs for i in job.images]
             if jobs[0].masks:
