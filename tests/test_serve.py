@@ -181,6 +181,7 @@ def test_requests_queued_together_share_calls_and_keep_their_images(pipes):
         (dict(override_settings={"sd_vae": "x"}), 422, "override_settings: 'sd_vae' is not supported"),
         (dict(override_settings={"sd_model_checkpoint": "../../etc"}), 404, "no model '../../etc'"),
         (dict(prompt=3), 422, "prompt: expected a string"),
+        (dict(resize_mode=2), 422, "resize_mode: 2 is not supported"),
     ],
 )
 def test_bad_requests_are_4xx_naming_the_field(server, body, status, message):

@@ -22,7 +22,7 @@ from ldm.sampling import SAMPLERS, resolve_sampler
 OFF = {  # fields we cannot honour: the values that mean "off", as A1111 clients send them
     "enable_hr": (False, None), "restore_faces": (False, None), "tiling": (False, None),
     "subseed_strength": (0, None), "script_name": (None, ""), "seed_resize_from_h": (0, -1, None),
-    "seed_resize_from_w": (0, -1, None),
+    "seed_resize_from_w": (0, -1, None), "resize_mode": (0, None), "initial_noise_multiplier": (1, None),
 }
 EMPTY_OK = ("styles", "script_args", "alwayson_scripts")  # lists / dicts that must be empty (or absent)
 SCHEDULERS = {"automatic": "", "karras": "_karras"}  # A1111's schedulers we have, as our sampler suffix

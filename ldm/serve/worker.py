@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ldm.serve.a1111 import ApiError, Job
 
@@ -34,7 +34,6 @@ class Progress:
     running: bool = False
     interrupted: bool = False
     job_timestamp: str = ""
-    history: list = field(default_factory=list)
 
 
 @dataclass
@@ -158,6 +157,7 @@ class Worker:
         self.interrupt_flag.clear()
         progress = self.progress
         progress.running, progress.step, progress.started = True, 0, time.time()
+        progress.job_timestamp = time.strftime("%Y%m%d%H%M%S")
         progress.steps = shared["num_inference_steps"]
         progress.interrupted = False
 
