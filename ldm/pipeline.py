@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from ldm.assets import asset_path
 from ldm.budget import check_fits, estimate
@@ -37,6 +38,7 @@ from ldm.editing import (
     unet_takes_mask,
 )
 from ldm.guidance import default_guidance_rescale
+from ldm.lora import prompt_tags
 from ldm.quiet import library_quiet
 from ldm.models import HUB_ID, WEIGHTED, check_variant, inspect_pipeline, load_component, resolve_model, stored_dtype
 from ldm.sampling import (
@@ -97,8 +99,12 @@ def vae_dtype_for(dtype: torch.dtype, vae_config) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", True) else dtype
 
 
-class LatentPipeline:
-    """Text-to-image with a latent diffusion model: U-Net, KL autoencoder, text encoder, scheduler."""
+class LatentPipeline(StableDiffusionLoraLoaderMixin):
+    """Text-to-image with a latent diffusion model: U-Net, KL autoencoder, text encoder, scheduler.
+    LoRA adapters load, scale and fuse with diffusers' own methods and names (`load_lora_weights`,
+    `set_adapters`, `fuse_lora`, `unfuse_lora`, ...; see `ldm.lora`)."""
+
+    hf_device_map = None  # what diffusers' LoRA loader asks of a pipeline: no device map here
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, name_or_path: str = ""):
         self.vae = vae
@@ -113,8 +119,112 @@ class LatentPipeline:
         self._warned: set = set()  # warnings given once per pipeline (a size, a sampler)
         self.prompt_encoder = PromptEncoder(text_encoder, tokenizer)
         self.training_words: frozenset[str] | None = None  # see TRAINING_WORDS; None: unknown, no check
+        self.lora_dir: Path | None = None  # where <lora:NAME:SCALE> prompt tags are looked up
+        self.lora_files: dict[str, Path] = {}  # adapter name -> the file it came from (for "Lora hashes")
+        self.lora_scales: dict[str, float] = {}  # adapter name -> scale, as set_adapters last set it
+        self._scales_before_tags: dict[str, float] | None = None  # restored when the next call starts
 
     # ---- loading and saving ------------------------------------------------------------------
+
+    @property
+    def components(self) -> dict:
+        """The five parts by name, as diffusers' pipelines list them."""
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "scheduler": self.scheduler}
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        """diffusers' `load_lora_weights` (diffusers/peft or kohya keys), with a `.safetensors` file
+        only (never a pickle), every key checked to map to a module of this model, and the
+        adapter made active at scale 1 beside those already active."""
+        from ldm.lora import check_lora_keys
+        from ldm.models import PICKLE_SUFFIXES, check_safetensors
+
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, dict):
+            path = Path(source)
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise ValueError(f"{path}: pickled LoRA files are refused (loading a pickle can run code); use its "
+                                 ".safetensors release")
+            if not path.is_file():
+                raise FileNotFoundError(f"LoRA file not found: {path}")
+            check_safetensors(path)  # a regular file with an honest header, or a ValueError naming it
+        name = adapter_name or (Path(source).stem if not isinstance(source, dict) else f"default_{len(self.lora_files)}")
+        if name in self.lora_files:
+            raise ValueError(f"an adapter named {name!r} is loaded already; pass another adapter_name")
+        with library_quiet():
+            state_dict, alphas = self.lora_state_dict(source if isinstance(source, dict) else str(source), **kwargs)
+        modules = {"unet": {n for n, _ in self.unet.named_modules()},
+                   "text_encoder": {n for n, _ in self.text_encoder.named_modules()}}
+        check_lora_keys(state_dict, modules, str(source) if not isinstance(source, dict) else "the state dict")
+        try:
+            with library_quiet():
+                super().load_lora_weights(state_dict, adapter_name=name, network_alphas=alphas)
+        except (RuntimeError, ValueError, KeyError) as e:
+            reason = " ".join(str(e).split())
+            raise ValueError(f"{source if not isinstance(source, dict) else 'the LoRA'} does not fit this model: "
+                             f"{reason[:300]}") from None
+        self.lora_files[name] = None if isinstance(source, dict) else Path(source)
+        self.set_adapters(list(self.lora_scales) + [name], list(self.lora_scales.values()) + [1.0])
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """diffusers' `set_adapters`, with the scales checked (finite numbers) and remembered for the PNG."""
+        from ldm.lora import check_scale
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.lora_files]
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; loaded: "
+                             f"{', '.join(self.lora_files) or 'none'}")
+        weights = [1.0] * len(names) if adapter_weights is None else (
+            [adapter_weights] * len(names) if not isinstance(adapter_weights, (list, tuple)) else list(adapter_weights))
+        if len(weights) != len(names):
+            raise ValueError(f"got {len(weights)} adapter weights for {len(names)} adapters")
+        weights = [check_scale(w, f"the scale of adapter {n!r}") for n, w in zip(names, weights)]
+        with library_quiet():
+            super().set_adapters(names, weights)
+        self.lora_scales = dict(zip(names, weights))
+
+    def delete_adapters(self, adapter_names):
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        super().delete_adapters(names)
+        for n in names:
+            self.lora_files.pop(n, None)
+            self.lora_scales.pop(n, None)
+
+    def unload_lora_weights(self, *args, **kwargs):
+        super().unload_lora_weights(*args, **kwargs)
+        self.lora_files, self.lora_scales = {}, {}
+
+    def use_prompt_loras(self, prompts: list[str]) -> list[str]:
+        """AUTOMATIC1111's `<lora:NAME:SCALE>` tags: each NAME loaded from `lora_dir` (once), the
+        adapters set to the tags' scales for this call; the prompts returned without their tags.
+        Every prompt of a call must name the same LoRAs (they share the U-Net's weights). The tags
+        apply to their call only: the next call starts from the adapters as they were set before."""
+        from ldm.lora import prompt_tags, resolve_tag
+
+        if self._scales_before_tags is not None:  # the last call's tags applied to it alone
+            before, self._scales_before_tags = self._scales_before_tags, None
+            names = list(before) or list(self.lora_scales)
+            self.set_adapters(names, list(before.values()) or [0.0] * len(names))
+        cleaned, tag_sets = zip(*(prompt_tags(p) for p in prompts))
+        if not any(tag_sets):
+            return list(prompts)
+        self._scales_before_tags = dict(self.lora_scales)
+        if any(sorted(t) != sorted(tag_sets[0]) for t in tag_sets):
+            raise ValueError("the prompts of one call name different <lora:...> tags; draw them in separate calls")
+        for name, _ in tag_sets[0]:
+            if name not in self.lora_files:
+                self.load_lora_weights(resolve_tag(name, self.lora_dir), adapter_name=name)
+        names = [n for n, _ in tag_sets[0]]
+        self.set_adapters(names, [s for _, s in tag_sets[0]])
+        return list(cleaned)
+
+    def lora_hashes(self) -> str | None:
+        """AUTOMATIC1111's `Lora hashes` field: "name: hash, ..." of the active adapters with a file."""
+        from ldm.lora import file_hash
+
+        active = [(n, self.lora_files.get(n)) for n, scale in self.lora_scales.items() if scale]
+        return ", ".join(f"{n}: {file_hash(f)}" for n, f in active if f is not None) or None
 
     @classmethod
     def from_pretrained(
@@ -704,7 +814,8 @@ class LatentPipeline:
         size decodes in a fixed memory budget; tiles are blended as in diffusers' VAE tiling.
         """
         embeds = self.check_embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        prompts, negatives = check_prompts(prompt if embeds is None else [EMBEDDED] * len(embeds[0]), negative_prompt)
+        written, negatives = check_prompts(prompt if embeds is None else [EMBEDDED] * len(embeds[0]), negative_prompt)
+        prompts = self.use_prompt_loras(written)  # <lora:NAME:SCALE> tags: adapters set, tags removed
         self.prompt_encoder.check_clip_skip(clip_skip)
         if clip_skip is not None and embeds is not None and negative_prompt_embeds is not None:
             raise ValueError("clip_skip changes how prompts are encoded; with prompt_embeds and "
@@ -767,6 +878,7 @@ class LatentPipeline:
         if embeds is not None:
             embeds = tuple(e.repeat_interleave(num_images_per_prompt, dim=0) if e is not None else None for e in embeds)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]  # image order: prompt by prompt
+        written = [p for p in written for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         n = len(prompts)
         if generator is not None and seed is not None:
@@ -861,15 +973,24 @@ class LatentPipeline:
             settings["Eta"] = eta
         if dynamic_threshold is not None:
             settings["Dynamic threshold"] = f"{dynamic_threshold}/{threshold_bound}"
+        settings["Lora hashes"] = self.lora_hashes()
+        tagged = {name for p in written for name, _ in prompt_tags(p)[1]}
+        untagged = "".join(f" <lora:{n}:{_number(w)}>" for n, w in self.lora_scales.items()
+                           if w and n not in tagged)  # adapters set in Python: written as tags, to remake it
         parameters = [
-            infotext(p, neg, {**settings, "Seed": s if s is not None else "generator", "Size": f"{width}x{height}",
-                              "Model hash": self.model_hash, "Model": self.model_name})
-            for p, neg, s in zip(prompts, negatives, seeds)
+            infotext(p + untagged, neg, {**settings, "Seed": s if s is not None else "generator",
+                                         "Size": f"{width}x{height}", "Model hash": self.model_hash,
+                                         "Model": self.model_name})
+            for p, neg, s in zip(written, negatives, seeds)
         ]
         return LatentPipelineOutput(images, seeds, prompts, negatives, parameters)
 
 
 _WORD = re.compile(r"[^\W_]+")
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
 EMBEDDED = "(prompt_embeds)"  # the prompt's text in the PNG parameters when only its embeddings were given
 
 

@@ -43,6 +43,11 @@ def build_parser(editing: bool = False) -> ArgumentParser:
                    help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too ('Euler a', 'DPM++ 2M "
                         "Karras', 'k_lms', ...), in any case (default: the one the model's folder names, as in "
                         f"diffusers; {DEFAULT_SAMPLER} for models trained here and the default model)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA file (.safetensors, diffusers/peft or kohya keys) at SCALE (default 1); "
+                        "repeatable")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="where the prompt tags <lora:NAME:SCALE> (AUTOMATIC1111's) find NAME.safetensors")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random, printed in each PNG's metadata)")
     size = "the image's, rounded down to the latent factor" if editing else "the model's size"
     p.add_argument("--height", type=int,
@@ -86,6 +91,30 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         raise ValueError("no prompt given: pass PROMPT arguments or --prompts-file FILE with one prompt per line")
     return prompts
+
+
+def check_loras(args, prompts: list[str]) -> list[tuple[Path, float]]:
+    """--lora FILE[:SCALE] as (file, scale), every file and every prompt tag's file checked before
+    any weights load: a .safetensors file with an honest header, found by name in --lora-dir."""
+    from ldm.lora import parse_lora_arg, prompt_tags, resolve_tag
+    from ldm.models import check_safetensors
+
+    loras = [parse_lora_arg(text) for text in args.lora]
+    stems = [path.stem for path, _ in loras]
+    if len(set(stems)) != len(stems):
+        raise ValueError("--lora: two files with the same name; rename one")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir} is not a folder")
+    files = [path for path, _ in loras]
+    files += [resolve_tag(name, args.lora_dir) for p in prompts for name, _ in prompt_tags(p)[1]]
+    for path in files:
+        if path.suffix.lower() != ".safetensors":
+            raise ValueError(f"{path}: a LoRA must be a .safetensors file (pickles are refused: loading one can run "
+                             "code)")
+        if not path.is_file():
+            raise FileNotFoundError(f"LoRA file not found: {path}")
+        check_safetensors(path)
+    return loras
 
 
 def check_outdir(outdir: Path) -> None:
@@ -169,6 +198,7 @@ def _main(argv=None, editing: bool = False) -> int:
     )
     if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
         raise ValueError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    loras = check_loras(args, prompts)
     check_outdir(args.outdir)
     check_request_fits(info, args, device, height, width, len(prompts) * args.num_images)
 
@@ -177,6 +207,11 @@ def _main(argv=None, editing: bool = False) -> int:
         pipe = LatentPipeline.from_single_file(model, config=info.path, device=device, dtype=args.dtype, attention=args.attention)
     else:
         pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle)
+    pipe.lora_dir = args.lora_dir
+    for path, _ in loras:
+        pipe.load_lora_weights(path, adapter_name=path.stem)
+    if loras:
+        pipe.set_adapters([path.stem for path, _ in loras], [scale for _, scale in loras])
     if args.compile:
         pipe.optimize(channels_last=True, fuse_qkv=True, compile=True)
     vae_tiling = {"auto": "auto", "on": True, "off": False}[args.vae_tiling]
