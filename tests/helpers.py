@@ -280,3 +280,24 @@ def right_half(size: int = 64):
     m = np.zeros((size, size), np.uint8)
     m[:, size // 2 :] = 255
     return Image.fromarray(m)
+
+
+def make_lora_file(pipeline_dir, path, seed: int = 0):
+    """A LoRA (diffusers/peft keys) on a pipeline's U-Net attention projections, with random (not
+    zero) up-projections so that it changes the images, written by diffusers itself."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    ref = StableDiffusionPipeline.from_pretrained(pipeline_dir)
+    ref.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights="gaussian"))
+    torch.manual_seed(seed)
+    for name, parameter in ref.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    path = Path(path)
+    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=get_peft_model_state_dict(ref.unet),
+                                              weight_name=path.name)
+    return path

@@ -19,20 +19,9 @@ KW = dict(num_inference_steps=4, output_type="np")
 @pytest.fixture(scope="module")
 def lora_file(tiny_pipeline_dir, tmp_path_factory):
     """A LoRA on the tiny U-Net's attention projections, with random (not zero) up-projections."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    from helpers import make_lora_file
 
-    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
-    ref.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                    init_lora_weights="gaussian"))
-    torch.manual_seed(0)
-    for name, parameter in ref.unet.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.1)
-    folder = tmp_path_factory.mktemp("lora")
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(ref.unet),
-                                              weight_name="style.safetensors")
-    return folder / "style.safetensors"
+    return make_lora_file(tiny_pipeline_dir, tmp_path_factory.mktemp("lora") / "style.safetensors")
 
 
 @pytest.fixture

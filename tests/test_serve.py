@@ -3,6 +3,7 @@ on a real uvicorn server started here: the images equal the pipeline's own for t
 
 import base64
 import io
+import json
 import shutil
 import socket
 import threading
@@ -72,10 +73,12 @@ def make_server(pipes, **overrides):
 
     config = ServerConfig(models={FIRST: "tiny", SECOND: "other"}, model=FIRST, **overrides)
     app = create_app(config, load=load)
-    original = app.state.worker.call
-    app.state.worker.call = lambda jobs: calls.append([len(j.prompts) for j in jobs]) or original(jobs)
+    worker = app.state.worker
+    original, submit, submitted = worker.call, worker.submit, []
+    worker.call = lambda jobs: calls.append([len(j.prompts) for j in jobs]) or original(jobs)
+    worker.submit = lambda job: submitted.append(job) or submit(job)  # what has reached the worker's queue
     server = Server(app)
-    server.calls = calls
+    server.calls, server.submitted = calls, submitted
     return server
 
 
@@ -154,7 +157,7 @@ def test_requests_queued_together_share_calls_and_keep_their_images(pipes):
                     answers[seed] = requests.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "seed": seed})
                 threads.append(threading.Thread(target=send))
                 threads[-1].start()
-            while worker.queue.qsize() < 7:
+            while len(server.submitted) < 8:  # all queued (the worker may hold some, waiting for the lock)
                 time.sleep(0.02)
         for t in threads:
             t.join()
@@ -361,3 +364,30 @@ def test_sigterm_answers_the_queue_finishes_the_running_job_and_exits_0(tiny_pip
         assert answers["second"].status_code == 503 and "shutting down" in answers["second"].json()["detail"]
     finally:
         process.kill()
+
+
+def test_lora_tags_in_prompts_apply_to_their_request_alone(server, pipes, tiny_pipeline_dir, tmp_path):
+    from helpers import make_lora_file
+
+    make_lora_file(tiny_pipeline_dir, tmp_path / "ink.safetensors")
+    pipe = pipes[FIRST]
+    pipe.lora_dir = tmp_path
+    try:
+        body = dict(steps=3, width=64, height=64, seed=4, sampler_name="Euler")
+        answers = {p: requests.post(f"{server.url}/sdapi/v1/txt2img", json={**body, "prompt": p})
+                   for p in ("a red circle <lora:ink:0.7>", "a red circle")}  # the tagged one first
+        for prompt, answer in answers.items():
+            image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+            alone = lone(pipe, prompt=prompt, seed=4, num_inference_steps=3, sampler="euler", guidance_scale=7)
+            assert np.abs(as_array(image).astype(int) - alone).max() <= 1, prompt
+        assert "Lora hashes" in json.loads(answers["a red circle <lora:ink:0.7>"].json()["info"])["infotexts"][0]
+    finally:
+        pipe.lora_dir = None
+
+
+def test_requests_with_other_lora_tags_are_not_drawn_together():
+    from ldm.serve.a1111 import Limits, parse_request
+
+    jobs = [parse_request("txt2img", {"prompt": p, "seed": 1}, Limits(), []) for p in
+            ("a <lora:ink:1>", "a <lora:ink:0.5>", "b <lora:ink:1>", "a")]
+    assert jobs[0].key == jobs[2].key and len({jobs[0].key, jobs[1].key, jobs[3].key}) == 3

@@ -25,6 +25,8 @@ def build_parser() -> ArgumentParser:
                         "default model is always offered too")
     p.add_argument("--model", help="the model to load first: a folder name in --models-dir (default: the default "
                                    "model)")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="where prompts' <lora:NAME:SCALE> tags (AUTOMATIC1111's) find NAME.safetensors")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind")
     p.add_argument("--port", type=int, default=7860, help="the port (AUTOMATIC1111's)")
     p.add_argument("--listen", action="store_true", help="bind all interfaces (0.0.0.0); needs --api-auth")
@@ -103,6 +105,8 @@ def _main(argv=None) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise ValueError("ldm-serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise ValueError(f"--lora-dir {args.lora_dir} is not a folder")
     models = find_models(args.models_dir)
     first = next(iter(models))
     if args.model is not None:
@@ -116,7 +120,8 @@ def _main(argv=None) -> int:
     config = ServerConfig(models={t: str(f) for t, f in models.items()}, model=first, auth=auth,
                           limits=Limits(args.max_steps, args.max_images, args.max_pixels),
                           max_body=int(args.max_body_mb * 2**20), max_queue=args.max_queue,
-                          max_batch=args.max_batch, device=args.device)
+                          max_batch=args.max_batch, device=args.device,
+                          lora_dir=str(args.lora_dir) if args.lora_dir else None)
     app = create_app(config)
     serve(app, host, args.port)
     return 0

@@ -64,8 +64,11 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        """Requests with equal keys can be drawn in one pipeline call."""
-        return (self.kind, self.model, json.dumps(self.shared, sort_keys=True, default=str))
+        """Requests with equal keys can be drawn in one pipeline call (the same LoRA tags included)."""
+        from ldm.lora import prompt_tags
+
+        tags = sorted({tag for p in self.prompts for tag in prompt_tags(p)[1]})
+        return (self.kind, self.model, json.dumps(self.shared, sort_keys=True, default=str), tuple(tags))
 
 
 def samplers() -> list[dict]:

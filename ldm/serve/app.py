@@ -37,6 +37,7 @@ class ServerConfig:
     max_queue: int = 64
     max_batch: int = 16
     device: str | None = None
+    lora_dir: str | None = None  # where prompts' <lora:NAME:SCALE> tags find NAME.safetensors
 
 
 def png_bytes(image, parameters: str) -> bytes:
@@ -74,6 +75,7 @@ def create_app(config: ServerConfig, load=None):
             from ldm import LatentPipeline
 
             pipe = LatentPipeline.from_pretrained(config.models[title], device=config.device)
+            pipe.lora_dir = config.lora_dir
             return pipe, pipe.model_hash
 
     worker = Worker(load, config.model, config.max_queue, config.max_batch)
