@@ -148,7 +148,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             if not path.is_file():
                 raise FileNotFoundError(f"LoRA file not found: {path}")
             check_safetensors(path)  # a regular file with an honest header, or a ValueError naming it
-        name = adapter_name or (Path(source).stem if not isinstance(source, dict) else f"default_{len(self.lora_files)}")
+        name = adapter_name or (f"default_{len(self.lora_files)}" if isinstance(source, dict) else Path(source).stem)
         if name in self.lora_files:
             raise ValueError(f"an adapter named {name!r} is loaded already; pass another adapter_name")
         with library_quiet():

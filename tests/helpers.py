@@ -282,6 +282,19 @@ def right_half(size: int = 64):
     return Image.fromarray(m)
 
 
+def euler_pipelines(pipeline_dir):
+    """(ours, diffusers') on the same folder, both sampling with Euler: for parity tests."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from ldm import LatentPipeline
+
+    ours = LatentPipeline.from_pretrained(pipeline_dir, device="cpu")
+    ref = StableDiffusionPipeline.from_pretrained(pipeline_dir)
+    ref.set_progress_bar_config(disable=True)
+    ours.scheduler = ref.scheduler = EulerDiscreteScheduler.from_config(ours.scheduler.config)
+    return ours, ref
+
+
 def make_lora_file(pipeline_dir, path, seed: int = 0):
     """A LoRA (diffusers/peft keys) on a pipeline's U-Net attention projections, with random (not
     zero) up-projections so that it changes the images, written by diffusers itself."""

@@ -6,9 +6,10 @@ import json
 import shutil
 
 import numpy as np
+from helpers import euler_pipelines
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ldm import LatentPipeline
@@ -21,11 +22,7 @@ KW = dict(num_inference_steps=4, guidance_scale=6.0, output_type="np")
 
 @pytest.fixture(scope="module")
 def pipes(tiny_pipeline_dir):
-    ours = LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
-    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
-    ref.set_progress_bar_config(disable=True)
-    ours.scheduler = ref.scheduler = EulerDiscreteScheduler.from_config(ours.scheduler.config)
-    return ours, ref
+    return euler_pipelines(tiny_pipeline_dir)
 
 
 def generators():

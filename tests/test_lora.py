@@ -5,12 +5,11 @@ fusing and AUTOMATIC1111's prompt tags; and every bad file or name is one clear 
 import shutil
 
 import numpy as np
+from helpers import euler_pipelines
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from ldm import LatentPipeline
 
 pytest.importorskip("peft")
 KW = dict(num_inference_steps=4, output_type="np")
@@ -26,11 +25,7 @@ def lora_file(tiny_pipeline_dir, tmp_path_factory):
 
 @pytest.fixture
 def pipes(tiny_pipeline_dir):
-    ours = LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
-    ref = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
-    ref.set_progress_bar_config(disable=True)
-    ours.scheduler = ref.scheduler = EulerDiscreteScheduler.from_config(ours.scheduler.config)
-    return ours, ref
+    return euler_pipelines(tiny_pipeline_dir)
 
 
 def draw(ours, prompt="a red circle", **kw):
@@ -61,7 +56,8 @@ def test_a_lora_gives_diffusers_images_at_every_scale_and_fused(pipes, lora_file
 
     ours.set_adapters("style", 0.8)
     text = draw(ours).parameters[0]
-    assert text.startswith("a red circle <lora:style:0.8>\n") and f'Lora hashes: "style: {file_hash(lora_file)}"' in text
+    assert text.startswith("a red circle <lora:style:0.8>\n")
+    assert f'Lora hashes: "style: {file_hash(lora_file)}"' in text
 
 
 def test_a_kohya_file_written_by_diffusers_loads_to_the_same_images(pipes, lora_file, tmp_path):
@@ -115,7 +111,8 @@ def test_bad_loras_are_value_errors_naming_the_problem(pipes, lora_file, tmp_pat
         elif case == "missing":
             ours.load_lora_weights(tmp_path / "none.safetensors")
         elif case == "foreign":
-            save_file({k.replace("down_blocks.1", "down_blocks.7"): v for k, v in state.items()}, tmp_path / "x.safetensors")
+            moved = {k.replace("down_blocks.1", "down_blocks.7"): v for k, v in state.items()}
+            save_file(moved, tmp_path / "x.safetensors")
             ours.load_lora_weights(tmp_path / "x.safetensors")
         elif case == "shape":
             save_file({k: torch.zeros(v.shape[0] + 3, v.shape[1]) if "lora_B" in k else v for k, v in state.items()},
@@ -138,14 +135,16 @@ def test_the_cli_applies_lora_files_and_tags(tiny_pipeline_dir, lora_file, tmp_p
 
     from ldm.cli.txt2img import main
 
-    base = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--seed", "1", "--quiet", "--outdir", str(tmp_path / "o")]
+    base = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--seed", "1", "--quiet",
+            "--outdir", str(tmp_path / "o")]
     assert main(["a red circle", "--lora", f"{lora_file}:0.7", *base]) == 0
     written = Image.open(capsys.readouterr().out.split()[0]).info["parameters"]
     assert written.startswith("a red circle <lora:style:0.7>") and "Lora hashes" in written
     for extra, message in ((["--lora", str(tmp_path / "none.safetensors")], "LoRA file not found"),
                            (["--lora", f"{lora_file}:inf"], "must be a finite number"),
                            (["<lora:style:1> a red circle"], "no LoRA folder is set"),
-                           (["<lora:gone:1> a red circle", "--lora-dir", str(lora_file.parent)], "no gone.safetensors")):
+                           (["<lora:gone:1> a red circle", "--lora-dir", str(lora_file.parent)],
+                            "no gone.safetensors")):
         with pytest.raises(SystemExit) as e:
             main([*(["a red circle"] if extra[0].startswith("--") else []), *extra, *base])
         err = capsys.readouterr().err
