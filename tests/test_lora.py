@@ -149,3 +149,19 @@ def test_the_cli_applies_lora_files_and_tags(tiny_pipeline_dir, lora_file, tmp_p
             main([*(["a red circle"] if extra[0].startswith("--") else []), *extra, *base])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "\n" not in err.strip(), err
+
+
+@pytest.mark.parametrize("lora_format", ["diffusers", "kohya"])
+def test_a_lora_saved_in_either_format_loads_in_diffusers_with_the_same_images(pipes, lora_file, tmp_path,
+                                                                               lora_format):
+    ours, ref = pipes
+    ours.load_lora_weights(lora_file, adapter_name="style")
+    expected = draw(ours).images
+    saved = ours.save_lora(tmp_path / f"out-{lora_format}.safetensors", lora_format=lora_format)
+    keys = list(load_file(saved))
+    assert all(k.startswith("lora_unet_") for k in keys) if lora_format == "kohya" else all(
+        k.startswith("unet.") for k in keys)
+    ref.load_lora_weights(str(saved), adapter_name="saved")
+    assert np.abs(theirs(ref) - expected).max() <= 1e-3
+    with pytest.raises(ValueError, match="unknown LoRA format 'ckpt'"):
+        ours.save_lora(tmp_path / "x.safetensors", lora_format="ckpt")
