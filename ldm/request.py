@@ -65,7 +65,7 @@ def check_generation_args(
     if not _finite(eta) or eta < 0:
         raise ValueError(f"eta must be a number ≥ 0, got {eta!r}")
     if eta and sampler != "ddim":
-        raise ValueError(f"eta applies to the ddim sampler only (sampler is {sampler})")
+        raise ValueError(f"eta applies to the ddim sampler only (sampler is {sampler or 'the folder’s own'})")
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):

@@ -156,3 +156,25 @@ def test_bad_keywords_are_value_errors_naming_them(pipes, kwargs, message):
         kwargs.pop("prompt")
     with pytest.raises(ValueError, match=message):
         ours(progress=False, **kwargs)
+
+
+def test_the_cli_takes_a1111s_clip_skip(tiny_pipeline_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from ldm.cli.txt2img import main
+
+    base = ["a red circle", "--model", str(tiny_pipeline_dir), "--steps", "2", "--seed", "1", "--quiet",
+            "--sampler", "euler", "--outdir", str(tmp_path / "o")]
+    assert main([*base, "--clip-skip", "2"]) == 0
+    written = Image.open(capsys.readouterr().out.split()[0])
+    assert "Clip skip: 2" in written.info["parameters"]
+    ours = LatentPipeline.from_pretrained(tiny_pipeline_dir, device="cpu")
+    expected = ours("a red circle", seed=1, num_inference_steps=2, sampler="euler", clip_skip=1, progress=False)
+    assert np.abs(np.asarray(written, int) - np.asarray(expected.images[0], int)).max() <= 1
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--clip-skip", "3"])
+    assert e.value.code == 2 and "--clip-skip must be in [1, 2] for this text encoder, got 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the default model's encoder is BERT
+        main(["a red circle", "--clip-skip", "2", "--steps", "1", "--outdir", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--clip-skip applies to CLIP text encoders; this model's is bert" in err

@@ -43,6 +43,9 @@ def build_parser(editing: bool = False) -> ArgumentParser:
                    help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too ('Euler a', 'DPM++ 2M "
                         "Karras', 'k_lms', ...), in any case (default: the one the model's folder names, as in "
                         f"diffusers; {DEFAULT_SAMPLER} for models trained here and the default model)")
+    p.add_argument("--clip-skip", type=int, metavar="N",
+                   help="AUTOMATIC1111's Clip skip: condition on the text encoder's N-th layer from the end (1: the "
+                        "last, the default; 2: the one before, as NovelAI-derived SD 1.x models want); CLIP only")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA file (.safetensors, diffusers/peft or kohya keys) at SCALE (default 1); "
                         "repeatable")
@@ -91,6 +94,20 @@ def read_prompts(args) -> list[str]:
     if not prompts:
         raise ValueError("no prompt given: pass PROMPT arguments or --prompts-file FILE with one prompt per line")
     return prompts
+
+
+def check_clip_skip(n: int | None, text_encoder_config: dict) -> int | None:
+    """--clip-skip N (A1111's count) as the pipeline's clip_skip (N − 1), checked against the
+    folder's text encoder config before any weights load."""
+    if n is None or n == 1:
+        return None
+    layers = text_encoder_config.get("num_hidden_layers", 0)
+    if text_encoder_config.get("model_type") != "clip_text_model":
+        raise ValueError(f"--clip-skip applies to CLIP text encoders; this model's is "
+                         f"{text_encoder_config.get('model_type')}")
+    if not 1 <= n <= layers:
+        raise ValueError(f"--clip-skip must be in [1, {layers}] for this text encoder, got {n}")
+    return n - 1
 
 
 def check_loras(args, prompts: list[str]) -> list[tuple[Path, float]]:
@@ -199,6 +216,7 @@ def _main(argv=None, editing: bool = False) -> int:
     if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
         raise ValueError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     loras = check_loras(args, prompts)
+    clip_skip = check_clip_skip(args.clip_skip, info.components["text_encoder"].config)
     check_outdir(args.outdir)
     check_request_fits(info, args, device, height, width, len(prompts) * args.num_images)
 
@@ -226,7 +244,7 @@ def _main(argv=None, editing: bool = False) -> int:
             **({} if request.get("outpaint") else {"height": height, "width": width}),
             seed=[first_seed + start + i for i in range(len(batch))], sampler=args.sampler,
             guidance_rescale=rescale, eta=args.eta, dynamic_threshold=args.dynamic_threshold,
-            threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling,
+            threshold_bound=args.threshold_bound, progress=not args.quiet, vae_tiling=vae_tiling, clip_skip=clip_skip,
             **request,
         )
         for path in out.save(args.outdir):
