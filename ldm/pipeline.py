@@ -507,6 +507,11 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def inpainting_unet(self) -> bool:
+        """Whether the U-Net reads a mask and a masked image beside the latents (`ldm.editing.unet_takes_mask`)."""
+        return unet_takes_mask(self.unet.config.in_channels, self.vae.config.latent_channels)
+
+    @property
     def default_size(self) -> int:
         sample_size = self.unet.config.sample_size
         return (sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size) * self.latent_factor
@@ -596,7 +601,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         reads the mask and the masked image's latents at every step, as diffusers runs it (with no
         mask it gets an all-repaint one: txt2img and SDEdit work with it too, as in AUTOMATIC1111)."""
         set_timesteps(scheduler, num_inference_steps, self.device, *custom_steps)  # custom: (timesteps, sigmas)
-        inpainting_unet = self.unet.config.in_channels != self.vae.config.latent_channels
+        inpainting_unet = self.inpainting_unet
         timesteps = scheduler.timesteps
         if images is not None:
             timesteps = sdedit_timesteps(scheduler, num_inference_steps, strength)
@@ -863,7 +868,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             sampler = REPAINT_DEFAULT_SAMPLER if inpaint_method == "repaint" else sampler_of(self.scheduler)
         else:
             sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
-        inpainting_unet = unet_takes_mask(self.unet.config.in_channels, self.vae.config.latent_channels)
+        inpainting_unet = self.inpainting_unet  # also checks the U-Net is one of the two kinds
         inpainting = mask_image is not None or outpaint is not None
         if not inpainting and inpaint_method is not None:
             raise ValueError("inpaint_method applies to inpainting: pass mask_image (white = repaint)")

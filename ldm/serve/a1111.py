@@ -129,19 +129,23 @@ def decode_picture(data, name: str, max_pixels: int):
     """A base64 picture (with or without a `data:image/...;base64,` prefix) as an RGB PIL image."""
     from ldm.data.images import BadSample, load_image
 
+    try:
+        return load_image(picture_bytes(data, name), key=name, max_pixels=max_pixels)
+    except BadSample as e:
+        raise ApiError(422, f"{name}: {e.reason.replace('_', ' ')}" + (f" ({e.detail})" if e.detail else "")) from None
+
+
+def picture_bytes(data, name: str) -> bytes:
+    """The file bytes of a base64 picture field; an ApiError for a URL (never fetched) or bad base64."""
     if not isinstance(data, str) or not data:
         raise ApiError(422, f"{name}: expected a base64-encoded picture")
     if data.startswith(("http://", "https://", "file:")):
         raise ApiError(422, f"{name}: URLs are not fetched; send the picture itself, base64-encoded")
     data = re.sub(r"^data:[^,]*,", "", data, count=1)
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, f"{name}: not valid base64") from None
-    try:
-        return load_image(raw, key=name, max_pixels=max_pixels)
-    except BadSample as e:
-        raise ApiError(422, f"{name}: {e.reason.replace('_', ' ')}" + (f" ({e.detail})" if e.detail else "")) from None
 
 
 def parse_request(kind: str, body, limits: Limits, models: list[str]) -> Job:

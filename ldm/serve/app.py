@@ -21,7 +21,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from ldm.serve.a1111 import ApiError, Limits, decode_picture, info_json, parse_request, samplers, schedulers
+from ldm.serve.a1111 import (
+    ApiError, Limits, decode_picture, info_json, parse_request, picture_bytes, samplers, schedulers,
+)
 from ldm.serve.worker import Worker
 
 STATIC = Path(__file__).parent / "static"
@@ -195,9 +197,8 @@ def create_app(config: ServerConfig, load=None):
         from PIL import Image
 
         data = body.get("image")
-        decode_picture(data, "image", config.limits.max_pixels)  # checks it is a picture within the limits
-        raw = base64.b64decode(re.sub(r"^data:[^,]*,", "", data, count=1))
-        text = Image.open(io.BytesIO(raw)).info.get("parameters", "")
+        decode_picture(data, "image", config.limits.max_pixels)  # a picture within the limits, or a 422
+        text = Image.open(io.BytesIO(picture_bytes(data, "image"))).info.get("parameters", "")
         return {"info": text, "items": {"parameters": text} if text else {},
                 "parameters": parse_infotext(text) if text else {}}
 

@@ -42,7 +42,6 @@ class Result:
     parameters: list[str]
     model_title: str
     model_hash: str | None
-    interrupted: bool = False
 
 
 class Worker:
@@ -167,22 +166,19 @@ class Worker:
                 raise Interrupted(tensors["latents"])
             return tensors
 
-        interrupted = False
         try:
             out = pipe(prompts, progress=False, callback_on_step_end=step, **shared, **kw)
             images, parameters = out.images, out.parameters
         except Interrupted as stop:  # A1111 answers with what the sampler had reached
-            interrupted = progress.interrupted = True
+            progress.interrupted = True
             images = pipe.to_images(pipe.decode_latents(stop.latents), "pil")
-            images = images * (len(prompts) // max(len(images), 1)) if len(images) < len(prompts) else images
             parameters = [""] * len(prompts)
         finally:
             progress.running = False
         results, start = [], 0
         for job in jobs:
             n = len(job.prompts)
-            results.append(Result(images[start:start + n], parameters[start:start + n], self.title, self.hash,
-                                  interrupted))
+            results.append(Result(images[start:start + n], parameters[start:start + n], self.title, self.hash))
             start += n
         return results
 
