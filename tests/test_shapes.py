@@ -1,12 +1,14 @@
 """The shapes world: the fixed spec checked on rendered pixels, the grammar, and determinism."""
 
+import hashlib
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from ldm.data.shapes import (BACKGROUNDS, COLORS, EVAL_DOMAIN, KINDS, MIN_GAP_PX, RELATION_MARGIN, ObjectSpec, Prompt,
-                             caption, eval_prompts, format_prompt, make_scene, parse_caption, render_array, sample_scene)
+from ldm.data.shapes import (BACKGROUND_NAMES, BACKGROUNDS, COLORS, EVAL_DOMAIN, KINDS, MIN_GAP_PX, RELATION_MARGIN,
+                             ObjectSpec, Prompt, background_rgb, caption, eval_prompts, format_prompt, make_scene,
+                             object_box, parse_caption, render_array, sample_scene, world_words, write_dataset)
 
 SCENES = [make_scene(7, i) for i in range(600)]
 
@@ -121,7 +123,8 @@ def test_articles_and_grammar():
     assert parse_caption("a small green square above a purple circle").kind == "attributes"
     assert parse_caption("a green square and a purple circle").kind == "two"
     for bad in ["a orange circle", "an red circle", "a red hexagon", "five red circles", "a pink circle",
-                "a red circle on a blue background", "a red circle near a blue square", "", "A Red Circle!"]:
+                "a red circle on a pink background", "a red circle on an blue background",
+                "an orange circle on a orange background", "a red circle near a blue square", "", "A Red Circle!"]:
         with pytest.raises(ValueError, match="not in the shapes grammar"):
             parse_caption(bad)
 
@@ -134,3 +137,62 @@ def test_bad_arguments():
         sample_scene(rng, 8)
     with pytest.raises(ValueError, match="seed"):
         make_scene(-1, 0)
+
+
+def digest(items) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def test_default_streams_are_those_before_colour_backgrounds():
+    """The colour-background extension is off by default: these digests were taken before it existed."""
+    assert digest(make_scene(0, i).caption for i in range(60)) == "3e46c9231b428c17"
+    renders = hashlib.sha256(b"".join(render_array(make_scene(0, i)).tobytes() for i in range(60))).hexdigest()[:16]
+    assert renders == "a7005a35d2266d7c"
+    assert digest(format_prompt(p) for p in eval_prompts(60, 0)) == "0f84a34824c02863"
+    assert digest([" ".join(world_words())]) == "8e063ef1443a6cd5"  # the colour words were already in it
+    # the spec's three named explicitly are the default draw; other backgrounds leave the other kinds alone
+    assert [make_scene(7, i, backgrounds=list(BACKGROUNDS)) for i in range(60)] == SCENES[:60]
+    blue_green = [make_scene(7, i, backgrounds=["blue", "green"]) for i in range(60)]
+    assert [s for s in blue_green if s.kind != "background"] == [s for s in SCENES[:60] if s.kind != "background"]
+    assert {s.background for s in blue_green if s.kind == "background"} == {"blue", "green"}
+
+
+def test_colour_backgrounds():
+    scenes = [make_scene(3, i, kinds=["background"], backgrounds=list(COLORS)) for i in range(240)]
+    assert {s.background for s in scenes} == set(COLORS)
+    for s in scenes:
+        assert all(o.color != s.background for o in s.objects)  # never an object on its own colour
+        assert s.prompt.background == s.background and parse_caption(s.caption) == s.prompt
+        assert s.caption.endswith(f" on {'an' if s.background == 'orange' else 'a'} {s.background} background")
+    for s in scenes[:20]:  # painted in the colour's RGB outside the objects' boxes
+        image, outside = render_array(s), np.ones((s.size, s.size), bool)
+        for o in s.objects:
+            x0, y0, x1, y1 = object_box(o, s.size)
+            outside[y0:y1, x0:x1] = False
+        assert (image[outside] == COLORS[s.background]).all()
+    twice = Counter(make_scene(3, i, kinds=["background"], backgrounds=["blue", "blue", "green"]).background
+                    for i in range(300))
+    assert set(twice) == {"blue", "green"} and 160 < twice["blue"] < 240  # listed twice: drawn twice as often
+    prompts = eval_prompts(40, 0, backgrounds=["blue", "green"], kinds=["background"])
+    assert {p.kind for p in prompts} == {"background"} and {p.background for p in prompts} == {"blue", "green"}
+    assert [p.kind for p in eval_prompts(6, 0, kinds=["two", "position"])] == ["two", "position"] * 3
+    assert parse_caption("a red circle on an orange background").background == "orange"
+    assert background_rgb("gray") == BACKGROUNDS["gray"] and background_rgb("blue") == COLORS["blue"]
+    assert BACKGROUND_NAMES == ("white", "gray", "black", *COLORS)
+
+
+@pytest.mark.parametrize("backgrounds, message", [
+    (["blue", "pink"], "unknown background(s) 'pink'; backgrounds are white, gray, black, red"),
+    ("blue", "non-empty list"), ([], "non-empty list"),
+])
+def test_bad_backgrounds(tmp_path, backgrounds, message):
+    with pytest.raises(ValueError) as e:
+        make_scene(0, 5, backgrounds=backgrounds)
+    assert message in str(e.value)
+    with pytest.raises(ValueError, match="background"):
+        eval_prompts(3, 0, backgrounds=backgrounds)
+    with pytest.raises(ValueError, match="background"):
+        write_dataset(str(tmp_path / "d"), 3, backgrounds=backgrounds)
+    assert not (tmp_path / "d").exists()  # checked before anything is written
+    with pytest.raises(ValueError, match="unknown background 'pink'"):
+        background_rgb("pink")

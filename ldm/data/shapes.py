@@ -21,7 +21,8 @@ Captions (lower case)
         at least the offset on the other (A lies within 45 degrees of REL's direction from B)
     two|three|four COLOR SHAPEs                          counting (all objects alike)
     any of these + " on a white|gray|black background"   background (else the background is random;
-                                                         `unnamed_background` fixes it, see below)
+                                                         `unnamed_background` fixes it, see below;
+                                                         a colour background is an extension, below)
 "a"/"an" follow the English rule ("an orange circle"). A caption names every object in the image.
 
 Seeds: scene i of training seed K is drawn from `np.random.default_rng([TRAIN_DOMAIN, K, i])`,
@@ -40,6 +41,17 @@ per-image targets, and a background the caption does not name is the largest var
 It buries the relation words: scripts/probe_binding.py --noisy-target, on the relation captions
 of 100,000 scenes, learns no left/right contrast in 600 steps with random unnamed backgrounds, and
 a contrast of 0.80 by step 400 (0.88 at 600; 1 = the data's) on the same scenes with them gray.
+
+Colour backgrounds (an extension of the fixed spec, off by default): a background may also be one of
+the six object colours, painted in that colour's RGB ("a red circle on a blue background").
+`backgrounds=("blue", "green")` (`ldm-shapes make --backgrounds blue,green`) makes the background kind
+name one of those instead of white, gray or black (a name listed twice is drawn twice as often);
+scenes of the other kinds are the spec's, draw for draw, and `backgrounds=None` is the spec exactly.
+No object has its background's colour: such a draw is rejected and the scene redrawn, as a
+placement that does not fit is (so a colour background's scenes lean a little towards one object,
+which is rejected less often). `parse_caption` always reads the colour names; the scorer looks for
+a colour background only where the caption names one. What it is for: a concept the default model,
+trained on the spec alone, cannot draw, for a LoRA to learn (docs/data.md).
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ COLORS = {
     "purple": (140, 50, 200),
 }
 BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
+BACKGROUND_NAMES = (*BACKGROUNDS, *COLORS)  # the spec's three, then the colour backgrounds (the extension)
 SHAPES = ("circle", "square", "triangle")
 SIZE_FRACTIONS = {"small": 0.22, "large": 0.38}  # extent / S
 SIZE_JITTER = 0.08
@@ -158,7 +171,7 @@ _COLOR = "|".join(COLORS)
 _SHAPE = "|".join(SHAPES)
 _NP = rf"(an?) (?:(small|large) )?({_COLOR}) ({_SHAPE})"
 _REL = "|".join(RELATIONS)
-_SUFFIX = rf"(?: on (an?) ({'|'.join(BACKGROUNDS)}) background)?"
+_SUFFIX = rf"(?: on (an?) ({'|'.join(BACKGROUND_NAMES)}) background)?"
 _PATTERNS = {
     "single": re.compile(rf"{_NP}{_SUFFIX}"),
     "and": re.compile(rf"{_NP} and {_NP}{_SUFFIX}"),
@@ -278,23 +291,53 @@ def _place(rng: np.random.Generator, size: int, extents: list[float], relation: 
     return placed
 
 
+def background_rgb(name: str) -> tuple[int, int, int]:
+    """The colour of a background name: one of BACKGROUNDS, or (the extension) one of the object COLORS."""
+    if name in BACKGROUNDS:
+        return BACKGROUNDS[name]
+    if name in COLORS:
+        return COLORS[name]
+    raise ValueError(f"unknown background {name!r}; backgrounds are {', '.join(BACKGROUND_NAMES)}")
+
+
+def check_backgrounds(backgrounds: typing.Sequence[str] | None) -> tuple[str, ...] | None:
+    """`backgrounds` as a tuple (None stays None: the spec's three), or a ValueError naming what is wrong."""
+    if backgrounds is None:
+        return None
+    if isinstance(backgrounds, str) or not backgrounds:
+        raise ValueError(f"backgrounds must be None or a non-empty list of {BACKGROUND_NAMES}, got {backgrounds!r}")
+    bad = [b for b in backgrounds if b not in BACKGROUND_NAMES]
+    if bad:
+        raise ValueError(f"unknown background(s) {', '.join(map(repr, bad))}; "
+                         f"backgrounds are {', '.join(BACKGROUND_NAMES)}")
+    return tuple(backgrounds)
+
+
 def _check_unnamed_background(unnamed_background: str | None) -> None:
     if unnamed_background is not None and unnamed_background not in BACKGROUNDS:
         raise ValueError(f"unnamed_background must be one of {tuple(BACKGROUNDS)} or None, got {unnamed_background!r}")
 
 
-def sample_scene(rng: np.random.Generator, size: int = 64, kind: str | None = None, unnamed_background: str | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, size: int = 64, kind: str | None = None,
+                 unnamed_background: str | None = None, backgrounds: typing.Sequence[str] | None = None) -> Scene:
     """A random scene of `kind` (one of KINDS; random if None) with its caption. A caption without a
-    background phrase gets a random background, or `unnamed_background` if given (see the module doc)."""
+    background phrase gets a random background, or `unnamed_background` if given; the background
+    kind names one of `backgrounds` (None: the spec's white, gray, black), see the module doc."""
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
     _check_unnamed_background(unnamed_background)
+    backgrounds = check_backgrounds(backgrounds)
     kind = kind or _pick(rng, KINDS)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     while True:  # rejection: a placement that does not fit redraws the whole scene
         base = _pick(rng, KINDS[:-1]) if kind == "background" else kind
-        background = _pick(rng, BACKGROUNDS)  # drawn either way: the other draws stay the same
+        # drawn for every kind, so the other draws stay the same; `backgrounds` only replaces the
+        # options of the background kind (None: the spec's three, the spec's draw exactly)
+        if kind == "background" and backgrounds is not None:
+            background = _pick(rng, backgrounds)
+        else:
+            background = _pick(rng, BACKGROUNDS)
         if kind != "background" and unnamed_background is not None:
             background = unnamed_background
         relation, show_size = None, [False, False]
@@ -313,6 +356,8 @@ def sample_scene(rng: np.random.Generator, size: int = 64, kind: str | None = No
             color, shape, size_word, _ = _random_object(rng, size)
             objects = [_random_object(rng, size, color, shape, size_word) for _ in range(n)]
             form = "count"
+        if any(o[0] == background for o in objects):  # an object on its own colour: redraw the scene
+            continue
         # Retry the placement of the same objects before redrawing them, so that crowded scenes
         # (four large objects) are not under-represented among the counts.
         centres = next((c for c in (_place(rng, size, [o[3] for o in objects], relation) for _ in range(20)) if c), None)
@@ -343,15 +388,20 @@ def check_kinds(kinds: typing.Sequence[str]) -> tuple[str, ...]:
 
 
 def make_scene(seed: int, index: int, size: int = 64, domain: int = TRAIN_DOMAIN, unnamed_background: str | None = None,
-               kinds: typing.Sequence[str] = KINDS) -> Scene:
+               kinds: typing.Sequence[str] = KINDS, backgrounds: typing.Sequence[str] | None = None) -> Scene:
     """Scene `index` of a dataset with `seed`: kind kinds[index % len(kinds)] (the spec's balanced
-    KINDS by default; a kind listed twice is drawn twice as often), independent of other indices."""
-    return sample_scene(scene_rng(seed, index, domain), size, kinds[index % len(kinds)], unnamed_background)
+    KINDS by default; a kind listed twice is drawn twice as often), independent of other indices.
+    `backgrounds`: the names the background kind draws from (None: the spec's three; see the module doc)."""
+    rng = scene_rng(seed, index, domain)
+    return sample_scene(rng, size, kinds[index % len(kinds)], unnamed_background, backgrounds)
 
 
-def eval_prompts(num: int, seed: int, size: int = 64) -> list[Prompt]:
-    """`num` evaluation prompts, balanced over KINDS, from the EVAL_DOMAIN stream (never training's)."""
-    return [make_scene(seed, i, size, EVAL_DOMAIN).prompt for i in range(num)]
+def eval_prompts(num: int, seed: int, size: int = 64, backgrounds: typing.Sequence[str] | None = None,
+                 kinds: typing.Sequence[str] = KINDS) -> list[Prompt]:
+    """`num` evaluation prompts from the EVAL_DOMAIN stream (never training's), balanced over KINDS,
+    or cycling through `kinds`; the background kind names one of `backgrounds` (None: the spec's three)."""
+    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
+    return [make_scene(seed, i, size, EVAL_DOMAIN, kinds=kinds, backgrounds=backgrounds).prompt for i in range(num)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +436,7 @@ def object_box(o: SceneObject, size: int, grow: int = 0) -> tuple[int, int, int,
 def render_array(scene: Scene) -> np.ndarray:
     """Scene -> (S, S, 3) uint8. Each object blends over the background only: boxes never overlap."""
     S = scene.size
-    bg = np.array(BACKGROUNDS[scene.background], np.float32)
+    bg = np.array(background_rgb(scene.background), np.float32)
     image = np.empty((S, S, 3), np.float32)
     image[:] = bg
     for o in scene.objects:
@@ -421,12 +471,13 @@ def scene_record(scene: Scene) -> dict:
 
 
 def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrite: bool = False,
-                  unnamed_background: str | None = None, kinds: typing.Sequence[str] = KINDS) -> int:
+                  unnamed_background: str | None = None, kinds: typing.Sequence[str] = KINDS,
+                  backgrounds: typing.Sequence[str] | None = None) -> int:
     """Write `num` scenes of training seed `seed` as `out/0000000.png`... + `out/metadata.jsonl`.
 
     Rows are {"file_name", "text", "seed", "index", "kind", "background", "objects"}; image i is
-    `make_scene(seed, i, size, unnamed_background=..., kinds=...)`, so a dataset is reproducible from
-    (seed, size, unnamed_background, kinds) and can be extended.
+    `make_scene(seed, i, size, unnamed_background=..., kinds=..., backgrounds=...)`, so a dataset is
+    reproducible from (seed, size, unnamed_background, kinds, backgrounds) and can be extended.
     Refuses to overwrite an existing metadata.jsonl unless `overwrite`. Returns bytes of PNG written.
     """
     import json
@@ -435,7 +486,7 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
     _check_unnamed_background(unnamed_background)
-    kinds = check_kinds(kinds)
+    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
     os.makedirs(out, exist_ok=True)
@@ -446,7 +497,8 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     written = 0
     with open(meta_path + ".partial", "w") as meta:
         for i in range(num):
-            scene = make_scene(seed, i, size, unnamed_background=unnamed_background, kinds=kinds)
+            scene = make_scene(seed, i, size, unnamed_background=unnamed_background, kinds=kinds,
+                               backgrounds=backgrounds)
             name = f"{i:0{width}d}.png"
             path = os.path.join(out, name)
             # compress_level 1: these flat images compress almost as well, several times faster
