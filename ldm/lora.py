@@ -5,7 +5,9 @@ Loading, scaling, fusing and the two file formats (diffusers/peft keys, and kohy
 (`StableDiffusionLoraLoaderMixin`, over peft), so a file gives the same images here as in diffusers.
 What this module adds: nothing pickled is read, keys that map to no module of this model are an
 error naming them (diffusers only logs them), each adapter's file hash for the PNG's `Lora hashes`,
-and the prompt tags `<lora:NAME:SCALE>`, resolved by name inside a folder, never as a path.
+and the prompt tags `<lora:NAME:SCALE>`, resolved by name inside a folder, never as a path. For
+training (`ldm-train-unet` with `lora.enabled`): the adapters a config asks for (`add_adapters`)
+and the one writer of LoRA files in both formats (`write_lora`), with each adapter's own alpha.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def check_lora_keys(state_dict: dict, modules: dict[str, set[str]], source: str)
     unknown = []
     for key in peft_keys(state_dict):
         prefix, _, rest = key.partition(".")
+        if prefix == "text_encoder" and rest.startswith("text_model.") and "text_model" not in modules.get(prefix, ()):
+            rest = rest[len("text_model."):]  # transformers 5's CLIPTextModel has no text_model level; its loader maps it
         module = re.split(r"\.lora(?:_[AB]|\.(?:up|down))?\.|\.lora_magnitude_vector|\.alpha$", rest)[0]
         if prefix not in modules or module not in modules[prefix]:
             unknown.append(key)
@@ -102,3 +106,86 @@ def peft_keys(state_dict: dict) -> list[str]:
             part = convert_unet_state_dict_to_peft(part) if network == "unet" else convert_state_dict_to_peft(part)
         keys += [f"{network}.{k}" for k in part]
     return keys
+
+
+# A CLIP text encoder's attention projections: the only text encoder whose adapters diffusers' loader
+# reads (a BERT or T5 one fails there with "Could not automatically infer state dict type").
+CLIP_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_CONV_TARGETS = ("conv1", "conv2")  # the ResNet blocks' two 3×3 convolutions
+
+
+def add_adapters(unet, text_encoder, *, rank: int, alpha: float, target_modules, conv: bool, on_text_encoder: bool,
+                 dropout: float = 0.0, adapter_name: str = "default") -> dict:
+    """New LoRA adapters (peft's `LoraConfig`, diffusers' `add_adapter`) on a frozen U-Net, and on
+    the text encoder's attention with `on_text_encoder`: ΔW = (alpha / rank) · B A with A Gaussian
+    and B = 0, so training starts from the base model's own function (Hu et al. 2022, §4.1).
+    Every base weight is frozen; only A and B train. Returns {network: module} of the adapted ones."""
+    from peft import LoraConfig
+
+    targets = list(target_modules) + (list(UNET_CONV_TARGETS) if conv else [])
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                init_lora_weights="gaussian"), adapter_name=adapter_name)
+    adapted = {"unet": unet}
+    if on_text_encoder:
+        from peft import inject_adapter_in_model
+
+        kind = text_encoder.config.model_type
+        if kind != "clip_text_model":
+            raise ValueError(f"lora.text_encoder: diffusers' LoRA loader reads text-encoder adapters of CLIP text "
+                             f"encoders only, and this model's is {kind}; train the U-Net's adapters alone")
+        # peft's own injection: transformers' add_adapter asks for a newer peft than PyPI has
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(CLIP_TEXT_TARGETS),
+                                           init_lora_weights="gaussian"), text_encoder, adapter_name=adapter_name)
+        adapted["text_encoder"] = text_encoder
+    return adapted
+
+
+def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diffusers") -> Path:
+    """Write adapter `adapter_name` of `networks` ({"unet": ..., "text_encoder": ...}; those
+    without it are skipped) as one `.safetensors` file.
+
+    diffusers: peft's keys under `unet.` / `text_encoder.`, with each network's LoRA config in the
+    header (diffusers' `lora_adapter_metadata`), so an alpha other than the rank loads right.
+    kohya: diffusers' own `convert_state_dict_to_kohya`, with two corrections: its `.alpha` entries
+    (it writes the rank) are the adapter's alpha, as kohya's scale is alpha / rank; and a CLIP text
+    encoder's keys are SD 1.x's `lora_te_text_model_…`, as AUTOMATIC1111 reads them (diffusers writes
+    SDXL's `lora_te1_`, without the `text_model` level that transformers 5 no longer has)."""
+    import torch
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if lora_format not in ("diffusers", "kohya"):
+        raise ValueError(f"unknown LoRA format {lora_format!r}; choose diffusers or kohya")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a LoRA file is written as .safetensors")
+    layers, configs = {}, {}
+    for network, module in networks.items():
+        if adapter_name in (getattr(module, "peft_config", None) or {}):
+            layers[network] = get_peft_model_state_dict(module, adapter_name=adapter_name)
+            configs[network] = module.peft_config[adapter_name]
+    if not layers:
+        raise ValueError(f"no adapter named {adapter_name!r} to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if lora_format == "diffusers":
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            path.parent, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
+            weight_name=path.name, **{f"{network}_lora_adapter_metadata": config.to_dict()
+                                      for network, config in configs.items()})
+        return path
+    peft = {f"{network}.{k}": v for network, part in layers.items() for k, v in part.items()}
+    kohya = {}
+    for key, value in convert_state_dict_to_kohya(peft).items():
+        if key.startswith("lora_te1_"):  # diffusers writes SDXL's first-encoder prefix; SD 1.x files say lora_te_text_model_
+            rest = key[len("lora_te1_"):]
+            key = "lora_te_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
+        if key.endswith(".alpha"):
+            value = torch.tensor(float(configs["text_encoder" if key.startswith("lora_te") else "unet"].lora_alpha))
+        kohya[key] = value
+    save_file({k: v.contiguous() for k, v in kohya.items()}, path)
+    return path
+

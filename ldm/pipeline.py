@@ -152,13 +152,15 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         if name in self.lora_files:
             raise ValueError(f"an adapter named {name!r} is loaded already; pass another adapter_name")
         with library_quiet():
-            state_dict, alphas = self.lora_state_dict(source if isinstance(source, dict) else str(source), **kwargs)
+            state_dict, _ = self.lora_state_dict(source if isinstance(source, dict) else str(source), **kwargs)
         modules = {"unet": {n for n, _ in self.unet.named_modules()},
                    "text_encoder": {n for n, _ in self.text_encoder.named_modules()}}
         check_lora_keys(state_dict, modules, str(source) if not isinstance(source, dict) else "the state dict")
         try:
             with library_quiet():
-                super().load_lora_weights(state_dict, adapter_name=name, network_alphas=alphas)
+                # from the file again, not the dict: only the file's header has the adapters' alpha
+                super().load_lora_weights(source if isinstance(source, dict) else str(source), adapter_name=name,
+                                          **kwargs)
         except (RuntimeError, ValueError, KeyError) as e:
             reason = " ".join(str(e).split())
             raise ValueError(f"{source if not isinstance(source, dict) else 'the LoRA'} does not fit this model: "
@@ -171,32 +173,13 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         """Write one loaded adapter as a `.safetensors` file: diffusers/peft keys (`load_lora_weights`
         in diffusers reads it), or kohya's `lora_unet_…`/`lora_te_…` keys with `alpha` (diffusers'
         own `convert_state_dict_to_kohya`), which AUTOMATIC1111 and ComfyUI read."""
-        from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
+        from ldm.lora import write_lora
 
-        if lora_format not in ("diffusers", "kohya"):
-            raise ValueError(f"unknown LoRA format {lora_format!r}; choose diffusers or kohya")
         name = adapter_name or (next(iter(self.lora_files)) if len(self.lora_files) == 1 else None)
         if name not in self.lora_files:
             loaded = ", ".join(self.lora_files) or "none"
             raise ValueError(f"name the adapter to save (adapter_name); loaded: {loaded}")
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: a LoRA file is written as .safetensors")
-        layers = {}
-        for network in ("unet", "text_encoder"):
-            module = getattr(self, network)
-            if name in (getattr(module, "peft_config", None) or {}):
-                layers[network] = get_peft_model_state_dict(module, adapter_name=name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if lora_format == "diffusers":
-            self.save_lora_weights(path.parent, unet_lora_layers=layers.get("unet"),
-                                   text_encoder_lora_layers=layers.get("text_encoder"), weight_name=path.name)
-        else:
-            peft = {f"{network}.{k}": v for network, part in layers.items() for k, v in part.items()}
-            save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft).items()}, path)
-        return path
+        return write_lora(path, {"unet": self.unet, "text_encoder": self.text_encoder}, name, lora_format)
 
     def set_adapters(self, adapter_names, adapter_weights=None):
         """diffusers' `set_adapters`, with the scales checked (finite numbers) and remembered for the PNG."""

@@ -23,7 +23,7 @@ def _setup(seed=0):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     optimizer = make_optimizer(model.parameters(), OPTIM)
     scheduler = make_lr_scheduler(optimizer, OPTIM, max_steps=20)
-    ema = make_ema(model, EMAConfig(enabled=True, decay=0.99))
+    ema = make_ema(model.parameters(), EMAConfig(enabled=True, decay=0.99))
     return model, optimizer, scheduler, ema
 
 
@@ -208,7 +208,7 @@ def test_foreach_ema_matches_the_loop_and_shares_checkpoints():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     config = EMAConfig(enabled=True, decay=0.999, warmup=True)
-    loop, fused = make_ema(model, config), make_ema(model, config, foreach=True)
+    loop, fused = make_ema(model.parameters(), config), make_ema(model.parameters(), config, foreach=True)
     assert not loop.foreach and fused.foreach
     for _ in range(5):
         with torch.no_grad():
@@ -220,7 +220,7 @@ def test_foreach_ema_matches_the_loop_and_shares_checkpoints():
     assert moved > 0  # the shadows lag the weights: the update did something
     for a, b in zip(loop.shadow_params, fused.shadow_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    resumed = make_ema(model, config)
+    resumed = make_ema(model.parameters(), config)
     resumed.load_state_dict(fused.state_dict())
     assert resumed.optimization_step == fused.optimization_step == 5
     for a, b in zip(resumed.shadow_params, fused.shadow_params):

@@ -16,9 +16,15 @@ def build_parser() -> ArgumentParser:
         prog="ldm-train-unet",
         description="Train a text-conditioned latent diffusion U-Net (stage 2) with condition dropout, on the latents of a frozen VAE.",
         epilog=f"{TRAINING_EXIT_STATUSES} Example: ldm-train-unet --config configs/unet/shapes.yaml --vae runs/vae-shapes/final "
-               "--data data/shapes --output-dir runs/unet-shapes optim.lr=2e-4 run.batch_size=64",
+               "--data data/shapes --output-dir runs/unet-shapes optim.lr=2e-4 run.batch_size=64. A LoRA: ldm-train-unet --config "
+               "configs/unet/lora.yaml --base PIPELINE --data DIR --output-dir runs/lora",
     )
     add_training_arguments(p, "configs/unet/*.yaml", "ldm.train.unet.UNetTrainConfig", "optim.lr=3e-4 objective.p_uncond=0.1")
+    p.add_argument("--base", metavar="PIPELINE",
+                   help="a pipeline folder to start from: its VAE, text encoder, U-Net and noise schedule; sets base "
+                        "(with configs/unet/lora.yaml: train a LoRA on it)")
+    p.add_argument("--lora-format", choices=("diffusers", "kohya"),
+                   help="the key format of a LoRA run's final/lora.safetensors (default diffusers); sets lora.format")
     p.add_argument("--vae", help="the frozen AutoencoderKL folder (config.json with scaling_factor + safetensors), or a pipeline folder with vae/; sets vae")
     p.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT"),
                    help="write a checkpoint (latest, or a checkpoint folder) as a pipeline folder OUT, with its EMA weights as in final/, and exit; "
@@ -31,7 +37,7 @@ def _main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may follow any flag
     from ldm.train.unet import UNetTrainConfig, train
 
-    config = load_training_config(UNetTrainConfig, args, vae=args.vae)
+    config = load_training_config(UNetTrainConfig, args, vae=args.vae, base=args.base, **{"lora.format": args.lora_format})
     if args.export:
         if args.build_cache or args.resume:
             raise ValueError("--export runs alone: drop --build-cache and --resume")

@@ -225,12 +225,14 @@ def save_checkpoint(
     accelerator: Any | None = None,
     keep_last: int = 3,
     protect: Path | None = None,
+    trained_only: bool = False,
 ) -> Path:
     """Write checkpoint `step` atomically; every process of a multi-process run must call it.
 
     `models` are unwrapped with `accelerator.unwrap_model` when one is given. `state` is the loop's
     own JSON-able state. `protect` is a checkpoint never deleted by keep-last pruning (the one the
-    run resumed from, until a newer one exists).
+    run resumed from, until a newer one exists). `trained_only`: each model file holds only the
+    parameters that train (a LoRA's adapters), not the frozen base they sit on.
     """
     is_main = accelerator is None or accelerator.is_main_process
     rank = accelerator.process_index if accelerator is not None else 0
@@ -271,7 +273,11 @@ def save_checkpoint(
     def write_main():
         unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
         for name, model in models.items():
-            save_model(unwrap(model), str(tmp / f"model-{name}.safetensors"))
+            if trained_only:
+                save_file({k: p.detach().cpu().contiguous() for k, p in unwrap(model).named_parameters() if p.requires_grad},
+                          str(tmp / f"model-{name}.safetensors"))
+            else:
+                save_model(unwrap(model), str(tmp / f"model-{name}.safetensors"))
         for name, optimizer in (optimizers or {}).items():
             save_state(optimizer.state_dict(), tmp, f"optimizer-{name}")
         for name, scheduler in (schedulers or {}).items():
@@ -360,9 +366,22 @@ def _state_nbytes(state: Any) -> int:
     return 0
 
 
-def load_model_weights(folder: Path, name: str, model: torch.nn.Module) -> None:
-    """Load a checkpoint's `model-NAME.safetensors` into `model`, which must fit it exactly."""
-    missing, unexpected = load_model(model, str(Path(folder) / f"model-{name}.safetensors"), strict=False)
+def load_model_weights(folder: Path, name: str, model: torch.nn.Module, trained_only: bool = False) -> None:
+    """Load a checkpoint's `model-NAME.safetensors` into `model`, which must fit it exactly (with
+    `trained_only`: every parameter that trains, and nothing else)."""
+    if trained_only:
+        state = load_file(Path(folder) / f"model-{name}.safetensors")
+        wanted = {k for k, p in model.named_parameters() if p.requires_grad}
+        missing, unexpected = wanted - set(state), set(state) - wanted
+        if not missing and not unexpected:
+            try:
+                model.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # a rank or a target of another run: shapes that differ
+                raise ValueError(f"checkpoint {folder}: model-{name} does not fit this model "
+                                 f"({' '.join(str(e).split())[:200]})") from None
+            return
+    else:
+        missing, unexpected = load_model(model, str(Path(folder) / f"model-{name}.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder}: model-{name} does not fit this model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
 
@@ -376,8 +395,10 @@ def load_checkpoint(
     emas: dict[str, Any] | None = None,
     scaler: Any | None = None,
     accelerator: Any | None = None,
+    trained_only: bool = False,
 ) -> dict:
     """Restore everything `save_checkpoint` wrote, in place; returns the loop's `state` dict.
+    (`trained_only` as there: the model files hold only the parameters that train.)
 
     Each process restores its own RNG state, so the run continues exactly as if never stopped.
     """
@@ -391,7 +412,7 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {folder} was written by {state['num_processes']} processes; resume it with the same number (this run has {num_processes})")
     unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
     for name, model in models.items():
-        load_model_weights(folder, name, unwrap(model))
+        load_model_weights(folder, name, unwrap(model), trained_only)
     for name, optimizer in (optimizers or {}).items():
         optimizer.load_state_dict(load_state(folder, f"optimizer-{name}"))
     for name, scheduler in (schedulers or {}).items():

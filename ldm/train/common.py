@@ -299,8 +299,8 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_
     return ConfiguredLR(optimizer, lambda step: lr_factor(step, optim, max_steps))
 
 
-def make_ema(model: torch.nn.Module, ema: EMAConfig, foreach: bool = False):
-    """diffusers' EMAModel over `model`'s parameters, or None when EMA is off.
+def make_ema(parameters, ema: EMAConfig, foreach: bool = False):
+    """diffusers' EMAModel over `parameters` (a model's, or its adapters'), or None when EMA is off.
 
     With warm-up the decay at update k is 1 − (1 + k / inv_gamma)^(−power), capped at `decay`, so
     early weights (mostly noise) are forgotten fast.
@@ -315,7 +315,7 @@ def make_ema(model: torch.nn.Module, ema: EMAConfig, foreach: bool = False):
     from diffusers.training_utils import EMAModel
 
     return EMAModel(
-        model.parameters(), decay=ema.decay, update_after_step=ema.update_after_step, use_ema_warmup=ema.warmup,
+        list(parameters), decay=ema.decay, update_after_step=ema.update_after_step, use_ema_warmup=ema.warmup,
         inv_gamma=ema.inv_gamma, power=ema.power, foreach=foreach,
     )
 

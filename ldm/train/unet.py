@@ -118,7 +118,26 @@ class CacheConfig:
 
 
 @dataclass
+class LoraTrainConfig:
+    """LoRA (Hu et al. 2022): with `enabled`, the base model (`base`, or model.pretrained with a frozen
+    text encoder) stays frozen and only low-rank adapters ΔW = (alpha / rank) · B A train, through
+    peft. Checkpoints hold the adapters and their optimizer state only; OUTPUT/final/lora.safetensors
+    is the adapter file `ldm-txt2img --lora` and diffusers' `load_lora_weights` read."""
+
+    enabled: bool = False
+    rank: int = 4
+    alpha: float | None = None  # None: the rank (scale 1)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # the U-Net's attention projections
+    conv: bool = False  # also the ResNet blocks' 3×3 convolutions (conv1, conv2)
+    text_encoder: bool = False  # also the text encoder's attention projections
+    dropout: float = 0.0
+    format: Literal["diffusers", "kohya"] = "diffusers"  # of final/lora.safetensors; --lora-format overrides
+
+
+@dataclass
 class UNetTrainConfig:
+    # a pipeline folder to start from: its VAE, text encoder, U-Net and noise schedule (--base); see resolve_base
+    base: str | None = None
     vae: str | None = None  # an AutoencoderKL folder (or a pipeline folder with vae/); --vae overrides
     model: UNetModelConfig = field(default_factory=UNetModelConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -129,13 +148,26 @@ class UNetTrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     samples: SampleConfig = field(default_factory=SampleConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
 
 
 def check_config(config: UNetTrainConfig) -> None:
     """Cross-field checks, before anything loads; a ValueError names the key. Warns when p_uncond is 0."""
     obj, run = config.objective, config.run
     if config.vae is None:
-        raise ValueError("no VAE given: pass --vae DIR (an AutoencoderKL folder) or set vae in the config")
+        raise ValueError("no VAE given: pass --vae DIR (an AutoencoderKL folder), or --base PIPELINE, or set vae in the config")
+    lora = config.lora
+    if lora.enabled:
+        if not config.model.pretrained:
+            raise ValueError("lora.enabled trains adapters on a trained model: pass --base PIPELINE (or set model.pretrained)")
+        if config.text_encoder.mode != "frozen":
+            raise ValueError("lora.enabled keeps the text encoder frozen (adapters on it: lora.text_encoder=true); "
+                             "set text_encoder.mode=frozen")
+        if lora.rank < 1 or (lora.alpha is not None and lora.alpha <= 0) or not 0 <= lora.dropout < 1:
+            raise ValueError(f"lora.rank must be ≥ 1, lora.alpha > 0 and lora.dropout in [0, 1), "
+                             f"got {lora.rank}, {lora.alpha} and {lora.dropout}")
+        if not lora.target_modules and not lora.conv:
+            raise ValueError("lora.target_modules is empty: name the U-Net modules to adapt (or set lora.conv=true)")
     if not 0 <= obj.p_uncond < 1:
         raise ValueError(f"objective.p_uncond must be in [0, 1), got {obj.p_uncond}")
     if obj.p_uncond == 0:
@@ -175,6 +207,61 @@ def check_config(config: UNetTrainConfig) -> None:
 
     check_sampler(config.samples.sampler)
     check_optim(config.optim)
+
+
+def resolve_base(config: UNetTrainConfig) -> UNetTrainConfig:
+    """`base` (a pipeline folder) spelled out: vae, text_encoder.path and model.pretrained become the
+    base's folder, and the objective's noise schedule (β, T, prediction type, zero terminal SNR)
+    the one its scheduler was trained with: a LoRA or a fine-tune trained on another schedule
+    would learn to undo the base instead of adding to it. A key the config sets to something else
+    is a ValueError naming both values. text_encoder.mode stays the config's (frozen for a LoRA,
+    joint to fine-tune the encoder too); data.resolution, when left at its default, becomes the base's."""
+    import dataclasses
+
+    if config.base is None:
+        return config
+    base = Path(config.base)
+    if not (base / "model_index.json").is_file() or not (base / "unet" / "config.json").is_file():
+        raise ValueError(f"--base {base}: not a pipeline folder (model_index.json, unet/, vae/, text_encoder/, scheduler/)")
+    scheduler_file = base / "scheduler" / "scheduler_config.json"
+    if not scheduler_file.is_file():
+        raise ValueError(f"--base {base}: no scheduler/scheduler_config.json, so its noise schedule is unknown")
+    sched = read_json(scheduler_file)
+    names = {v: k for k, v in schedule.DIFFUSERS_BETA_SCHEDULES.items()}
+    if sched.get("beta_schedule") not in names:
+        raise ValueError(f"--base {base}: beta_schedule {sched.get('beta_schedule')!r} is not one ldm trains "
+                         f"({', '.join(names)})")
+    wanted = {
+        "objective.prediction_type": sched.get("prediction_type", "epsilon"),
+        "objective.beta_schedule": names[sched["beta_schedule"]],
+        "objective.beta_start": sched.get("beta_start", 0.0001), "objective.beta_end": sched.get("beta_end", 0.02),
+        "objective.num_train_timesteps": sched.get("num_train_timesteps", 1000),
+        "objective.zero_terminal_snr": bool(sched.get("rescale_betas_zero_snr", False)),
+        "vae": str(base), "text_encoder.path": str(base), "model.pretrained": str(base),
+    }
+    folders = {"vae": "vae", "text_encoder.path": "text_encoder", "model.pretrained": "unet"}  # each may name its subfolder
+    defaults = UNetTrainConfig()
+    for key, value in wanted.items():
+        section, _, name = key.rpartition(".")
+        now = getattr(getattr(config, section) if section else config, name)
+        default = getattr(getattr(defaults, section) if section else defaults, name)
+        if key in folders:
+            same = now is not None and Path(now).resolve() in (base.resolve(), (base / folders[key]).resolve())
+        else:
+            same = now == value
+        if now != default and not same:
+            raise ValueError(f"config key {key} is {now!r}, but --base {base} has {value!r}; drop one of them")
+    objective = {key.partition(".")[2]: value for key, value in wanted.items() if key.startswith("objective.")}
+    data = config.data
+    if data.resolution == defaults.data.resolution:
+        unet = read_json(base / "unet" / "config.json")
+        vae = read_json(base / "vae" / "config.json") if (base / "vae" / "config.json").is_file() else {}
+        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        data = dataclasses.replace(data, resolution=int(unet.get("sample_size", 32)) * factor)
+    return dataclasses.replace(
+        config, vae=str(base), data=data, objective=dataclasses.replace(config.objective, **objective),
+        text_encoder=dataclasses.replace(config.text_encoder, path=str(base)),
+        model=dataclasses.replace(config.model, pretrained=str(base)))
 
 
 # ---- building the parts --------------------------------------------------------------------------
@@ -480,6 +567,27 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def trained_networks(config: UNetTrainConfig, unet, text_encoder) -> dict:
+    """{name: network} of the networks that train: the U-Net, and the text encoder when joint; with
+    lora.enabled, the adapters the config asks for are added first and only they train."""
+    from ldm.lora import add_adapters
+
+    trained = {"unet": unet}
+    if config.lora.enabled:
+        c = config.lora
+        trained = add_adapters(unet, text_encoder, rank=c.rank, alpha=c.alpha or c.rank, target_modules=c.target_modules,
+                               conv=c.conv, on_text_encoder=c.text_encoder, dropout=c.dropout)
+    if config.text_encoder.mode == "joint":
+        trained["text_encoder"] = text_encoder
+    return trained
+
+
+def trained_weights(module: torch.nn.Module, lora: bool) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer and the EMA see: a LoRA's adapters, or every parameter (those
+    frozen, like a BERT encoder's pooler, get no gradient and stay as they are)."""
+    return [p for p in module.parameters() if p.requires_grad or not lora]
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -499,15 +607,17 @@ def build_models(config: UNetTrainConfig):
 
 
 def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path) -> Path:
-    """Write a training checkpoint as a pipeline folder, like OUTPUT/final: the EMA weights when the
-    run keeps an EMA (config.ema.enabled), else the raw ones. `checkpoint` is "latest" (of
+    """Write a training checkpoint as a pipeline folder, like OUTPUT/final (a LoRA run's: OUT/lora.safetensors):
+    the EMA weights when the run keeps an EMA (config.ema.enabled), else the raw ones. `checkpoint` is "latest" (of
     run.output_dir) or a checkpoint folder; `out` must not exist yet (or be empty). Works for a
     checkpoint of any process count, on the CPU, without touching the run."""
+    from ldm.lora import write_lora
     from ldm.pipeline import LatentPipeline
     from ldm.sampling import sampling_scheduler
     from ldm.train.checkpoint import load_model_weights, load_state, resolve_resume
     from ldm.train.common import make_ema
 
+    config = resolve_base(config)
     check_config(config)
     folder = resolve_resume(checkpoint, config.run.output_dir, flag="--export")
     if folder is None:
@@ -516,19 +626,26 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; choose a new one")
     vae, text_encoder, tokenizer, unet, _ = build_models(config)
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if config.text_encoder.mode == "joint" else {})}
+    lora = config.lora.enabled
+    trained = trained_networks(config, unet, text_encoder)
     for name, model in trained.items():
-        load_model_weights(folder, name, model)
-        ema = make_ema(model, config.ema)
+        load_model_weights(folder, name, model, trained_only=lora)
+        weights = trained_weights(model, lora)
+        ema = make_ema(weights, config.ema)
         if ema is not None:
             if not (folder / f"ema-{name}.safetensors").is_file():
                 raise ValueError(f"checkpoint {folder} has no EMA of {name}; export the raw weights with ema.enabled=false")
             ema.load_state_dict(load_state(folder, f"ema-{name}"))
-            ema.copy_to(model.parameters())
+            ema.copy_to(weights)
+    kind = "EMA" if config.ema.enabled else "raw"
+    if lora:
+        path = write_lora(out / "lora.safetensors", {"unet": unet, "text_encoder": text_encoder}, "default", config.lora.format)
+        log.info("wrote %s from %s (%s weights)", path, folder, kind)
+        return path
     scheduler = sampling_scheduler(make_training_scheduler(config.objective))  # the folder names its sampler
     pipe = LatentPipeline(vae, text_encoder.eval(), tokenizer, unet.eval(), scheduler)
     pipe.save_pretrained(out)
-    log.info("wrote %s from %s (%s weights)", out, folder, "EMA" if config.ema.enabled else "raw")
+    log.info("wrote %s from %s (%s weights)", out, folder, kind)
     return out
 
 
@@ -536,6 +653,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
           progress: bool = True) -> Path:
     """Train per `config`; returns OUTPUT/final (or, with `build_cache_only`, the cache file)."""
     from ldm.data import open_dataset
+    from ldm.lora import write_lora
     from ldm.pipeline import LatentPipeline
     from ldm.sampling import sampling_scheduler
     from ldm.train import cache as latent_cache
@@ -544,6 +662,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
                                   make_lr_scheduler, make_optimizer, progress_bar, save_grid, seed_everything)
     from ldm.train.guards import StepGuard
 
+    config = resolve_base(config)
     check_config(config)
     run, obj = config.run, config.objective
     if config.data.path is None:
@@ -558,22 +677,27 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
 
     # -- the parts: frozen VAE, text encoder (frozen or joint), U-Net, training scheduler
     vae, text_encoder, tokenizer, unet, latent_shape = build_models(config)
+    lora = config.lora.enabled
+    trained = trained_networks(config, unet, text_encoder)
+    text_trained = "text_encoder" in trained  # its embeddings change during the run: never cached
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
-    joint = config.text_encoder.mode == "joint"
     prompt_encoder = PromptEncoder(text_encoder, tokenizer)
     fit_attention_to_precision(unet, accelerator)  # bf16 on the CPU: float32 attention cores (their backward is 5-10× faster)
-    if joint:
+    if text_trained:
         fit_attention_to_precision(text_encoder, accelerator)
     if run.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if joint:
+        if text_trained:
             text_encoder.gradient_checkpointing_enable()
     noise_scheduler = make_training_scheduler(obj)
     alphas_cumprod = training_alphas_cumprod(obj)  # (T,) float64, on the CPU
     t_weights = timestep_weights(obj)  # None: t uniform
     if is_main:
         log.info("U-Net %.2fM parameters, text encoder %.2fM (%s)", count_parameters(unet) / 1e6, count_parameters(text_encoder) / 1e6, config.text_encoder.mode)
+        if lora:
+            log.info("LoRA rank %d: %.3fM trained parameters", config.lora.rank,
+                     sum(p.numel() for m in trained.values() for p in m.parameters() if p.requires_grad) / 1e6)
 
     # -- the data: the latent cache when one exists for these weights and this preprocessing
     dataset = open_dataset(config.data.path, resolution=config.data.resolution, crop=config.data.crop,
@@ -581,13 +705,13 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     cache_dir = Path(config.cache.dir) if config.cache.dir else output_dir / "cache"
     key = cache = None
     if not isinstance(dataset, torch.utils.data.IterableDataset) and config.data.crop == "center" and not config.data.random_flip:
-        key = latent_cache.cache_key(vae=vae, tokenizer=tokenizer, max_length=prompt_encoder.max_length, text_encoder=None if joint else text_encoder,
+        key = latent_cache.cache_key(vae=vae, tokenizer=tokenizer, max_length=prompt_encoder.max_length, text_encoder=None if text_trained else text_encoder,
                                      data={"path": str(Path(config.data.path).resolve()), "num_samples": len(dataset), "resolution": config.data.resolution, "crop": "center"})
         cache = latent_cache.find_cache(cache_dir, key)
     if build_cache_only:
         latent_cache.check_cacheable(dataset, config.data.crop, config.data.random_flip)
         if cache is None and is_main:
-            cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae, prompt_encoder=prompt_encoder, frozen_text=not joint,
+            cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae, prompt_encoder=prompt_encoder, frozen_text=not text_trained,
                                              batch_size=config.cache.batch_size, num_workers=config.data.num_workers,
                                              dtype=config.cache.dtype, progress=progress)
         accelerator.wait_for_everyone()
@@ -598,17 +722,19 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
         empty_embed = dataset.empty_embed
         if is_main:
             log.info("using the latent cache %s", cache)
-    elif not joint:
+    elif not text_trained:
         empty_embed = prompt_encoder.encode([""]).cpu()
     loader = make_loader(dataset, run.batch_size, run.seed, rank, world, config.data.num_workers)
     position = DataPosition(loader)
 
-    # -- optimisation: AdamW over the U-Net (and a joint text encoder), EMA of each, under accelerate
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if joint else {})}
-    params = [p for m in trained.values() for p in m.parameters()]
+    # -- optimisation: AdamW over the U-Net (and a joint text encoder), or over their LoRA adapters;
+    # an EMA of each; under accelerate
+    weights = {name: trained_weights(m, lora) for name, m in trained.items()}
+    params = [p for group in weights.values() for p in group]
     optimizer = make_optimizer(params, config.optim)
     lr_scheduler = make_lr_scheduler(optimizer, config.optim, run.max_steps)
-    emas = {name: ema for name, m in trained.items() if (ema := make_ema(m, config.ema, foreach=accelerator.device.type == "cuda")) is not None}
+    emas = {name: ema for name, group in weights.items()
+            if (ema := make_ema(group, config.ema, foreach=accelerator.device.type == "cuda")) is not None}
     for ema in emas.values():
         ema.to(accelerator.device)
     prepared = accelerator.prepare(*trained.values(), optimizer)
@@ -621,7 +747,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     step = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, models=trained, optimizers={"main": optimizer}, schedulers={"lr": lr_scheduler}, emas=emas,
-                                scaler=accelerator.scaler, accelerator=accelerator)
+                                scaler=accelerator.scaler, accelerator=accelerator, trained_only=lora)
         step = state["step"]
         position.load(state["data"])
         guard.load(state.get("guard", {}))
@@ -636,22 +762,22 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     def save(step_now: int) -> Path:
         folder = save_checkpoint(output_dir, step_now, models=trained, optimizers={"main": optimizer}, schedulers={"lr": lr_scheduler}, emas=emas,
                                  scaler=accelerator.scaler, state={"data": position.state(), "guard": guard.state()}, accelerator=accelerator,
-                                 keep_last=run.keep_last, protect=resume_from)
+                                 keep_last=run.keep_last, protect=resume_from, trained_only=lora)
         guard.last_good_checkpoint = folder
         return folder
 
     def ema_pipeline():
         """A LatentPipeline over the EMA weights (copied into the networks; call restore_weights after)."""
         for name, ema in emas.items():
-            ema.store(trained[name].parameters())
-            ema.copy_to(trained[name].parameters())
+            ema.store(weights[name])
+            ema.copy_to(weights[name])
         models = {name: accelerator.unwrap_model(m).eval() for name, m in trained.items()}
         return LatentPipeline(vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"],
                               sampling_scheduler(noise_scheduler))
 
     def restore_weights() -> None:
         for name, ema in emas.items():
-            ema.restore(trained[name].parameters())
+            ema.restore(weights[name])
         for m in trained.values():
             m.train()
 
@@ -682,7 +808,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
                 with accelerator.accumulate(*trained.values()):
                     z0 = encode_latents(batch, vae, draws.posterior).to(accelerator.device)  # (B, C, h, w)
                     with accelerator.autocast():
-                        cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed, trainable=joint).to(accelerator.device)  # (B, L, D)
+                        cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed, trainable=text_trained).to(accelerator.device)  # (B, L, D)
                         loss = diffusion_loss(unet, z0, cond, draws, alphas_cumprod, obj)
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
@@ -697,7 +823,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
             if guard.end_step(step):
                 lr_scheduler.step()
                 for name, ema in emas.items():
-                    ema.step(trained[name].parameters())
+                    ema.step(weights[name])
             step += 1
             images_seen += global_batch * run.grad_accum
             bar.update(1)
@@ -722,11 +848,16 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
                 raise guard.preempted(step, folder)
     bar.close()
 
-    # -- the end: a last checkpoint, and OUTPUT/final: the pipeline with the EMA weights
+    # -- the end: a last checkpoint, and OUTPUT/final: the pipeline with the EMA weights (a LoRA: its file)
     save(step)
     final = output_dir / "final"
     if is_main:
-        ema_pipeline().save_pretrained(final)
+        pipe = ema_pipeline()
+        if lora:
+            write_lora(final / "lora.safetensors", {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "default",
+                       config.lora.format)
+        else:
+            pipe.save_pretrained(final)
         restore_weights()
         log.info("wrote %s (%d steps, %.1f images/s)", final, step, images_seen / max(time.time() - t0, 1e-9))
     accelerator.wait_for_everyone()
@@ -736,7 +867,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
 
 
 __all__ = [
-    "UNetTrainConfig", "UNetModelConfig", "TextEncoderConfig", "ObjectiveConfig", "SampleConfig", "CacheConfig", "check_config",
+    "UNetTrainConfig", "UNetModelConfig", "LoraTrainConfig", "resolve_base", "trained_networks", "trained_weights", "TextEncoderConfig", "ObjectiveConfig", "SampleConfig", "CacheConfig", "check_config",
     "load_vae", "load_text_encoder", "build_unet", "make_training_scheduler", "training_alphas_cumprod", "Draws", "draw_randomness", "timestep_weights",
     "encode_latents", "text_conditioning", "diffusion_loss", "build_models", "export_checkpoint", "train",
 ]

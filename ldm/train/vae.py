@@ -210,7 +210,7 @@ def train(cfg: VAETrainConfig, resume: str | None = None, progress: bool = True)
     g_sched = make_lr_scheduler(g_opt, cfg.optim, run.max_steps)
     # The discriminator's schedule counts its own updates: its warm-up starts when it does.
     d_sched = make_lr_scheduler(d_opt, cfg.optim, max(1, run.max_steps - cfg.loss.disc_start))
-    ema = make_ema(vae, cfg.ema, foreach=device.type == "cuda")
+    ema = make_ema(vae.parameters(), cfg.ema, foreach=device.type == "cuda")
     model, disc, g_opt, d_opt = accelerator.prepare(Reconstruct(vae), loss_fn.discriminator, g_opt, d_opt)
     if ema is not None:
         ema.to(device)
