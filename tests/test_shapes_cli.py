@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ldm.cli.shapes import main
-from ldm.data.shapes import EVAL_DOMAIN, make_scene, render_array
+from ldm.data.shapes import EVAL_DOMAIN, eval_prompts, format_prompt, make_scene, render_array
 from ldm.data.shapes_score import score_folder
 
 
@@ -50,6 +50,25 @@ def test_make_kinds_cycles_through_the_given_list(tmp_path):
     assert rows[0]["text"] != make_scene(5, 0).caption and make_scene(5, 3, kinds=["position"] * 6).caption == make_scene(5, 3).caption
 
 
+def test_make_colour_backgrounds(tmp_path, capsys):
+    """--backgrounds names the background kind's backgrounds; other kinds keep the spec's scenes."""
+    out = tmp_path / "c"
+    argv = ["make", "--out", str(out), "--num", "8", "--seed", "5", "--unnamed-background", "gray",
+            "--kinds", "background,single", "--backgrounds", "blue,green"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        scene = make_scene(5, i, unnamed_background="gray", kinds=["background", "single"],
+                           backgrounds=["blue", "green"])
+        assert (row["text"], row["background"]) == (scene.caption, scene.background)
+        assert row["background"] in ("blue", "green") if i % 2 == 0 else row["background"] == "gray"
+        assert (np.asarray(Image.open(out / row["file_name"]).convert("RGB")) == render_array(scene)).all()
+    capsys.readouterr()
+    assert main(["score", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "overall                        8       8    100.0%" in table and "  on blue" in table
+
+
 @pytest.mark.parametrize("argv, message", [
     (["make", "--out", "{tmp}/x", "--num", "0"], "--num"),
     (["make", "--out", "{tmp}/x", "--num", "3", "--size", "8"], "--size"),
@@ -63,6 +82,9 @@ def test_make_kinds_cycles_through_the_given_list(tmp_path):
     (["make", "--out", "{tmp}/x", "--num", "2", "--unnamed-background", "blue"], "invalid choice"),
     (["make", "--out", "{tmp}/x", "--num", "2", "--kinds", "position,sky"], "unknown kind(s) 'sky'"),
     (["make", "--out", "{tmp}/x", "--num", "2", "--kinds", ""], "unknown kind(s) ''"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--backgrounds", "blue,pink"], "unknown background(s) 'pink'"),
+    (["eval", "--task", "inpaint", "--backgrounds", "blue", "--num-prompts", "2"], "--backgrounds applies to"),
+    (["eval", "--task", "img2img", "--kinds", "two", "--num-prompts", "2"], "--kinds applies to --task txt2img"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     (tmp_path / "a_file").write_text("")
@@ -111,6 +133,23 @@ def test_eval_plumbing_with_a_tiny_random_model(tmp_path, tiny_pipeline_dir, cap
     assert "overall" in printed
     with pytest.raises(SystemExit):  # a second run into the same folder is refused
         main(argv)
+
+
+@pytest.mark.filterwarnings("ignore:prompt")
+def test_eval_kinds_and_colour_backgrounds(tmp_path, tiny_pipeline_dir):
+    """--kinds background --backgrounds blue,green: the held-out prompts of a colour-background concept."""
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_pipeline_dir), "--num-prompts", "4", "--seed", "3", "--steps", "1",
+            "--outdir", str(out), "--device", "cpu", "--quiet", "--kinds", "background", "--backgrounds", "blue,green"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == [format_prompt(p) for p in eval_prompts(4, 3, backgrounds=["blue", "green"],
+                                                                                  kinds=["background"])]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["kinds"] == ["background"] and report["settings"]["backgrounds"] == ["blue", "green"]
+    assert report["kinds"]["background"]["n"] == 4
+    named = {name: split["n"] for name, split in report["backgrounds"].items() if split["n"]}
+    assert set(named) <= {"blue", "green"} and sum(named.values()) == 4
 
 
 @pytest.mark.filterwarnings("ignore:prompt")

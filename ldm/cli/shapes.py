@@ -28,6 +28,11 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--kinds", default=None, metavar="K1,K2,...",
                    help="caption kinds to cycle through: scene i has kind K[i mod n]; list a kind twice to draw it "
                         "twice as often (default: the spec's six, balanced: single,two,counting,position,attributes,background)")
+    m.add_argument("--backgrounds", default=None, metavar="B1,B2,...",
+                   help="the backgrounds the background kind names, drawn uniformly from this list (list one twice to "
+                        "draw it twice as often): white, gray, black, or an object colour (red, orange, yellow, green, "
+                        "blue, purple: an extension of the spec; no object then has the background's colour). Other "
+                        "kinds are unchanged (default: white,gray,black, the spec's scenes exactly)")
 
     s = sub.add_parser("score", help="score a folder of images against their captions",
                        description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")
@@ -62,7 +67,15 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world "
                                    "(default: the embedded default model)")
     e.add_argument("--num-prompts", type=int, default=600,
-                   help="number of prompts (balanced over the six caption kinds; inpaint: over two and position)")
+                   help="number of prompts (balanced over the six caption kinds, or cycling through --kinds; "
+                        "inpaint: over two and position)")
+    e.add_argument("--kinds", default=None, metavar="K1,K2,...",
+                   help="txt2img: the caption kinds of the prompts, cycled as for make (default: the spec's six, "
+                        "balanced)")
+    e.add_argument("--backgrounds", default=None, metavar="B1,B2,...",
+                   help="txt2img: the backgrounds the background kind's prompts name, as for make; e.g. --kinds "
+                        "background --backgrounds blue,green for a colour-background concept's held-out prompts "
+                        "(default: white,gray,black)")
     e.add_argument("--seed", type=int, default=0,
                    help="evaluation seed: picks the prompts; image i is generated with seed + i")
     e.add_argument("--sampler", default=None,
@@ -86,7 +99,7 @@ def build_parser() -> ArgumentParser:
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make":
-        from ldm.data.shapes import KINDS, write_dataset
+        from ldm.data.shapes import write_dataset
 
         if args.num < 1:
             raise ValueError(f"--num must be at least 1, got {args.num}")
@@ -96,9 +109,9 @@ def _main(argv=None) -> int:
             raise ValueError(f"--seed must be non-negative, got {args.seed}")
         start = time.time()
         unnamed = None if args.unnamed_background == "random" else args.unnamed_background
-        kinds = KINDS if args.kinds is None else [k.strip() for k in args.kinds.split(",")]  # write_dataset checks them
+        kinds, backgrounds = parse_lists(args)  # write_dataset checks them
         written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite,
-                                unnamed_background=unnamed, kinds=kinds)
+                                unnamed_background=unnamed, kinds=kinds, backgrounds=backgrounds)
         seconds = time.time() - start
         print(f"wrote {args.num} images ({written / 2**20:.1f} MiB) and metadata.jsonl to {args.out} "
               f"in {seconds:.1f} s ({args.num / max(seconds, 1e-9):.0f} images/s)")
@@ -148,7 +161,9 @@ def _main(argv=None) -> int:
         print(f"{report['settings']['seconds_per_image']:.3f} s per image ({seconds:.1f} s in the pipeline); "
               f"inputs, masks, outputs, metadata.jsonl and report.json in {args.outdir}")
     else:
-        report = shapes_eval.evaluate(model, args.outdir, size=args.size, **common)
+        kinds, backgrounds = parse_lists(args)
+        report = shapes_eval.evaluate(model, args.outdir, size=args.size, kinds=kinds, backgrounds=backgrounds,
+                                      **common)
         print(format_report(report))
         print(f"images, metadata.jsonl and report.json in {args.outdir}")
     return 0
@@ -157,10 +172,20 @@ def _main(argv=None) -> int:
 def check_task_options(args) -> None:
     """A ValueError for an option that does not apply to --task (it would be silently ignored)."""
     only = {"strength": ("img2img",), "inpaint_method": ("inpaint",), "jump_length": ("inpaint",),
-            "jump_samples": ("inpaint",), "size": ("txt2img",), "unnamed_background": ("img2img", "inpaint")}
+            "jump_samples": ("inpaint",), "size": ("txt2img",), "unnamed_background": ("img2img", "inpaint"),
+            "kinds": ("txt2img",), "backgrounds": ("txt2img",)}
     for name, tasks in only.items():
         if getattr(args, name) is not None and args.task not in tasks:
             raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)}, not {args.task}")
+
+
+def parse_lists(args) -> tuple[list[str] | tuple[str, ...], list[str] | None]:
+    """--kinds and --backgrounds as lists (unchecked: the Python API names what is wrong), or their defaults."""
+    from ldm.data.shapes import KINDS
+
+    kinds = KINDS if args.kinds is None else [k.strip() for k in args.kinds.split(",")]
+    backgrounds = None if args.backgrounds is None else [b.strip() for b in args.backgrounds.split(",")]
+    return kinds, backgrounds
 
 
 def parse_strengths(values: list[str]) -> list[float]:

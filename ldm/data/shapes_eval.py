@@ -2,7 +2,9 @@
 
 Prompts come from `shapes.eval_prompts(num_prompts, seed)`, the evaluation seed stream that no
 training dataset draws from (see `ldm.data.shapes`); they are drawn at the reference size 64 so
-that the prompt list of a seed is the same whatever resolution the model generates at.
+that the prompt list of a seed is the same whatever resolution the model generates at. `kinds` and
+`backgrounds` pass to it (e.g. a colour-background concept's held-out prompts: kinds=["background"],
+backgrounds=["blue", "green"]); the defaults are the spec's balanced prompts.
 Image i is generated with seed `seed + i`, so any image can be reproduced alone with ldm-txt2img.
 
 The editing tasks (`ldm-shapes eval --task img2img|inpaint`) measure what a model does with a picture it
@@ -34,9 +36,12 @@ from PIL import Image
 
 from .shapes import (
     BACKGROUNDS, COLORS, EVAL_DOMAIN, KIND_TITLES, KINDS, SHAPES, SIZE_FRACTIONS, SIZE_JITTER, Scene, SceneObject,
-    eval_prompts, format_prompt, object_box, sample_scene, scene_rng,
+    background_rgb, check_backgrounds, check_kinds, eval_prompts, format_prompt, object_box, sample_scene, scene_rng,
 )
-from .shapes_score import analyze, assignments, centroid, match, parse_caption, score_folder, score_image, write_report
+from .shapes_score import (
+    analyze, assignments, background_candidates, centroid, match, parse_caption, score_folder, score_image,
+    write_report,
+)
 
 TASKS = ("txt2img", "img2img", "inpaint")
 EDIT_SIZE = 64  # px: the editing tasks' inputs are scenes of the world's reference size
@@ -84,18 +89,21 @@ def check_outdir(outdir: str, overwrite: bool) -> None:
 
 def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
-                         overwrite: bool = False, progress: bool = False,
-                         guidance_rescale: float | None = None) -> list[dict]:
-    """Generate one image per evaluation prompt with `pipe` (a LatentPipeline) into `outdir`
-    as PNGs + metadata.jsonl (format (b)); returns the rows written. `guidance_rescale` is φ of
-    Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance; None: the model's default)."""
+                         overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None,
+                         kinds: typing.Sequence[str] = KINDS,
+                         backgrounds: typing.Sequence[str] | None = None) -> list[dict]:
+    """Generate one image per evaluation prompt (`eval_prompts(num_prompts, seed, kinds=, backgrounds=)`)
+    with `pipe` (a LatentPipeline) into `outdir` as PNGs + metadata.jsonl (format (b)); returns the rows
+    written. `guidance_rescale` is φ of Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance;
+    None: the model's default)."""
+    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
     sampler, steps, size, guidance_rescale = check_eval_args(
         latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts,
         seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
         guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config)
     meta_path = os.path.join(outdir, "metadata.jsonl")
     os.makedirs(outdir, exist_ok=True)
-    prompts = eval_prompts(num_prompts, seed)
+    prompts = eval_prompts(num_prompts, seed, kinds=kinds, backgrounds=backgrounds)
     rows = []
     for start in range(0, num_prompts, batch_size):
         batch = prompts[start:start + batch_size]
@@ -115,8 +123,11 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
 def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
              device: str | None = None, overwrite: bool = False, progress: bool = False,
-             guidance_rescale: float | None = None) -> dict:
-    """Load `model`, generate the evaluation folder, score it; writes and returns `outdir/report.json`."""
+             guidance_rescale: float | None = None, kinds: typing.Sequence[str] = KINDS,
+             backgrounds: typing.Sequence[str] | None = None) -> dict:
+    """Load `model`, generate the evaluation folder, score it; writes and returns `outdir/report.json`.
+    `kinds` and `backgrounds` choose the prompts (see `eval_prompts`); the defaults are the spec's."""
+    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
     from ldm import LatentPipeline
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import resolve_device
@@ -131,11 +142,12 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     pipe = LatentPipeline.from_pretrained(model, device=device)
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
                          batch_size=batch_size, size=size, overwrite=overwrite, progress=progress,
-                         guidance_rescale=guidance_rescale)
+                         guidance_rescale=guidance_rescale, kinds=kinds, backgrounds=backgrounds)
     report = score_folder(outdir)
     report["settings"] = {"task": "txt2img", "model": os.fspath(model), "num_prompts": num_prompts, "seed": seed,
                           "sampler": sampler, "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale,
-                          "size": size, "seconds": round(time.time() - start, 1)}
+                          "size": size, "kinds": list(kinds), "backgrounds": backgrounds and list(backgrounds),
+                          "seconds": round(time.time() - start, 1)}
     write_report(report, os.path.join(outdir, "report.json"))
     return report
 
@@ -189,7 +201,7 @@ def stroke_painting(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray,
     """A crude painting of `scene` as (S, S, 3) uint8: its background colour, each object a flat blob
     of its exact colour (`blob_mask`), not its shape; and the blobs, in the scene's object order."""
     image = np.empty((scene.size, scene.size, 3), np.uint8)
-    image[:] = BACKGROUNDS[scene.background]
+    image[:] = background_rgb(scene.background)
     xx, yy = _pixel_centres(scene.size)
     blobs = []
     for o in scene.objects:
@@ -255,7 +267,8 @@ def sdedit_checks(image, caption: str, blobs: typing.Sequence[Blob]) -> dict:
     passes the caption), "placed" (each blob has its own detected object of its colour, any shape or
     size, whose centroid is within PLACEMENT_TOLERANCE * S of the blob's), "passed" (one assignment
     the scorer accepts has every caption object that near its blob: both at once); and "reason"."""
-    prompt, analysis = parse_caption(caption), analyze(image)
+    prompt = parse_caption(caption)
+    analysis = analyze(image, background_candidates(prompt))
     tolerance = PLACEMENT_TOLERANCE * analysis.size
 
     def distance(d, blob: Blob) -> float:
