@@ -39,6 +39,7 @@ def main(argv=None) -> int:
                                                            "domain=EVAL_DOMAIN, kinds=['background'], backgrounds=...)")
     parser.add_argument("--backgrounds", default=",".join(COLORS), help="comma list of background names to draw from "
                                                                         "(default: the six object colours)")
+    parser.add_argument("--failures", action="store_true", help="also list each own-caption failure and why")
     args = parser.parse_args(argv)
     backgrounds = check_backgrounds([b.strip() for b in args.backgrounds.split(",")])
 
@@ -54,13 +55,17 @@ def main(argv=None) -> int:
     table = defaultdict(lambda: defaultdict(int))  # background -> column -> passes ("n": scenes)
     pairs = defaultdict(lambda: [0, 0])  # (object colour, background) -> [passes, trials] over the corruptions
     colours = list(COLORS)
+    failures = []
     for i in range(args.num):
         scene = make_scene(args.seed, i, domain=EVAL_DOMAIN, kinds=["background"], backgrounds=backgrounds)
         image, row = render(scene), table[scene.background]
         row["n"] += 1
         for name, corrupt in corruptions.items():
-            passed = score_image(corrupt(image), scene.caption).passed
+            result = score_image(corrupt(image), scene.caption)
+            passed = result.passed
             row[name] += passed
+            if not passed:
+                failures.append(f"scene {i}, {name}: {scene.caption!r}: {result.reason}")
             for color in {o.color for o in scene.objects}:
                 pairs[color, scene.background][0] += passed
                 pairs[color, scene.background][1] += 1
@@ -85,6 +90,8 @@ def main(argv=None) -> int:
     weak = sorted((100 * p / n, color, bg, n) for (color, bg), (p, n) in pairs.items() if p < n)
     print("pairs under 100% over the corruptions: "
           + (", ".join(f"{color} on {bg} {rate:.1f}% of {n} scorings" for rate, color, bg, n in weak) or "none"))
+    if args.failures:
+        print("\n".join(failures))
     return 0
 
 
