@@ -51,6 +51,14 @@ def prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return " ".join(TAG.sub(" ", prompt).split()), tags
 
 
+def apply_loras(pipe, loras: list[tuple[Path, float]]) -> None:
+    """Load each (file, scale) into `pipe` as an adapter named by the file's stem, all active at their scales."""
+    for path, _ in loras:
+        pipe.load_lora_weights(path, adapter_name=Path(path).stem)
+    if loras:
+        pipe.set_adapters([Path(path).stem for path, _ in loras], [scale for _, scale in loras])
+
+
 def resolve_tag(name: str, lora_dir: str | Path | None) -> Path:
     """The file `<lora:NAME>` names: NAME.safetensors directly inside `lora_dir` (no paths, no links out)."""
     if lora_dir is None:

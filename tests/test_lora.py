@@ -165,3 +165,31 @@ def test_a_lora_saved_in_either_format_loads_in_diffusers_with_the_same_images(p
     assert np.abs(theirs(ref) - expected).max() <= 1e-3
     with pytest.raises(ValueError, match="unknown LoRA format 'ckpt'"):
         ours.save_lora(tmp_path / "x.safetensors", lora_format="ckpt")
+
+
+@pytest.mark.filterwarnings("ignore:prompt")  # the tiny test tokenizer keeps 16 tokens only
+def test_shapes_eval_scores_the_model_with_its_lora(tiny_pipeline_dir, lora_file, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from ldm import LatentPipeline
+    from ldm.cli.shapes import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_pipeline_dir), "--lora", f"{lora_file}:0.5", "--num-prompts", "2",
+                 "--steps", "2", "--outdir", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["loras"] == [[str(lora_file), 0.5]]
+    row = json.loads((out / "metadata.jsonl").read_text().splitlines()[0])
+    pipe = LatentPipeline.from_pretrained(tiny_pipeline_dir)
+    saved = np.asarray(Image.open(out / row["file_name"])).astype(int)
+
+    def again():
+        image = pipe(row["text"], seed=row["seed"], num_inference_steps=2, sampler=row["sampler"], progress=False).images[0]
+        return np.abs(np.asarray(image).astype(int) - saved).max()
+
+    assert again() > 20  # the base model alone draws another picture
+    pipe.load_lora_weights(lora_file)
+    pipe.set_adapters([lora_file.stem], [0.5])
+    assert again() <= 2  # within rounding: the eval drew its prompts in a batch, this one alone

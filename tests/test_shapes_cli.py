@@ -85,6 +85,8 @@ def test_make_colour_backgrounds(tmp_path, capsys):
     (["make", "--out", "{tmp}/x", "--num", "2", "--backgrounds", "blue,pink"], "unknown background(s) 'pink'"),
     (["eval", "--task", "inpaint", "--backgrounds", "blue", "--num-prompts", "2"], "--backgrounds applies to"),
     (["eval", "--task", "img2img", "--kinds", "two", "--num-prompts", "2"], "--kinds applies to --task txt2img"),
+    (["eval", "--task", "inpaint", "--lora", "x.safetensors", "--num-prompts", "2"], "--lora applies to --task txt2img"),
+    (["eval", "--lora", "{tmp}/style.pt", "--num-prompts", "2"], "pickles are refused"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     (tmp_path / "a_file").write_text("")

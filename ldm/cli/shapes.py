@@ -64,6 +64,8 @@ def build_parser() -> ArgumentParser:
                    help="img2img and inpaint: the background of input scenes whose caption names none (default: "
                         "gray, which is what such a caption means to the default model, trained on gray-unnamed "
                         "data; random: any of the three, which that model cannot keep)")
+    e.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="txt2img: a LoRA file on the model, at a scale (default 1); repeatable")
     e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world "
                                    "(default: the embedded default model)")
     e.add_argument("--num-prompts", type=int, default=600,
@@ -161,9 +163,11 @@ def _main(argv=None) -> int:
         print(f"{report['settings']['seconds_per_image']:.3f} s per image ({seconds:.1f} s in the pipeline); "
               f"inputs, masks, outputs, metadata.jsonl and report.json in {args.outdir}")
     else:
+        from ldm.cli.txt2img import check_loras
+
         kinds, backgrounds = parse_lists(args)
         report = shapes_eval.evaluate(model, args.outdir, size=args.size, kinds=kinds, backgrounds=backgrounds,
-                                      **common)
+                                      loras=check_loras(args), **common)
         print(format_report(report))
         print(f"images, metadata.jsonl and report.json in {args.outdir}")
     return 0
@@ -173,9 +177,9 @@ def check_task_options(args) -> None:
     """A ValueError for an option that does not apply to --task (it would be silently ignored)."""
     only = {"strength": ("img2img",), "inpaint_method": ("inpaint",), "jump_length": ("inpaint",),
             "jump_samples": ("inpaint",), "size": ("txt2img",), "unnamed_background": ("img2img", "inpaint"),
-            "kinds": ("txt2img",), "backgrounds": ("txt2img",)}
+            "kinds": ("txt2img",), "backgrounds": ("txt2img",), "lora": ("txt2img",)}
     for name, tasks in only.items():
-        if getattr(args, name) is not None and args.task not in tasks:
+        if getattr(args, name) not in (None, []) and args.task not in tasks:
             raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)}, not {args.task}")
 
 

@@ -110,7 +110,7 @@ def check_clip_skip(n: int | None, text_encoder_config: dict) -> int | None:
     return n - 1
 
 
-def check_loras(args, prompts: list[str]) -> list[tuple[Path, float]]:
+def check_loras(args, prompts: list[str] = ()) -> list[tuple[Path, float]]:
     """--lora FILE[:SCALE] as (file, scale), every file and every prompt tag's file checked before
     any weights load: a .safetensors file with an honest header, found by name in --lora-dir."""
     from ldm.lora import parse_lora_arg, prompt_tags, resolve_tag
@@ -120,10 +120,10 @@ def check_loras(args, prompts: list[str]) -> list[tuple[Path, float]]:
     stems = [path.stem for path, _ in loras]
     if len(set(stems)) != len(stems):
         raise ValueError("--lora: two files with the same name; rename one")
-    if args.lora_dir is not None and not args.lora_dir.is_dir():
+    if getattr(args, "lora_dir", None) is not None and not args.lora_dir.is_dir():
         raise ValueError(f"--lora-dir {args.lora_dir} is not a folder")
     files = [path for path, _ in loras]
-    files += [resolve_tag(name, args.lora_dir) for p in prompts for name, _ in prompt_tags(p)[1]]
+    files += [resolve_tag(name, getattr(args, "lora_dir", None)) for p in prompts for name, _ in prompt_tags(p)[1]]
     for path in files:
         if path.suffix.lower() != ".safetensors":
             raise ValueError(f"{path}: a LoRA must be a .safetensors file (pickles are refused: loading one can run "
@@ -174,6 +174,7 @@ def check_request_fits(info, args, device, height: int, width: int, images: int)
 def _main(argv=None, editing: bool = False) -> int:
     args = build_parser(editing).parse_intermixed_args(argv)  # prompts may stand between flags
     from ldm.guidance import default_guidance_rescale
+    from ldm.lora import apply_loras
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, check_generation_args, resolve_device, resolve_dtype
 
@@ -226,10 +227,7 @@ def _main(argv=None, editing: bool = False) -> int:
     else:
         pipe = LatentPipeline.from_pretrained(model, device=device, dtype=args.dtype, attention=args.attention, allow_pickle=args.allow_pickle)
     pipe.lora_dir = args.lora_dir
-    for path, _ in loras:
-        pipe.load_lora_weights(path, adapter_name=path.stem)
-    if loras:
-        pipe.set_adapters([path.stem for path, _ in loras], [scale for _, scale in loras])
+    apply_loras(pipe, loras)
     if args.compile:
         pipe.optimize(channels_last=True, fuse_qkv=True, compile=True)
     vae_tiling = {"auto": "auto", "on": True, "off": False}[args.vae_tiling]

@@ -124,11 +124,13 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
              steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
              device: str | None = None, overwrite: bool = False, progress: bool = False,
              guidance_rescale: float | None = None, kinds: typing.Sequence[str] = KINDS,
-             backgrounds: typing.Sequence[str] | None = None) -> dict:
-    """Load `model`, generate the evaluation folder, score it; writes and returns `outdir/report.json`.
-    `kinds` and `backgrounds` choose the prompts (see `eval_prompts`); the defaults are the spec's."""
+             backgrounds: typing.Sequence[str] | None = None, loras: typing.Sequence[tuple[str, float]] = ()) -> dict:
+    """Load `model` (with the LoRA files `loras` at their scales), generate the evaluation folder, score
+    it; writes and returns `outdir/report.json`. `kinds` and `backgrounds` choose the prompts (see
+    `eval_prompts`); the defaults are the spec's."""
     kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
     from ldm import LatentPipeline
+    from ldm.lora import apply_loras
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import resolve_device
 
@@ -140,6 +142,7 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
         guidance_rescale=guidance_rescale, scheduler_config=info.scheduler_config)
     start = time.time()
     pipe = LatentPipeline.from_pretrained(model, device=device)
+    apply_loras(pipe, list(loras))
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
                          batch_size=batch_size, size=size, overwrite=overwrite, progress=progress,
                          guidance_rescale=guidance_rescale, kinds=kinds, backgrounds=backgrounds)
@@ -147,6 +150,7 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     report["settings"] = {"task": "txt2img", "model": os.fspath(model), "num_prompts": num_prompts, "seed": seed,
                           "sampler": sampler, "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale,
                           "size": size, "kinds": list(kinds), "backgrounds": backgrounds and list(backgrounds),
+                          "loras": [[os.fspath(path), scale] for path, scale in loras],
                           "seconds": round(time.time() - start, 1)}
     write_report(report, os.path.join(outdir, "report.json"))
     return report
@@ -441,6 +445,7 @@ def _prepare_edits(model: str, folders: list[str], *, num_prompts: int, seed: in
     """Check an editing task's settings before any weights load (then `check(info, steps)` for the task's
     own), load the model; returns (pipe, the pipeline keywords, the settings for the report)."""
     from ldm import LatentPipeline
+    from ldm.lora import apply_loras
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import resolve_device
 
