@@ -122,7 +122,7 @@ def test_articles_and_grammar():
     assert parse_caption("three blue circles").objects == (ObjectSpec("blue", "circle"),) * 3
     assert parse_caption("a small green square above a purple circle").kind == "attributes"
     assert parse_caption("a green square and a purple circle").kind == "two"
-    for bad in ["a orange circle", "an red circle", "a red hexagon", "five red circles", "a pink circle",
+    for bad in ["a orange circle", "an red circle", "a red hexagon", "six red circles", "a pink circle",
                 "a red circle on a pink background", "a red circle on an blue background",
                 "an orange circle on a orange background", "a red circle near a blue square", "", "A Red Circle!"]:
         with pytest.raises(ValueError, match="not in the shapes grammar"):
@@ -196,3 +196,23 @@ def test_bad_backgrounds(tmp_path, backgrounds, message):
     assert not (tmp_path / "d").exists()  # checked before anything is written
     with pytest.raises(ValueError, match="unknown background 'pink'"):
         background_rgb("pink")
+
+
+def test_counting_to_five_is_opt_in_and_scored_on_rendered_truth():
+    from ldm.data.shapes import EVAL_DOMAIN, check_counts, make_scene, parse_caption, render_array, world_words
+    from ldm.data.shapes_score import score_image
+
+    assert [make_scene(0, i, counts=None).caption for i in range(12)] == [make_scene(0, i).caption for i in range(12)]
+    assert "five" not in world_words()  # the spec's vocabulary (the default model's) is unchanged
+    scenes = [make_scene(0, i, domain=EVAL_DOMAIN, kinds=["counting"], counts=(5,)) for i in range(24)]
+    for scene in scenes:
+        assert len(scene.objects) == 5 and scene.caption.startswith("five ")
+        assert parse_caption(scene.caption) == scene.prompt
+        image = render_array(scene)
+        assert score_image(image, scene.caption).passed
+        assert not score_image(image, scene.caption.replace("five", "four", 1)).passed
+    mixed = {len(make_scene(1, i, kinds=["counting"], counts=(2, 5)).objects) for i in range(40)}
+    assert mixed == {2, 5}
+    for bad in ((7,), (), "5", (True,)):
+        with pytest.raises(ValueError, match="count"):
+            check_counts(bad)

@@ -86,6 +86,9 @@ def test_make_colour_backgrounds(tmp_path, capsys):
     (["eval", "--task", "inpaint", "--backgrounds", "blue", "--num-prompts", "2"], "--backgrounds applies to"),
     (["eval", "--task", "img2img", "--kinds", "two", "--num-prompts", "2"], "--kinds applies to --task txt2img"),
     (["eval", "--task", "inpaint", "--lora", "x.safetensors", "--num-prompts", "2"], "--lora applies to --task txt2img"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--counts", "5,7"], "unknown count(s) 7; counts are 2, 3, 4, 5"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--counts", "five"], "expected numbers separated by commas"),
+    (["eval", "--task", "img2img", "--counts", "5", "--num-prompts", "2"], "--counts applies to --task txt2img"),
     (["eval", "--lora", "{tmp}/style.pt", "--num-prompts", "2"], "pickles are refused"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):

@@ -33,6 +33,9 @@ def build_parser() -> ArgumentParser:
                         "draw it twice as often): white, gray, black, or an object colour (red, orange, yellow, green, "
                         "blue, purple: an extension of the spec; no object then has the background's colour). Other "
                         "kinds are unchanged (default: white,gray,black, the spec's scenes exactly)")
+    m.add_argument("--counts", default=None, metavar="N1,N2,...",
+                   help="the numbers counting scenes show, drawn uniformly from this list: 2-5 (five is an extension "
+                        "of the spec; default: 2,3,4 as the spec draws them)")
 
     s = sub.add_parser("score", help="score a folder of images against their captions",
                        description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")
@@ -78,6 +81,8 @@ def build_parser() -> ArgumentParser:
                    help="txt2img: the backgrounds the background kind's prompts name, as for make; e.g. --kinds "
                         "background --backgrounds blue,green for a colour-background concept's held-out prompts "
                         "(default: white,gray,black)")
+    e.add_argument("--counts", default=None, metavar="N1,N2,...",
+                   help="txt2img: the numbers the counting prompts name, as for make; e.g. --kinds counting --counts 5")
     e.add_argument("--seed", type=int, default=0,
                    help="evaluation seed: picks the prompts; image i is generated with seed + i")
     e.add_argument("--sampler", default=None,
@@ -111,9 +116,9 @@ def _main(argv=None) -> int:
             raise ValueError(f"--seed must be non-negative, got {args.seed}")
         start = time.time()
         unnamed = None if args.unnamed_background == "random" else args.unnamed_background
-        kinds, backgrounds = parse_lists(args)  # write_dataset checks them
+        kinds, backgrounds, counts = parse_lists(args)  # write_dataset checks them
         written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite,
-                                unnamed_background=unnamed, kinds=kinds, backgrounds=backgrounds)
+                                unnamed_background=unnamed, kinds=kinds, backgrounds=backgrounds, counts=counts)
         seconds = time.time() - start
         print(f"wrote {args.num} images ({written / 2**20:.1f} MiB) and metadata.jsonl to {args.out} "
               f"in {seconds:.1f} s ({args.num / max(seconds, 1e-9):.0f} images/s)")
@@ -165,8 +170,8 @@ def _main(argv=None) -> int:
     else:
         from ldm.cli.txt2img import check_loras
 
-        kinds, backgrounds = parse_lists(args)
-        report = shapes_eval.evaluate(model, args.outdir, size=args.size, kinds=kinds, backgrounds=backgrounds,
+        kinds, backgrounds, counts = parse_lists(args)
+        report = shapes_eval.evaluate(model, args.outdir, size=args.size, kinds=kinds, backgrounds=backgrounds, counts=counts,
                                       loras=check_loras(args), **common)
         print(format_report(report))
         print(f"images, metadata.jsonl and report.json in {args.outdir}")
@@ -177,19 +182,25 @@ def check_task_options(args) -> None:
     """A ValueError for an option that does not apply to --task (it would be silently ignored)."""
     only = {"strength": ("img2img",), "inpaint_method": ("inpaint",), "jump_length": ("inpaint",),
             "jump_samples": ("inpaint",), "size": ("txt2img",), "unnamed_background": ("img2img", "inpaint"),
-            "kinds": ("txt2img",), "backgrounds": ("txt2img",), "lora": ("txt2img",)}
+            "kinds": ("txt2img",), "backgrounds": ("txt2img",), "counts": ("txt2img",), "lora": ("txt2img",)}
     for name, tasks in only.items():
         if getattr(args, name) not in (None, []) and args.task not in tasks:
             raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)}, not {args.task}")
 
 
-def parse_lists(args) -> tuple[list[str] | tuple[str, ...], list[str] | None]:
-    """--kinds and --backgrounds as lists (unchecked: the Python API names what is wrong), or their defaults."""
+def parse_lists(args) -> tuple[list[str] | tuple[str, ...], list[str] | None, list[int] | None]:
+    """--kinds, --backgrounds and --counts as lists (unchecked: the Python API names what is wrong), or their defaults."""
     from ldm.data.shapes import KINDS
 
     kinds = KINDS if args.kinds is None else [k.strip() for k in args.kinds.split(",")]
     backgrounds = None if args.backgrounds is None else [b.strip() for b in args.backgrounds.split(",")]
-    return kinds, backgrounds
+    counts = None
+    if args.counts is not None:
+        try:
+            counts = [int(c) for c in args.counts.split(",")]
+        except ValueError:
+            raise ValueError(f"--counts {args.counts}: expected numbers separated by commas, like 2,3,4,5") from None
+    return kinds, backgrounds, counts
 
 
 def parse_strengths(values: list[str]) -> list[float]:

@@ -52,6 +52,14 @@ placement that does not fit is (so a colour background's scenes lean a little to
 which is rejected less often). `parse_caption` always reads the colour names; the scorer looks for
 a colour background only where the caption names one. What it is for: a concept the default model,
 trained on the spec alone, cannot draw, for a LoRA to learn (docs/data.md).
+
+Counting to five (an extension of the fixed spec, off by default): `counts=(5,)` (`ldm-shapes make
+--counts 5`) makes counting scenes show that many objects ("five red circles"); counts=(2, 3, 4, 5)
+adds five to the spec's numbers. `counts=None` is the spec's draw exactly. The word "five" is not in
+the default model's vocabulary (its tokenizer spells it f-i-v-e), and the shapes VAE draws five
+objects as well as four: the concept a LoRA is taught in docs/lora.md. (New colours or shapes are
+no such concept: the VAE, trained on this world's palette and three shapes, decodes a red background
+as noise and a diamond as a blob.)
 """
 
 from __future__ import annotations
@@ -80,6 +88,8 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 RELATION_MARGIN = 0.15  # of S, between centres on the relation's axis
 MIN_GAP_PX = 2
 NUMBERS = {2: "two", 3: "three", 4: "four"}
+EXTRA_NUMBERS = {5: "five"}  # counting to five: an extension, off by default (`counts=`, see the module doc)
+NUMBER_WORDS = {**NUMBERS, **EXTRA_NUMBERS}
 KINDS = ("single", "two", "counting", "position", "attributes", "background")
 KIND_TITLES = {
     "single": "single object", "two": "two objects", "counting": "counting", "position": "position",
@@ -159,7 +169,7 @@ def format_prompt(p: Prompt) -> str:
         text = f"{_noun_phrase(p.objects[0])} {p.relation} {_noun_phrase(p.objects[1])}"
     elif p.form == "count":
         o = p.objects[0]
-        text = f"{NUMBERS[len(p.objects)]} {o.color} {o.shape}s"
+        text = f"{NUMBER_WORDS[len(p.objects)]} {o.color} {o.shape}s"
     else:
         raise ValueError(f"unknown prompt form {p.form!r}")
     if p.background:
@@ -176,7 +186,7 @@ _PATTERNS = {
     "single": re.compile(rf"{_NP}{_SUFFIX}"),
     "and": re.compile(rf"{_NP} and {_NP}{_SUFFIX}"),
     "relation": re.compile(rf"{_NP} ({_REL}) {_NP}{_SUFFIX}"),
-    "count": re.compile(rf"({'|'.join(NUMBERS.values())}) ({_COLOR}) ({_SHAPE})s{_SUFFIX}"),
+    "count": re.compile(rf"({'|'.join(NUMBER_WORDS.values())}) ({_COLOR}) ({_SHAPE})s{_SUFFIX}"),
 }
 
 
@@ -202,7 +212,7 @@ def parse_caption(text: str) -> Prompt:
             articles.append((g[-2], g[-1]))
             background = g[-1]
         if form == "count":
-            number = {v: k for k, v in NUMBERS.items()}[g[0]]
+            number = {v: k for k, v in NUMBER_WORDS.items()}[g[0]]
             objects = (ObjectSpec(g[1], g[2]),) * number
             relation = None
         else:
@@ -319,14 +329,16 @@ def _check_unnamed_background(unnamed_background: str | None) -> None:
 
 
 def sample_scene(rng: np.random.Generator, size: int = 64, kind: str | None = None,
-                 unnamed_background: str | None = None, backgrounds: typing.Sequence[str] | None = None) -> Scene:
+                 unnamed_background: str | None = None, backgrounds: typing.Sequence[str] | None = None,
+                 counts: typing.Sequence[int] | None = None) -> Scene:
     """A random scene of `kind` (one of KINDS; random if None) with its caption. A caption without a
     background phrase gets a random background, or `unnamed_background` if given; the background
-    kind names one of `backgrounds` (None: the spec's white, gray, black), see the module doc."""
+    kind names one of `backgrounds` (None: the spec's white, gray, black), and counting draws its
+    number from `counts` (None: the spec's 2-4), see the module doc."""
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
     _check_unnamed_background(unnamed_background)
-    backgrounds = check_backgrounds(backgrounds)
+    backgrounds, counts = check_backgrounds(backgrounds), check_counts(counts)
     kind = kind or _pick(rng, KINDS)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -351,8 +363,8 @@ def sample_scene(rng: np.random.Generator, size: int = 64, kind: str | None = No
                 relation = _pick(rng, RELATIONS)
             if base == "attributes":
                 show_size = [[True, False], [False, True], [True, True]][int(rng.integers(3))]
-        else:  # counting: 2-4 objects alike in colour, shape and size class
-            n = int(rng.integers(2, 5))
+        else:  # counting: 2-4 objects alike in colour, shape and size class (or one of `counts`)
+            n = int(rng.integers(2, 5)) if counts is None else _pick(rng, counts)
             color, shape, size_word, _ = _random_object(rng, size)
             objects = [_random_object(rng, size, color, shape, size_word) for _ in range(n)]
             form = "count"
@@ -387,21 +399,36 @@ def check_kinds(kinds: typing.Sequence[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def check_counts(counts: typing.Sequence[int] | None) -> tuple[int, ...] | None:
+    """`counts` as a tuple (None stays None), or a ValueError naming the number that is not one of NUMBER_WORDS."""
+    if counts is None:
+        return None
+    if isinstance(counts, (str, int)) or not counts:
+        raise ValueError(f"counts must be a non-empty list of {tuple(NUMBER_WORDS)}, got {counts!r}")
+    bad = [c for c in counts if isinstance(c, bool) or c not in NUMBER_WORDS]
+    if bad:
+        raise ValueError(f"unknown count(s) {', '.join(map(repr, bad))}; counts are {', '.join(map(str, NUMBER_WORDS))}")
+    return tuple(int(c) for c in counts)
+
+
 def make_scene(seed: int, index: int, size: int = 64, domain: int = TRAIN_DOMAIN, unnamed_background: str | None = None,
-               kinds: typing.Sequence[str] = KINDS, backgrounds: typing.Sequence[str] | None = None) -> Scene:
+               kinds: typing.Sequence[str] = KINDS, backgrounds: typing.Sequence[str] | None = None,
+               counts: typing.Sequence[int] | None = None) -> Scene:
     """Scene `index` of a dataset with `seed`: kind kinds[index % len(kinds)] (the spec's balanced
     KINDS by default; a kind listed twice is drawn twice as often), independent of other indices.
     `backgrounds`: the names the background kind draws from (None: the spec's three; see the module doc)."""
     rng = scene_rng(seed, index, domain)
-    return sample_scene(rng, size, kinds[index % len(kinds)], unnamed_background, backgrounds)
+    return sample_scene(rng, size, kinds[index % len(kinds)], unnamed_background, backgrounds, counts)
 
 
 def eval_prompts(num: int, seed: int, size: int = 64, backgrounds: typing.Sequence[str] | None = None,
-                 kinds: typing.Sequence[str] = KINDS) -> list[Prompt]:
+                 kinds: typing.Sequence[str] = KINDS, counts: typing.Sequence[int] | None = None) -> list[Prompt]:
     """`num` evaluation prompts from the EVAL_DOMAIN stream (never training's), balanced over KINDS,
     or cycling through `kinds`; the background kind names one of `backgrounds` (None: the spec's three)."""
     kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
-    return [make_scene(seed, i, size, EVAL_DOMAIN, kinds=kinds, backgrounds=backgrounds).prompt for i in range(num)]
+    counts = check_counts(counts)
+    return [make_scene(seed, i, size, EVAL_DOMAIN, kinds=kinds, backgrounds=backgrounds, counts=counts).prompt
+            for i in range(num)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,12 +499,12 @@ def scene_record(scene: Scene) -> dict:
 
 def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrite: bool = False,
                   unnamed_background: str | None = None, kinds: typing.Sequence[str] = KINDS,
-                  backgrounds: typing.Sequence[str] | None = None) -> int:
+                  backgrounds: typing.Sequence[str] | None = None, counts: typing.Sequence[int] | None = None) -> int:
     """Write `num` scenes of training seed `seed` as `out/0000000.png`... + `out/metadata.jsonl`.
 
     Rows are {"file_name", "text", "seed", "index", "kind", "background", "objects"}; image i is
-    `make_scene(seed, i, size, unnamed_background=..., kinds=..., backgrounds=...)`, so a dataset is
-    reproducible from (seed, size, unnamed_background, kinds, backgrounds) and can be extended.
+    `make_scene(seed, i, size, unnamed_background=..., kinds=..., backgrounds=..., counts=...)`, so a dataset
+    is reproducible from (seed, size, unnamed_background, kinds, backgrounds, counts) and can be extended.
     Refuses to overwrite an existing metadata.jsonl unless `overwrite`. Returns bytes of PNG written.
     """
     import json
@@ -486,7 +513,7 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
     _check_unnamed_background(unnamed_background)
-    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
+    kinds, backgrounds, counts = check_kinds(kinds), check_backgrounds(backgrounds), check_counts(counts)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
     os.makedirs(out, exist_ok=True)
@@ -498,7 +525,7 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     with open(meta_path + ".partial", "w") as meta:
         for i in range(num):
             scene = make_scene(seed, i, size, unnamed_background=unnamed_background, kinds=kinds,
-                               backgrounds=backgrounds)
+                               backgrounds=backgrounds, counts=counts)
             name = f"{i:0{width}d}.png"
             path = os.path.join(out, name)
             # compress_level 1: these flat images compress almost as well, several times faster

@@ -36,7 +36,7 @@ from PIL import Image
 
 from .shapes import (
     BACKGROUNDS, COLORS, EVAL_DOMAIN, KIND_TITLES, KINDS, SHAPES, SIZE_FRACTIONS, SIZE_JITTER, Scene, SceneObject,
-    background_rgb, check_backgrounds, check_kinds, eval_prompts, format_prompt, object_box, sample_scene, scene_rng,
+    background_rgb, check_backgrounds, check_counts, check_kinds, eval_prompts, format_prompt, object_box, sample_scene, scene_rng,
 )
 from .shapes_score import (
     analyze, assignments, background_candidates, centroid, match, parse_caption, score_folder, score_image,
@@ -90,20 +90,20 @@ def check_outdir(outdir: str, overwrite: bool) -> None:
 def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
                          overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None,
-                         kinds: typing.Sequence[str] = KINDS,
-                         backgrounds: typing.Sequence[str] | None = None) -> list[dict]:
+                         kinds: typing.Sequence[str] = KINDS, backgrounds: typing.Sequence[str] | None = None,
+                         counts: typing.Sequence[int] | None = None) -> list[dict]:
     """Generate one image per evaluation prompt (`eval_prompts(num_prompts, seed, kinds=, backgrounds=)`)
     with `pipe` (a LatentPipeline) into `outdir` as PNGs + metadata.jsonl (format (b)); returns the rows
     written. `guidance_rescale` is φ of Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance;
     None: the model's default)."""
-    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
+    kinds, backgrounds, counts = check_kinds(kinds), check_backgrounds(backgrounds), check_counts(counts)
     sampler, steps, size, guidance_rescale = check_eval_args(
         latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts,
         seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
         guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config)
     meta_path = os.path.join(outdir, "metadata.jsonl")
     os.makedirs(outdir, exist_ok=True)
-    prompts = eval_prompts(num_prompts, seed, kinds=kinds, backgrounds=backgrounds)
+    prompts = eval_prompts(num_prompts, seed, kinds=kinds, backgrounds=backgrounds, counts=counts)
     rows = []
     for start in range(0, num_prompts, batch_size):
         batch = prompts[start:start + batch_size]
@@ -124,11 +124,12 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
              steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
              device: str | None = None, overwrite: bool = False, progress: bool = False,
              guidance_rescale: float | None = None, kinds: typing.Sequence[str] = KINDS,
-             backgrounds: typing.Sequence[str] | None = None, loras: typing.Sequence[tuple[str, float]] = ()) -> dict:
+             backgrounds: typing.Sequence[str] | None = None, counts: typing.Sequence[int] | None = None,
+             loras: typing.Sequence[tuple[str, float]] = ()) -> dict:
     """Load `model` (with the LoRA files `loras` at their scales), generate the evaluation folder, score
     it; writes and returns `outdir/report.json`. `kinds` and `backgrounds` choose the prompts (see
     `eval_prompts`); the defaults are the spec's."""
-    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
+    kinds, backgrounds, counts = check_kinds(kinds), check_backgrounds(backgrounds), check_counts(counts)
     from ldm import LatentPipeline
     from ldm.lora import apply_loras
     from ldm.models import inspect_pipeline, resolve_model
@@ -145,11 +146,12 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     apply_loras(pipe, list(loras))
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
                          batch_size=batch_size, size=size, overwrite=overwrite, progress=progress,
-                         guidance_rescale=guidance_rescale, kinds=kinds, backgrounds=backgrounds)
+                         guidance_rescale=guidance_rescale, kinds=kinds, backgrounds=backgrounds, counts=counts)
     report = score_folder(outdir)
     report["settings"] = {"task": "txt2img", "model": os.fspath(model), "num_prompts": num_prompts, "seed": seed,
                           "sampler": sampler, "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale,
                           "size": size, "kinds": list(kinds), "backgrounds": backgrounds and list(backgrounds),
+                          "counts": counts and list(counts),
                           "loras": [[os.fspath(path), scale] for path, scale in loras],
                           "seconds": round(time.time() - start, 1)}
     write_report(report, os.path.join(outdir, "report.json"))
@@ -445,7 +447,6 @@ def _prepare_edits(model: str, folders: list[str], *, num_prompts: int, seed: in
     """Check an editing task's settings before any weights load (then `check(info, steps)` for the task's
     own), load the model; returns (pipe, the pipeline keywords, the settings for the report)."""
     from ldm import LatentPipeline
-    from ldm.lora import apply_loras
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import resolve_device
 
