@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
+WORDS_KEY = "ldm.training_words"  # header entry: the words of the captions a LoRA was trained on (space-separated)
 
 
 def check_scale(scale, what: str = "LoRA scale") -> float:
@@ -150,7 +151,7 @@ def add_adapters(unet, text_encoder, *, rank: int, alpha: float, target_modules,
     return adapted
 
 
-def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diffusers") -> Path:
+def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diffusers", words=None) -> Path:
     """Write adapter `adapter_name` of `networks` ({"unet": ..., "text_encoder": ...}; those
     without it are skipped) as one `.safetensors` file.
 
@@ -159,9 +160,12 @@ def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diff
     kohya: diffusers' own `convert_state_dict_to_kohya`, with two corrections: its `.alpha` entries
     (it writes the rank) are the adapter's alpha, as kohya's scale is alpha / rank; and a CLIP text
     encoder's keys are SD 1.x's `lora_te_text_model_…`, as AUTOMATIC1111 reads them (diffusers writes
-    SDXL's `lora_te1_`, without the `text_model` level that transformers 5 no longer has)."""
+    SDXL's `lora_te1_`, without the `text_model` level that transformers 5 no longer has).
+    `words`: the training captions' vocabulary, kept in the header (WORDS_KEY), so that a pipeline
+    with the adapter active does not warn about the words it taught."""
     import torch
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from safetensors import safe_open
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -184,6 +188,10 @@ def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diff
             path.parent, unet_lora_layers=layers.get("unet"), text_encoder_lora_layers=layers.get("text_encoder"),
             weight_name=path.name, **{f"{network}_lora_adapter_metadata": config.to_dict()
                                       for network, config in configs.items()})
+        if words:  # diffusers' writer takes no header entries of ours: add them to the file it wrote
+            with safe_open(path, "pt") as f:
+                tensors, header = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            save_file(tensors, path, metadata={**header, WORDS_KEY: " ".join(sorted(words))})
         return path
     peft = {f"{network}.{k}": v for network, part in layers.items() for k, v in part.items()}
     kohya = {}
@@ -194,6 +202,28 @@ def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diff
         if key.endswith(".alpha"):
             value = torch.tensor(float(configs["text_encoder" if key.startswith("lora_te") else "unet"].lora_alpha))
         kohya[key] = value
-    save_file({k: v.contiguous() for k, v in kohya.items()}, path)
+    header = {WORDS_KEY: " ".join(sorted(words))} if words else None
+    save_file({k: v.contiguous() for k, v in kohya.items()}, path, metadata=header)
     return path
+
+
+def lora_words(path) -> frozenset[str]:
+    """The training vocabulary a LoRA file's header lists (WORDS_KEY); empty when it lists none."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return frozenset((f.metadata() or {}).get(WORDS_KEY, "").split())
+
+
+def caption_words(path) -> frozenset[str]:
+    """Every word (lower-cased runs of letters and digits, as the pipeline's unseen-word check reads
+    prompts) of every caption in a dataset, read from its metadata without decoding an image."""
+    from ldm.data.datasets import iter_raw_samples
+
+    words: set[str] = set()
+    _, samples, _ = iter_raw_samples(path)
+    for sample in samples:
+        for caption in sample.captions()[0]:
+            words.update(re.findall(r"[^\W_]+", caption.lower()))
+    return frozenset(words)
 

@@ -121,6 +121,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         self.training_words: frozenset[str] | None = None  # see TRAINING_WORDS; None: unknown, no check
         self.lora_dir: Path | None = None  # where <lora:NAME:SCALE> prompt tags are looked up
         self.lora_files: dict[str, Path] = {}  # adapter name -> the file it came from (for "Lora hashes")
+        self.lora_words: dict[str, frozenset[str]] = {}  # adapter name -> the words it was trained on (its header)
         self.lora_scales: dict[str, float] = {}  # adapter name -> scale, as set_adapters last set it
         self._scales_before_tags: dict[str, float] | None = None  # restored when the next call starts
 
@@ -136,7 +137,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         """diffusers' `load_lora_weights` (diffusers/peft or kohya keys), with a `.safetensors` file
         only (never a pickle), every key checked to map to a module of this model, and the
         adapter made active at scale 1 beside those already active."""
-        from ldm.lora import check_lora_keys
+        from ldm.lora import check_lora_keys, lora_words
         from ldm.models import PICKLE_SUFFIXES, check_safetensors
 
         source = pretrained_model_name_or_path_or_dict
@@ -166,6 +167,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             raise ValueError(f"{source if not isinstance(source, dict) else 'the LoRA'} does not fit this model: "
                              f"{reason[:300]}") from None
         self.lora_files[name] = None if isinstance(source, dict) else Path(source)
+        self.lora_words[name] = frozenset() if isinstance(source, dict) else lora_words(source)
         self.set_adapters(list(self.lora_scales) + [name], list(self.lora_scales.values()) + [1.0])
 
     def save_lora(self, path: str | os.PathLike, adapter_name: str | None = None,
@@ -205,10 +207,11 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         for n in names:
             self.lora_files.pop(n, None)
             self.lora_scales.pop(n, None)
+            self.lora_words.pop(n, None)
 
     def unload_lora_weights(self, *args, **kwargs):
         super().unload_lora_weights(*args, **kwargs)
-        self.lora_files, self.lora_scales = {}, {}
+        self.lora_files, self.lora_scales, self.lora_words = {}, {}, {}
 
     def use_prompt_loras(self, prompts: list[str]) -> list[str]:
         """AUTOMATIC1111's `<lora:NAME:SCALE>` tags: each NAME loaded from `lora_dir` (once), the
@@ -739,11 +742,13 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
 
     def unseen_words(self, prompts: Sequence[str]) -> list[str]:
         """The words of `prompts` (lower-cased runs of letters and digits) that are not in the
-        model's training vocabulary, in order of first use; [] when the model lists none."""
+        model's training vocabulary (and that of the LoRAs active at a scale other than 0), in order
+        of first use; [] when the model lists none."""
         if self.training_words is None:
             return []
+        known = self.training_words.union(*(self.lora_words.get(n, ()) for n, s in self.lora_scales.items() if s))
         words = (w for p in prompts for w in _WORD.findall(p.lower()))
-        return [w for w in dict.fromkeys(words) if w not in self.training_words]
+        return [w for w in dict.fromkeys(words) if w not in known]
 
     def warn_unseen_words(self, prompts: Sequence[str]) -> None:
         """One warning naming the prompt words the model never saw in training: it still draws a

@@ -50,8 +50,9 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     from ldm.models import resolve_model
+    from ldm.pipeline import DEFAULT_MODEL
 
-    pipe = LatentPipeline.from_pretrained(resolve_model(args.model))
+    pipe = LatentPipeline.from_pretrained(resolve_model(args.model or DEFAULT_MODEL))
     concept = {"num_prompts": args.concept_prompts, "kinds": args.concept_kinds.split(","),
                "backgrounds": args.concept_backgrounds and args.concept_backgrounds.split(","),
                "counts": args.concept_counts and [int(c) for c in args.concept_counts.split(",")]}

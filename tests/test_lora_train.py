@@ -76,6 +76,14 @@ def test_a_trained_lora_loads_in_diffusers_to_the_same_images(tiny_pipeline_dir,
     theirs = ref("a red circle", generator=torch.Generator().manual_seed(3), num_inference_steps=4, output_type="np").images
     assert np.abs(mine - theirs).max() <= 1e-3
     assert np.abs(mine - base).max() > 0.02  # the adapters learned something (alpha 8 / rank 4 counted once, as in diffusers)
+    # the file lists its training captions' words, so the unseen-word warning knows what the adapter taught
+    from ldm.lora import caption_words, lora_words
+
+    assert lora_words(lora) == caption_words(data) and {"circle", "square", "triangle"} <= lora_words(lora)
+    ours.training_words = frozenset({"a"})
+    assert ours.unseen_words(["a red circle"]) == []
+    ours.set_adapters(["trained"], [0.0])
+    assert ours.unseen_words(["a red circle"]) == ["red", "circle"]
 
 
 def test_resume_is_exact_and_the_kohya_file_gives_the_same_images(tiny_pipeline_dir, data, tmp_path):
@@ -91,6 +99,9 @@ def test_resume_is_exact_and_the_kohya_file_gives_the_same_images(tiny_pipeline_
     kohya = load_file(split / "final" / "lora.safetensors")
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for k in kohya)  # SD 1.x's names
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}  # the adapters' alpha, not the rank
+    from ldm.lora import caption_words, lora_words
+
+    assert lora_words(split / "final" / "lora.safetensors") == caption_words(data)
     pipes = []
     for run in (straight, split):
         pipe = LatentPipeline.from_pretrained(tiny_pipeline_dir)

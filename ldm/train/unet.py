@@ -611,7 +611,7 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
     the EMA weights when the run keeps an EMA (config.ema.enabled), else the raw ones. `checkpoint` is "latest" (of
     run.output_dir) or a checkpoint folder; `out` must not exist yet (or be empty). Works for a
     checkpoint of any process count, on the CPU, without touching the run."""
-    from ldm.lora import write_lora
+    from ldm.lora import caption_words, write_lora
     from ldm.pipeline import LatentPipeline
     from ldm.sampling import sampling_scheduler
     from ldm.train.checkpoint import load_model_weights, load_state, resolve_resume
@@ -639,7 +639,9 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
             ema.copy_to(weights)
     kind = "EMA" if config.ema.enabled else "raw"
     if lora:
-        path = write_lora(out / "lora.safetensors", {"unet": unet, "text_encoder": text_encoder}, "default", config.lora.format)
+        words = caption_words(config.data.path) if config.data.path and Path(config.data.path).exists() else None
+        path = write_lora(out / "lora.safetensors", {"unet": unet, "text_encoder": text_encoder}, "default",
+                          config.lora.format, words=words)
         log.info("wrote %s from %s (%s weights)", path, folder, kind)
         return path
     scheduler = sampling_scheduler(make_training_scheduler(config.objective))  # the folder names its sampler
@@ -653,7 +655,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
           progress: bool = True) -> Path:
     """Train per `config`; returns OUTPUT/final (or, with `build_cache_only`, the cache file)."""
     from ldm.data import open_dataset
-    from ldm.lora import write_lora
+    from ldm.lora import caption_words, write_lora
     from ldm.pipeline import LatentPipeline
     from ldm.sampling import sampling_scheduler
     from ldm.train import cache as latent_cache
@@ -855,7 +857,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
         pipe = ema_pipeline()
         if lora:
             write_lora(final / "lora.safetensors", {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "default",
-                       config.lora.format)
+                       config.lora.format, words=caption_words(config.data.path))
         else:
             pipe.save_pretrained(final)
         restore_weights()
