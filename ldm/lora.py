@@ -91,7 +91,7 @@ def check_lora_keys(state_dict: dict, modules: dict[str, set[str]], source: str)
     for key in peft_keys(state_dict):
         prefix, _, rest = key.partition(".")
         if prefix == "text_encoder" and rest.startswith("text_model.") and "text_model" not in modules.get(prefix, ()):
-            rest = rest[len("text_model."):]  # transformers 5's CLIPTextModel has no text_model level; its loader maps it
+            rest = rest[len("text_model."):]  # transformers 5's CLIPTextModel has no such level; its loader maps it
         module = re.split(r"\.lora(?:_[AB]|\.(?:up|down))?\.|\.lora_magnitude_vector|\.alpha$", rest)[0]
         if prefix not in modules or module not in modules[prefix]:
             unknown.append(key)
@@ -145,8 +145,9 @@ def add_adapters(unet, text_encoder, *, rank: int, alpha: float, target_modules,
             raise ValueError(f"lora.text_encoder: diffusers' LoRA loader reads text-encoder adapters of CLIP text "
                              f"encoders only, and this model's is {kind}; train the U-Net's adapters alone")
         # peft's own injection: transformers' add_adapter asks for a newer peft than PyPI has
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(CLIP_TEXT_TARGETS),
-                                           init_lora_weights="gaussian"), text_encoder, adapter_name=adapter_name)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(CLIP_TEXT_TARGETS),
+                            init_lora_weights="gaussian")
+        inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
         adapted["text_encoder"] = text_encoder
     return adapted
 
@@ -196,7 +197,7 @@ def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diff
     peft = {f"{network}.{k}": v for network, part in layers.items() for k, v in part.items()}
     kohya = {}
     for key, value in convert_state_dict_to_kohya(peft).items():
-        if key.startswith("lora_te1_"):  # diffusers writes SDXL's first-encoder prefix; SD 1.x files say lora_te_text_model_
+        if key.startswith("lora_te1_"):  # diffusers writes SDXL's first-encoder prefix; SD 1.x's is lora_te_text_model_
             rest = key[len("lora_te1_"):]
             key = "lora_te_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
         if key.endswith(".alpha"):

@@ -26,9 +26,12 @@ from ldm.data.shapes_score import score_folder
 
 
 def evaluate(pipe, folder: Path, args, **prompts) -> dict:
+    """Generate (unless a complete folder is there from an earlier run) and score one folder."""
     start = time.time()
-    generate_eval_folder(pipe, str(folder), seed=0, cfg=args.cfg, steps=args.steps, batch_size=args.batch_size,
-                         overwrite=True, **prompts)
+    meta = folder / "metadata.jsonl"
+    if not (meta.is_file() and len(meta.read_text().splitlines()) == prompts["num_prompts"]):
+        generate_eval_folder(pipe, str(folder), seed=0, cfg=args.cfg, steps=args.steps, batch_size=args.batch_size,
+                             overwrite=True, **prompts)
     report = score_folder(str(folder))
     report["seconds"] = time.time() - start
     return report
@@ -41,7 +44,8 @@ def main() -> None:
     p.add_argument("--concept-kinds", required=True, help="comma list: the caption kinds of the concept's prompts")
     p.add_argument("--concept-backgrounds", default=None, help="comma list: the backgrounds they name")
     p.add_argument("--concept-counts", default=None, help="comma list: the numbers they count")
-    p.add_argument("--scales", default="0.25,0.5,0.75,1", help="LoRA scales to sweep (the base model is always measured)")
+    p.add_argument("--scales", default="0.25,0.5,0.75,1",
+                   help="LoRA scales to sweep (the base model is always measured)")
     p.add_argument("--concept-prompts", type=int, default=300)
     p.add_argument("--ordinary-prompts", type=int, default=600)
     p.add_argument("--steps", type=int, default=None)
@@ -65,18 +69,18 @@ def main() -> None:
         pipe.set_adapters(["lora"], [scale])
         rows.append({"scale": scale, "concept": evaluate(pipe, out / f"scale-{scale:g}-concept", args, **concept),
                      "ordinary": evaluate(pipe, out / f"scale-{scale:g}-ordinary", args, **ordinary)})
-        print(f"scale {scale:g}: concept {rows[-1]['concept']['overall']['accuracy']:.1%}, "
-              f"ordinary {rows[-1]['ordinary']['overall']['accuracy']:.1%}", flush=True)
-    (out / "report.json").write_text(json.dumps([{k: ({"overall": v["overall"], "per_kind": v["per_kind"],
-                                                       "seconds": v["seconds"]} if isinstance(v, dict) else v)
-                                                   for k, v in r.items()} for r in rows], indent=1))
-    base = rows[0]["ordinary"]["overall"]["accuracy"]
+        print(f"scale {scale:g}: concept {rows[-1]['concept']['kinds']['overall']['accuracy']:.1%}, "
+              f"ordinary {rows[-1]['ordinary']['kinds']['overall']['accuracy']:.1%}", flush=True)
+    (out / "report.json").write_text(json.dumps(
+        [{k: ({"kinds": v["kinds"], "backgrounds": v.get("backgrounds"), "seconds": v["seconds"]} if isinstance(v, dict)
+              else v) for k, v in r.items()} for r in rows], indent=1))
+    base = rows[0]["ordinary"]["kinds"]["overall"]["accuracy"]
     print("| scale | concept | ordinary | ordinary kept | " + " | ".join(KINDS) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(KINDS))
     for r in rows:
-        kinds = " | ".join(f"{r['ordinary']['per_kind'][k]['accuracy']:.1%}" for k in KINDS)
-        ordinary_acc = r["ordinary"]["overall"]["accuracy"]
-        print(f"| {r['scale']} | {r['concept']['overall']['accuracy']:.1%} | {ordinary_acc:.1%} | "
+        kinds = " | ".join(f"{r['ordinary']['kinds'][k]['accuracy']:.1%}" for k in KINDS)
+        ordinary_acc = r["ordinary"]["kinds"]["overall"]["accuracy"]
+        print(f"| {r['scale']} | {r['concept']['kinds']['overall']['accuracy']:.1%} | {ordinary_acc:.1%} | "
               f"{ordinary_acc / base:.1%} | {kinds} |")
 
 

@@ -186,7 +186,8 @@ def test_shapes_eval_scores_the_model_with_its_lora(tiny_pipeline_dir, lora_file
     saved = np.asarray(Image.open(out / row["file_name"])).astype(int)
 
     def again():
-        image = pipe(row["text"], seed=row["seed"], num_inference_steps=2, sampler=row["sampler"], progress=False).images[0]
+        image = pipe(row["text"], seed=row["seed"], num_inference_steps=2, sampler=row["sampler"],
+                     progress=False).images[0]
         return np.abs(np.asarray(image).astype(int) - saved).max()
 
     assert again() > 20  # the base model alone draws another picture

@@ -171,7 +171,8 @@ def _main(argv=None) -> int:
         from ldm.cli.txt2img import check_loras
 
         kinds, backgrounds, counts = parse_lists(args)
-        report = shapes_eval.evaluate(model, args.outdir, size=args.size, kinds=kinds, backgrounds=backgrounds, counts=counts,
+        report = shapes_eval.evaluate(model, args.outdir, size=args.size, kinds=kinds, backgrounds=backgrounds,
+                                      counts=counts,
                                       loras=check_loras(args), **common)
         print(format_report(report))
         print(f"images, metadata.jsonl and report.json in {args.outdir}")
@@ -189,7 +190,8 @@ def check_task_options(args) -> None:
 
 
 def parse_lists(args) -> tuple[list[str] | tuple[str, ...], list[str] | None, list[int] | None]:
-    """--kinds, --backgrounds and --counts as lists (unchecked: the Python API names what is wrong), or their defaults."""
+    """--kinds, --backgrounds and --counts as lists (unchecked: the Python API names what is wrong), or
+    their defaults."""
     from ldm.data.shapes import KINDS
 
     kinds = KINDS if args.kinds is None else [k.strip() for k in args.kinds.split(",")]

@@ -37,7 +37,8 @@ def _main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # key=value overrides may follow any flag
     from ldm.train.unet import UNetTrainConfig, train
 
-    config = load_training_config(UNetTrainConfig, args, vae=args.vae, base=args.base, **{"lora.format": args.lora_format})
+    config = load_training_config(UNetTrainConfig, args, vae=args.vae, base=args.base,
+                                  **{"lora.format": args.lora_format})
     if args.export:
         if args.build_cache or args.resume:
             raise ValueError("--export runs alone: drop --build-cache and --resume")

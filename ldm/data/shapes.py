@@ -407,7 +407,8 @@ def check_counts(counts: typing.Sequence[int] | None) -> tuple[int, ...] | None:
         raise ValueError(f"counts must be a non-empty list of {tuple(NUMBER_WORDS)}, got {counts!r}")
     bad = [c for c in counts if isinstance(c, bool) or c not in NUMBER_WORDS]
     if bad:
-        raise ValueError(f"unknown count(s) {', '.join(map(repr, bad))}; counts are {', '.join(map(str, NUMBER_WORDS))}")
+        raise ValueError(f"unknown count(s) {', '.join(map(repr, bad))}; "
+                         f"counts are {', '.join(map(str, NUMBER_WORDS))}")
     return tuple(int(c) for c in counts)
 
 

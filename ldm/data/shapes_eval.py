@@ -36,7 +36,8 @@ from PIL import Image
 
 from .shapes import (
     BACKGROUNDS, COLORS, EVAL_DOMAIN, KIND_TITLES, KINDS, SHAPES, SIZE_FRACTIONS, SIZE_JITTER, Scene, SceneObject,
-    background_rgb, check_backgrounds, check_counts, check_kinds, eval_prompts, format_prompt, object_box, sample_scene, scene_rng,
+    background_rgb, check_backgrounds, check_counts, check_kinds, eval_prompts, format_prompt, object_box, sample_scene,
+    scene_rng,
 )
 from .shapes_score import (
     analyze, assignments, background_candidates, centroid, match, parse_caption, score_folder, score_image,

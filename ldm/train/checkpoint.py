@@ -274,8 +274,9 @@ def save_checkpoint(
         unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: m)
         for name, model in models.items():
             if trained_only:
-                save_file({k: p.detach().cpu().contiguous() for k, p in unwrap(model).named_parameters() if p.requires_grad},
-                          str(tmp / f"model-{name}.safetensors"))
+                weights = {k: p.detach().cpu().contiguous() for k, p in unwrap(model).named_parameters()
+                           if p.requires_grad}
+                save_file(weights, str(tmp / f"model-{name}.safetensors"))
             else:
                 save_model(unwrap(model), str(tmp / f"model-{name}.safetensors"))
         for name, optimizer in (optimizers or {}).items():

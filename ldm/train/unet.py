@@ -155,11 +155,13 @@ def check_config(config: UNetTrainConfig) -> None:
     """Cross-field checks, before anything loads; a ValueError names the key. Warns when p_uncond is 0."""
     obj, run = config.objective, config.run
     if config.vae is None:
-        raise ValueError("no VAE given: pass --vae DIR (an AutoencoderKL folder), or --base PIPELINE, or set vae in the config")
+        raise ValueError("no VAE given: pass --vae DIR (an AutoencoderKL folder), or --base PIPELINE, "
+                         "or set vae in the config")
     lora = config.lora
     if lora.enabled:
         if not config.model.pretrained:
-            raise ValueError("lora.enabled trains adapters on a trained model: pass --base PIPELINE (or set model.pretrained)")
+            raise ValueError("lora.enabled trains adapters on a trained model: "
+                             "pass --base PIPELINE (or set model.pretrained)")
         if config.text_encoder.mode != "frozen":
             raise ValueError("lora.enabled keeps the text encoder frozen (adapters on it: lora.text_encoder=true); "
                              "set text_encoder.mode=frozen")
@@ -222,7 +224,8 @@ def resolve_base(config: UNetTrainConfig) -> UNetTrainConfig:
         return config
     base = Path(config.base)
     if not (base / "model_index.json").is_file() or not (base / "unet" / "config.json").is_file():
-        raise ValueError(f"--base {base}: not a pipeline folder (model_index.json, unet/, vae/, text_encoder/, scheduler/)")
+        raise ValueError(f"--base {base}: not a pipeline folder "
+                         "(model_index.json, unet/, vae/, text_encoder/, scheduler/)")
     scheduler_file = base / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise ValueError(f"--base {base}: no scheduler/scheduler_config.json, so its noise schedule is unknown")
@@ -239,7 +242,8 @@ def resolve_base(config: UNetTrainConfig) -> UNetTrainConfig:
         "objective.zero_terminal_snr": bool(sched.get("rescale_betas_zero_snr", False)),
         "vae": str(base), "text_encoder.path": str(base), "model.pretrained": str(base),
     }
-    folders = {"vae": "vae", "text_encoder.path": "text_encoder", "model.pretrained": "unet"}  # each may name its subfolder
+    # each key may also name the base's own subfolder
+    folders = {"vae": "vae", "text_encoder.path": "text_encoder", "model.pretrained": "unet"}
     defaults = UNetTrainConfig()
     for key, value in wanted.items():
         section, _, name = key.rpartition(".")
@@ -575,8 +579,9 @@ def trained_networks(config: UNetTrainConfig, unet, text_encoder) -> dict:
     trained = {"unet": unet}
     if config.lora.enabled:
         c = config.lora
-        trained = add_adapters(unet, text_encoder, rank=c.rank, alpha=c.alpha or c.rank, target_modules=c.target_modules,
-                               conv=c.conv, on_text_encoder=c.text_encoder, dropout=c.dropout)
+        trained = add_adapters(unet, text_encoder, rank=c.rank, alpha=c.alpha or c.rank,
+                               target_modules=c.target_modules, conv=c.conv, on_text_encoder=c.text_encoder,
+                               dropout=c.dropout)
     if config.text_encoder.mode == "joint":
         trained["text_encoder"] = text_encoder
     return trained
@@ -707,13 +712,15 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     cache_dir = Path(config.cache.dir) if config.cache.dir else output_dir / "cache"
     key = cache = None
     if not isinstance(dataset, torch.utils.data.IterableDataset) and config.data.crop == "center" and not config.data.random_flip:
-        key = latent_cache.cache_key(vae=vae, tokenizer=tokenizer, max_length=prompt_encoder.max_length, text_encoder=None if text_trained else text_encoder,
+        key = latent_cache.cache_key(vae=vae, tokenizer=tokenizer, max_length=prompt_encoder.max_length,
+                                     text_encoder=None if text_trained else text_encoder,
                                      data={"path": str(Path(config.data.path).resolve()), "num_samples": len(dataset), "resolution": config.data.resolution, "crop": "center"})
         cache = latent_cache.find_cache(cache_dir, key)
     if build_cache_only:
         latent_cache.check_cacheable(dataset, config.data.crop, config.data.random_flip)
         if cache is None and is_main:
-            cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae, prompt_encoder=prompt_encoder, frozen_text=not text_trained,
+            cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae, prompt_encoder=prompt_encoder,
+                                             frozen_text=not text_trained,
                                              batch_size=config.cache.batch_size, num_workers=config.data.num_workers,
                                              dtype=config.cache.dtype, progress=progress)
         accelerator.wait_for_everyone()
@@ -810,7 +817,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
                 with accelerator.accumulate(*trained.values()):
                     z0 = encode_latents(batch, vae, draws.posterior).to(accelerator.device)  # (B, C, h, w)
                     with accelerator.autocast():
-                        cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed, trainable=text_trained).to(accelerator.device)  # (B, L, D)
+                        cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed,
+                                                 trainable=text_trained).to(accelerator.device)  # (B, L, D)
                         loss = diffusion_loss(unet, z0, cond, draws, alphas_cumprod, obj)
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
@@ -869,7 +877,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
 
 
 __all__ = [
-    "UNetTrainConfig", "UNetModelConfig", "LoraTrainConfig", "resolve_base", "trained_networks", "trained_weights", "TextEncoderConfig", "ObjectiveConfig", "SampleConfig", "CacheConfig", "check_config",
+    "UNetTrainConfig", "UNetModelConfig", "LoraTrainConfig", "resolve_base", "trained_networks", "trained_weights",
+    "TextEncoderConfig", "ObjectiveConfig", "SampleConfig", "CacheConfig", "check_config",
     "load_vae", "load_text_encoder", "build_unet", "make_training_scheduler", "training_alphas_cumprod", "Draws", "draw_randomness", "timestep_weights",
     "encode_latents", "text_conditioning", "diffusion_loss", "build_models", "export_checkpoint", "train",
 ]
