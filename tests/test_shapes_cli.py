@@ -159,6 +159,19 @@ def test_eval_kinds_and_colour_backgrounds(tmp_path, tiny_pipeline_dir):
 
 
 @pytest.mark.filterwarnings("ignore:prompt")
+def test_eval_counts_draws_the_counting_concepts_prompts(tmp_path, tiny_pipeline_dir):
+    """--kinds counting --counts 5: the held-out prompts of the counting-to-five concept."""
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_pipeline_dir), "--num-prompts", "3", "--seed", "2", "--steps", "1",
+            "--outdir", str(out), "--device", "cpu", "--quiet", "--kinds", "counting", "--counts", "5"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == [format_prompt(p) for p in eval_prompts(3, 2, kinds=["counting"], counts=[5])]
+    assert all(r["text"].startswith("five ") for r in rows)
+    assert json.loads((out / "report.json").read_text())["settings"]["counts"] == [5]
+
+
+@pytest.mark.filterwarnings("ignore:prompt")
 def test_eval_guidance_rescale_reaches_the_pipeline_and_the_report(tmp_path, tiny_pipeline_dir, tiny_pipe, capsys):
     import numpy as np
 
