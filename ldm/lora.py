@@ -166,9 +166,9 @@ def write_lora(path, networks: dict, adapter_name: str, lora_format: str = "diff
     with the adapter active does not warn about the words it taught."""
     import torch
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from safetensors import safe_open
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     if lora_format not in ("diffusers", "kohya"):
@@ -225,6 +225,6 @@ def caption_words(path) -> frozenset[str]:
     _, samples, _ = iter_raw_samples(path)
     for sample in samples:
         for caption in sample.captions()[0]:
-            words.update(re.findall(r"[^\W_]+", caption.lower()))
+            words.update(re.findall(r"[^\W_]+", caption.lower()))  # ldm.pipeline._WORD's runs
     return frozenset(words)
 
