@@ -104,8 +104,8 @@ def main() -> None:
     print("| scenes | right drawing passes (1 − false reject) | mis-drawing passes (false accept) |")
     print("|---|---:|---:|")
     for name, group, right, wrong in rows:
-        print(f"| {name} | {rate((right(s), s.caption) for s in group)} | {rate((wrong(s), s.caption) for s in group)} |",
-              flush=True)
+        right_rate, wrong_rate = rate((right(s), s.caption) for s in group), rate((wrong(s), s.caption) for s in group)
+        print(f"| {name} | {right_rate} | {wrong_rate} |", flush=True)
     grown = []
     for s in small:  # every object the caption calls small, drawn at the large size
         named = [spec.size for spec in s.prompt.objects]

@@ -16,8 +16,9 @@ def build_parser() -> ArgumentParser:
         prog="ldm-train-unet",
         description="Train a text-conditioned latent diffusion U-Net (stage 2) with condition dropout, on the latents of a frozen VAE.",
         epilog=f"{TRAINING_EXIT_STATUSES} Example: ldm-train-unet --config configs/unet/shapes.yaml --vae runs/vae-shapes/final "
-               "--data data/shapes --output-dir runs/unet-shapes optim.lr=2e-4 run.batch_size=64. A LoRA: ldm-train-unet --config "
-               "configs/unet/lora.yaml --base PIPELINE --data DIR --output-dir runs/lora",
+               "--data data/shapes --output-dir runs/unet-shapes optim.lr=2e-4 run.batch_size=64. "
+               "A LoRA: ldm-train-unet --config configs/unet/lora.yaml --base PIPELINE --data DIR "
+               "--output-dir runs/lora",
     )
     add_training_arguments(p, "configs/unet/*.yaml", "ldm.train.unet.UNetTrainConfig", "optim.lr=3e-4 objective.p_uncond=0.1")
     p.add_argument("--base", metavar="PIPELINE",

@@ -719,8 +719,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     if build_cache_only:
         latent_cache.check_cacheable(dataset, config.data.crop, config.data.random_flip)
         if cache is None and is_main:
-            cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae, prompt_encoder=prompt_encoder,
-                                             frozen_text=not text_trained,
+            cache = latent_cache.build_cache(latent_cache.cache_file(cache_dir, key), key, dataset, vae=vae,
+                                             prompt_encoder=prompt_encoder, frozen_text=not text_trained,
                                              batch_size=config.cache.batch_size, num_workers=config.data.num_workers,
                                              dtype=config.cache.dtype, progress=progress)
         accelerator.wait_for_everyone()
