@@ -216,3 +216,35 @@ def test_counting_to_five_is_opt_in_and_scored_on_rendered_truth():
     for bad in ((7,), (), "5", (True,)):
         with pytest.raises(ValueError, match="count"):
             check_counts(bad)
+
+
+def test_the_hard_mix_draws_its_cases_and_leaves_the_usual_draw_alone():
+    """--mix hard: a third on black, pairs of one colour, counts of three and four, both sizes named;
+    every scene passes the scorer on rendered truth; the usual draw is unchanged, and a list cycles."""
+    from ldm.data.shapes import HARD_KINDS, check_mix
+    from ldm.data.shapes_score import score_image
+
+    assert [make_scene(0, i, mix="usual").caption for i in range(12)] == [make_scene(0, i).caption for i in range(12)]
+    scenes = [make_scene(0, i, domain=EVAL_DOMAIN, mix="hard") for i in range(120)]
+    assert Counter(s.kind for s in scenes) == {"background": 40, "two": 20, "counting": 20, "position": 20,
+                                               "attributes": 20}
+    assert [s.kind for s in scenes[:6]] == list(HARD_KINDS)
+    for s in scenes:
+        assert parse_caption(s.caption) == s.prompt
+        assert score_image(render_array(s), s.caption).passed
+        if s.kind == "background":
+            assert s.background == "black" and s.caption.endswith(" on a black background")
+        if s.prompt.form == "count":
+            assert len(s.objects) in (3, 4)
+        else:  # two objects of one colour and two shapes: fused or swapped objects are caught
+            assert len(s.objects) == 2
+            assert s.objects[0].color == s.objects[1].color and s.objects[0].shape != s.objects[1].shape
+        if s.kind == "attributes":
+            assert all(o.size for o in s.prompt.objects)
+    half = [make_scene(5, i, mix="usual,hard") for i in range(24)]  # scene i: mix i % 2, kind index i // 2
+    assert [s.kind for s in half[0::2]] == list(KINDS) * 2
+    assert all(len(s.objects) >= 2 for s in half[1::2])
+    assert eval_prompts(6, 0, mix="hard") == [s.prompt for s in scenes[:6]]
+    for bad in ("easy", "", ["usual", "x"]):
+        with pytest.raises(ValueError, match="unknown mix"):
+            check_mix(bad)

@@ -90,6 +90,8 @@ def test_make_colour_backgrounds(tmp_path, capsys):
     (["make", "--out", "{tmp}/x", "--num", "2", "--counts", "5,7"], "unknown count(s) 7; counts are 2, 3, 4, 5"),
     (["make", "--out", "{tmp}/x", "--num", "2", "--counts", "five"], "expected numbers separated by commas"),
     (["eval", "--task", "img2img", "--counts", "5", "--num-prompts", "2"], "--counts applies to --task txt2img"),
+    (["eval", "--task", "inpaint", "--mix", "hard", "--num-prompts", "2"], "--mix applies to --task txt2img"),
+    (["make", "--out", "{tmp}/x", "--num", "2", "--mix", "usual,easy"], "unknown mix 'easy'; mixes are usual, hard"),
     (["eval", "--lora", "{tmp}/style.pt", "--num-prompts", "2"], "pickles are refused"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
@@ -169,6 +171,18 @@ def test_eval_counts_draws_the_counting_concepts_prompts(tmp_path, tiny_pipeline
     assert [r["text"] for r in rows] == [format_prompt(p) for p in eval_prompts(3, 2, kinds=["counting"], counts=[5])]
     assert all(r["text"].startswith("five ") for r in rows)
     assert json.loads((out / "report.json").read_text())["settings"]["counts"] == [5]
+
+
+@pytest.mark.filterwarnings("ignore:prompt")
+def test_eval_mix_hard_draws_the_hard_prompts(tmp_path, tiny_pipeline_dir):
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(tiny_pipeline_dir), "--num-prompts", "6", "--steps", "1",
+            "--outdir", str(out), "--device", "cpu", "--quiet", "--mix", "hard"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == [format_prompt(p) for p in eval_prompts(6, 0, mix="hard")]
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["mix"] == "hard" and report["kinds"]["background"]["n"] == 2
 
 
 @pytest.mark.filterwarnings("ignore:prompt")

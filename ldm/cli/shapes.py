@@ -36,6 +36,10 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--counts", default=None, metavar="N1,N2,...",
                    help="the numbers counting scenes show, drawn uniformly from this list: 2-5 (five is an extension "
                         "of the spec; default: 2,3,4 as the spec draws them)")
+    m.add_argument("--mix", default="usual", metavar="MIX[,MIX...]",
+                   help="usual: the spec's draws; hard: the hard mix (two-object prompts of one colour, counts of three "
+                        "and four, both sizes named, a third of the scenes on black; docs/data.md); a comma list "
+                        "cycles through them, e.g. usual,hard for half each (default: usual)")
 
     s = sub.add_parser("score", help="score a folder of images against their captions",
                        description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")
@@ -83,6 +87,10 @@ def build_parser() -> ArgumentParser:
                         "(default: white,gray,black)")
     e.add_argument("--counts", default=None, metavar="N1,N2,...",
                    help="txt2img: the numbers the counting prompts name, as for make; e.g. --kinds counting --counts 5")
+    e.add_argument("--mix", default=None, metavar="MIX",
+                   help="txt2img: usual (the spec's balanced kinds) or hard (the default model's hard cases: "
+                        "two-object prompts of one colour, counts of three and four, both sizes named, a third on "
+                        "black; docs/data.md) (default: usual)")
     e.add_argument("--seed", type=int, default=0,
                    help="evaluation seed: picks the prompts; image i is generated with seed + i")
     e.add_argument("--sampler", default=None,
@@ -118,7 +126,8 @@ def _main(argv=None) -> int:
         unnamed = None if args.unnamed_background == "random" else args.unnamed_background
         kinds, backgrounds, counts = parse_lists(args)  # write_dataset checks them
         written = write_dataset(args.out, args.num, size=args.size, seed=args.seed, overwrite=args.overwrite,
-                                unnamed_background=unnamed, kinds=kinds, backgrounds=backgrounds, counts=counts)
+                                unnamed_background=unnamed, kinds=kinds, backgrounds=backgrounds, counts=counts,
+                                mix=args.mix)
         seconds = time.time() - start
         print(f"wrote {args.num} images ({written / 2**20:.1f} MiB) and metadata.jsonl to {args.out} "
               f"in {seconds:.1f} s ({args.num / max(seconds, 1e-9):.0f} images/s)")
@@ -172,8 +181,7 @@ def _main(argv=None) -> int:
 
         kinds, backgrounds, counts = parse_lists(args)
         report = shapes_eval.evaluate(model, args.outdir, size=args.size, kinds=kinds, backgrounds=backgrounds,
-                                      counts=counts,
-                                      loras=check_loras(args), **common)
+                                      counts=counts, mix=args.mix or "usual", loras=check_loras(args), **common)
         print(format_report(report))
         print(f"images, metadata.jsonl and report.json in {args.outdir}")
     return 0
@@ -183,18 +191,17 @@ def check_task_options(args) -> None:
     """A ValueError for an option that does not apply to --task (it would be silently ignored)."""
     only = {"strength": ("img2img",), "inpaint_method": ("inpaint",), "jump_length": ("inpaint",),
             "jump_samples": ("inpaint",), "size": ("txt2img",), "unnamed_background": ("img2img", "inpaint"),
-            "kinds": ("txt2img",), "backgrounds": ("txt2img",), "counts": ("txt2img",), "lora": ("txt2img",)}
+            "kinds": ("txt2img",), "backgrounds": ("txt2img",), "counts": ("txt2img",), "lora": ("txt2img",),
+            "mix": ("txt2img",)}
     for name, tasks in only.items():
         if getattr(args, name) not in (None, []) and args.task not in tasks:
             raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)}, not {args.task}")
 
 
-def parse_lists(args) -> tuple[list[str] | tuple[str, ...], list[str] | None, list[int] | None]:
+def parse_lists(args) -> tuple[list[str] | None, list[str] | None, list[int] | None]:
     """--kinds, --backgrounds and --counts as lists (unchecked: the Python API names what is wrong), or
-    their defaults."""
-    from ldm.data.shapes import KINDS
-
-    kinds = KINDS if args.kinds is None else [k.strip() for k in args.kinds.split(",")]
+    their defaults (None: the mix's own)."""
+    kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",")]
     backgrounds = None if args.backgrounds is None else [b.strip() for b in args.backgrounds.split(",")]
     counts = None
     if args.counts is not None:

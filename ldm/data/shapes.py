@@ -60,6 +60,14 @@ the default model's vocabulary (its tokenizer spells it f-i-v-e), and the shapes
 objects as well as four: the concept a LoRA is taught in docs/lora.md. (New colours or shapes are
 no such concept: the VAE, trained on this world's palette and three shapes, decodes a red background
 as noise and a diamond as a blob.)
+
+The hard mix (`hard=True` / `mix="hard"`, `ldm-shapes make|eval --mix hard`; an addition, the spec's
+grammar and scorer unchanged): the cases the default model gets wrong, weighted. Kinds cycle through
+HARD_KINDS (two, counting, position, attributes, background twice: a third of the prompts), and each is
+drawn harder: two-object prompts (two, position, attributes) name one colour for both objects, which
+differ in shape ("a red circle above a red square"), so fused objects and swapped relations are
+caught; counting shows three or four; attributes name both objects' sizes; the background kind
+names black over one of the other four. `mix="usual,hard"` cycles the two (half each).
 """
 
 from __future__ import annotations
@@ -91,6 +99,11 @@ NUMBERS = {2: "two", 3: "three", 4: "four"}
 EXTRA_NUMBERS = {5: "five"}  # counting to five: an extension, off by default (`counts=`, see the module doc)
 NUMBER_WORDS = {**NUMBERS, **EXTRA_NUMBERS}
 KINDS = ("single", "two", "counting", "position", "attributes", "background")
+# The hard mix (`hard=True`, `ldm-shapes make/eval --mix hard`; see the module doc): its kind cycle.
+HARD_KINDS = ("two", "counting", "position", "attributes", "background", "background")
+HARD_COUNTS = (3, 4)
+HARD_BACKGROUND = "black"
+MIXES = ("usual", "hard")
 KIND_TITLES = {
     "single": "single object", "two": "two objects", "counting": "counting", "position": "position",
     "attributes": "colour/size attributes", "background": "background",
@@ -253,6 +266,12 @@ def _distinct_pair(rng: np.random.Generator, size: int):
             return a, b
 
 
+def _same_colour_pair(rng: np.random.Generator, size: int):
+    """Two objects of one colour and different shapes (the hard mix's pairs)."""
+    a = _random_object(rng, size)
+    return a, _random_object(rng, size, color=a[0], shape=_pick(rng, [s for s in SHAPES if s != a[1]]))
+
+
 def _separated(x: tuple[float, float, float], y: tuple[float, float, float]) -> bool:
     """Bounding boxes (cx, cy, extent) at least MIN_GAP_PX apart on some axis."""
     reach = (x[2] + y[2]) / 2 + MIN_GAP_PX
@@ -330,20 +349,26 @@ def _check_unnamed_background(unnamed_background: str | None) -> None:
 
 def sample_scene(rng: np.random.Generator, size: int = 64, kind: str | None = None,
                  unnamed_background: str | None = None, backgrounds: typing.Sequence[str] | None = None,
-                 counts: typing.Sequence[int] | None = None) -> Scene:
+                 counts: typing.Sequence[int] | None = None, hard: bool = False) -> Scene:
     """A random scene of `kind` (one of KINDS; random if None) with its caption. A caption without a
     background phrase gets a random background, or `unnamed_background` if given; the background
     kind names one of `backgrounds` (None: the spec's white, gray, black), and counting draws its
-    number from `counts` (None: the spec's 2-4), see the module doc."""
+    number from `counts` (None: the spec's 2-4), see the module doc. `hard` draws the hard mix's
+    version of the kind (the module doc); False is the spec's draw exactly."""
     if size < 16:
         raise ValueError(f"size must be at least 16 px, got {size}")
     _check_unnamed_background(unnamed_background)
     backgrounds, counts = check_backgrounds(backgrounds), check_counts(counts)
-    kind = kind or _pick(rng, KINDS)
+    kind = kind or _pick(rng, HARD_KINDS if hard else KINDS)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if hard:
+        backgrounds = backgrounds or (HARD_BACKGROUND,)
+        counts = counts or HARD_COUNTS
     while True:  # rejection: a placement that does not fit redraws the whole scene
-        base = _pick(rng, KINDS[:-1]) if kind == "background" else kind
+        base = kind
+        if kind == "background":  # the background kind names a background over one of the others
+            base = _pick(rng, HARD_KINDS[:4]) if hard else _pick(rng, KINDS[:-1])
         # drawn for every kind, so the other draws stay the same; `backgrounds` only replaces the
         # options of the background kind (None: the spec's three, the spec's draw exactly)
         if kind == "background" and backgrounds is not None:
@@ -353,16 +378,16 @@ def sample_scene(rng: np.random.Generator, size: int = 64, kind: str | None = No
         if kind != "background" and unnamed_background is not None:
             background = unnamed_background
         relation, show_size = None, [False, False]
-        if base in ("single", "attributes") and (base == "single" or rng.random() < 0.5):
+        if base in ("single", "attributes") and (base == "single" or (not hard and rng.random() < 0.5)):
             objects = [_random_object(rng, size)]
             form, show_size = "single", [base == "attributes", False]
         elif base in ("two", "position", "attributes"):
-            objects = list(_distinct_pair(rng, size))
+            objects = list((_same_colour_pair if hard else _distinct_pair)(rng, size))
             form = "and" if base == "two" else "relation"
             if form == "relation":
                 relation = _pick(rng, RELATIONS)
             if base == "attributes":
-                show_size = [[True, False], [False, True], [True, True]][int(rng.integers(3))]
+                show_size = [True, True] if hard else [[True, False], [False, True], [True, True]][int(rng.integers(3))]
         else:  # counting: 2-4 objects alike in colour, shape and size class (or one of `counts`)
             n = int(rng.integers(2, 5)) if counts is None else _pick(rng, counts)
             color, shape, size_word, _ = _random_object(rng, size)
@@ -412,23 +437,42 @@ def check_counts(counts: typing.Sequence[int] | None) -> tuple[int, ...] | None:
     return tuple(int(c) for c in counts)
 
 
+def check_mix(mix: str | typing.Sequence[str]) -> tuple[str, ...]:
+    """`mix` ("usual", "hard", "usual,hard" or a list of those) as a tuple, or a ValueError naming what is wrong."""
+    names = mix.split(",") if isinstance(mix, str) else list(mix)
+    names = [m.strip() for m in names]
+    bad = [m for m in names if m not in MIXES]
+    if not names or bad:
+        raise ValueError(f"unknown mix {', '.join(map(repr, bad or [mix]))}; mixes are {', '.join(MIXES)} "
+                         "(a comma list cycles through them)")
+    return tuple(names)
+
+
 def make_scene(seed: int, index: int, size: int = 64, domain: int = TRAIN_DOMAIN, unnamed_background: str | None = None,
-               kinds: typing.Sequence[str] = KINDS, backgrounds: typing.Sequence[str] | None = None,
-               counts: typing.Sequence[int] | None = None) -> Scene:
-    """Scene `index` of a dataset with `seed`: kind kinds[index % len(kinds)] (the spec's balanced
-    KINDS by default; a kind listed twice is drawn twice as often), independent of other indices.
-    `backgrounds`: the names the background kind draws from (None: the spec's three; see the module doc)."""
+               kinds: typing.Sequence[str] | None = None, backgrounds: typing.Sequence[str] | None = None,
+               counts: typing.Sequence[int] | None = None, mix: str | typing.Sequence[str] = "usual") -> Scene:
+    """Scene `index` of a dataset with `seed`: kind kinds[index % len(kinds)] (None: the spec's balanced
+    KINDS; a kind listed twice is drawn twice as often), independent of other indices.
+    `backgrounds`: the names the background kind draws from (None: the spec's three; see the module doc).
+    `mix`: "hard" draws the hard mix (its own kind cycle HARD_KINDS unless `kinds` is given); a list
+    cycles, scene i drawing mix[i % n] with kind index i // n, so each part keeps its kinds balanced."""
+    mixes = check_mix(mix)
+    which, k = mixes[index % len(mixes)], index // len(mixes)
+    hard = which == "hard"
+    kinds = kinds or (HARD_KINDS if hard else KINDS)
     rng = scene_rng(seed, index, domain)
-    return sample_scene(rng, size, kinds[index % len(kinds)], unnamed_background, backgrounds, counts)
+    return sample_scene(rng, size, kinds[k % len(kinds)], unnamed_background, backgrounds, counts, hard)
 
 
 def eval_prompts(num: int, seed: int, size: int = 64, backgrounds: typing.Sequence[str] | None = None,
-                 kinds: typing.Sequence[str] = KINDS, counts: typing.Sequence[int] | None = None) -> list[Prompt]:
-    """`num` evaluation prompts from the EVAL_DOMAIN stream (never training's), balanced over KINDS,
-    or cycling through `kinds`; the background kind names one of `backgrounds` (None: the spec's three)."""
-    kinds, backgrounds = check_kinds(kinds), check_backgrounds(backgrounds)
-    counts = check_counts(counts)
-    return [make_scene(seed, i, size, EVAL_DOMAIN, kinds=kinds, backgrounds=backgrounds, counts=counts).prompt
+                 kinds: typing.Sequence[str] | None = None, counts: typing.Sequence[int] | None = None,
+                 mix: str | typing.Sequence[str] = "usual") -> list[Prompt]:
+    """`num` evaluation prompts from the EVAL_DOMAIN stream (never training's), balanced over KINDS
+    (HARD_KINDS for the hard mix), or cycling through `kinds`; the background kind names one of
+    `backgrounds` (None: the spec's three, black in the hard mix)."""
+    kinds = None if kinds is None else check_kinds(kinds)
+    backgrounds, counts, mix = check_backgrounds(backgrounds), check_counts(counts), check_mix(mix)
+    return [make_scene(seed, i, size, EVAL_DOMAIN, kinds=kinds, backgrounds=backgrounds, counts=counts, mix=mix).prompt
             for i in range(num)]
 
 
@@ -499,13 +543,14 @@ def scene_record(scene: Scene) -> dict:
 
 
 def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrite: bool = False,
-                  unnamed_background: str | None = None, kinds: typing.Sequence[str] = KINDS,
-                  backgrounds: typing.Sequence[str] | None = None, counts: typing.Sequence[int] | None = None) -> int:
+                  unnamed_background: str | None = None, kinds: typing.Sequence[str] | None = None,
+                  backgrounds: typing.Sequence[str] | None = None, counts: typing.Sequence[int] | None = None,
+                  mix: str | typing.Sequence[str] = "usual") -> int:
     """Write `num` scenes of training seed `seed` as `out/0000000.png`... + `out/metadata.jsonl`.
 
     Rows are {"file_name", "text", "seed", "index", "kind", "background", "objects"}; image i is
-    `make_scene(seed, i, size, unnamed_background=..., kinds=..., backgrounds=..., counts=...)`, so a dataset
-    is reproducible from (seed, size, unnamed_background, kinds, backgrounds, counts) and can be extended.
+    `make_scene(seed, i, size, unnamed_background=..., kinds=..., backgrounds=..., counts=..., mix=...)`, so a
+    dataset is reproducible from those settings and can be extended.
     Refuses to overwrite an existing metadata.jsonl unless `overwrite`. Returns bytes of PNG written.
     """
     import json
@@ -514,7 +559,8 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     if num < 1:
         raise ValueError(f"num must be at least 1, got {num}")
     _check_unnamed_background(unnamed_background)
-    kinds, backgrounds, counts = check_kinds(kinds), check_backgrounds(backgrounds), check_counts(counts)
+    kinds = None if kinds is None else check_kinds(kinds)
+    backgrounds, counts, mix = check_backgrounds(backgrounds), check_counts(counts), check_mix(mix)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
     os.makedirs(out, exist_ok=True)
@@ -526,7 +572,7 @@ def write_dataset(out: str, num: int, *, size: int = 64, seed: int = 0, overwrit
     with open(meta_path + ".partial", "w") as meta:
         for i in range(num):
             scene = make_scene(seed, i, size, unnamed_background=unnamed_background, kinds=kinds,
-                               backgrounds=backgrounds, counts=counts)
+                               backgrounds=backgrounds, counts=counts, mix=mix)
             name = f"{i:0{width}d}.png"
             path = os.path.join(out, name)
             # compress_level 1: these flat images compress almost as well, several times faster

@@ -36,8 +36,8 @@ from PIL import Image
 
 from .shapes import (
     BACKGROUNDS, COLORS, EVAL_DOMAIN, KIND_TITLES, KINDS, SHAPES, SIZE_FRACTIONS, SIZE_JITTER, Scene, SceneObject,
-    background_rgb, check_backgrounds, check_counts, check_kinds, eval_prompts, format_prompt, object_box, sample_scene,
-    scene_rng,
+    background_rgb, check_backgrounds, check_counts, check_kinds, check_mix, eval_prompts, format_prompt, object_box,
+    sample_scene, scene_rng,
 )
 from .shapes_score import (
     analyze, assignments, background_candidates, centroid, match, parse_caption, score_folder, score_image,
@@ -91,20 +91,21 @@ def check_outdir(outdir: str, overwrite: bool) -> None:
 def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
                          overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None,
-                         kinds: typing.Sequence[str] = KINDS, backgrounds: typing.Sequence[str] | None = None,
-                         counts: typing.Sequence[int] | None = None) -> list[dict]:
+                         kinds: typing.Sequence[str] | None = None, backgrounds: typing.Sequence[str] | None = None,
+                         counts: typing.Sequence[int] | None = None, mix: str | typing.Sequence[str] = "usual") -> list[dict]:
     """Generate one image per evaluation prompt (`eval_prompts(num_prompts, seed, kinds=, backgrounds=)`)
     with `pipe` (a LatentPipeline) into `outdir` as PNGs + metadata.jsonl (format (b)); returns the rows
     written. `guidance_rescale` is φ of Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance;
     None: the model's default)."""
-    kinds, backgrounds, counts = check_kinds(kinds), check_backgrounds(backgrounds), check_counts(counts)
+    kinds = None if kinds is None else check_kinds(kinds)
+    backgrounds, counts, mix = check_backgrounds(backgrounds), check_counts(counts), check_mix(mix)
     sampler, steps, size, guidance_rescale = check_eval_args(
         latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts,
         seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
         guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config)
     meta_path = os.path.join(outdir, "metadata.jsonl")
     os.makedirs(outdir, exist_ok=True)
-    prompts = eval_prompts(num_prompts, seed, kinds=kinds, backgrounds=backgrounds, counts=counts)
+    prompts = eval_prompts(num_prompts, seed, kinds=kinds, backgrounds=backgrounds, counts=counts, mix=mix)
     rows = []
     for start in range(0, num_prompts, batch_size):
         batch = prompts[start:start + batch_size]
@@ -124,13 +125,14 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
 def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
              device: str | None = None, overwrite: bool = False, progress: bool = False,
-             guidance_rescale: float | None = None, kinds: typing.Sequence[str] = KINDS,
+             guidance_rescale: float | None = None, kinds: typing.Sequence[str] | None = None,
              backgrounds: typing.Sequence[str] | None = None, counts: typing.Sequence[int] | None = None,
-             loras: typing.Sequence[tuple[str, float]] = ()) -> dict:
+             loras: typing.Sequence[tuple[str, float]] = (), mix: str | typing.Sequence[str] = "usual") -> dict:
     """Load `model` (with the LoRA files `loras` at their scales), generate the evaluation folder, score
-    it; writes and returns `outdir/report.json`. `kinds` and `backgrounds` choose the prompts (see
-    `eval_prompts`); the defaults are the spec's."""
-    kinds, backgrounds, counts = check_kinds(kinds), check_backgrounds(backgrounds), check_counts(counts)
+    it; writes and returns `outdir/report.json`. `mix`, `kinds`, `backgrounds` and `counts` choose the
+    prompts (see `eval_prompts`); the defaults are the spec's."""
+    kinds = None if kinds is None else check_kinds(kinds)
+    backgrounds, counts, mix = check_backgrounds(backgrounds), check_counts(counts), check_mix(mix)
     from ldm import LatentPipeline
     from ldm.lora import apply_loras
     from ldm.models import inspect_pipeline, resolve_model
@@ -147,11 +149,13 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     apply_loras(pipe, list(loras))
     generate_eval_folder(pipe, outdir, num_prompts=num_prompts, seed=seed, sampler=sampler, steps=steps, cfg=cfg,
                          batch_size=batch_size, size=size, overwrite=overwrite, progress=progress,
-                         guidance_rescale=guidance_rescale, kinds=kinds, backgrounds=backgrounds, counts=counts)
+                         guidance_rescale=guidance_rescale, kinds=kinds, backgrounds=backgrounds, counts=counts,
+                         mix=mix)
     report = score_folder(outdir)
     report["settings"] = {"task": "txt2img", "model": os.fspath(model), "num_prompts": num_prompts, "seed": seed,
                           "sampler": sampler, "steps": steps, "cfg": cfg, "guidance_rescale": guidance_rescale,
-                          "size": size, "kinds": list(kinds), "backgrounds": backgrounds and list(backgrounds),
+                          "size": size, "mix": ",".join(mix), "kinds": kinds and list(kinds),
+                          "backgrounds": backgrounds and list(backgrounds),
                           "counts": counts and list(counts),
                           "loras": [[os.fspath(path), scale] for path, scale in loras],
                           "seconds": round(time.time() - start, 1)}
