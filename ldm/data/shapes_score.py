@@ -29,6 +29,11 @@ The analysis, in order:
    under 0.3 is "unknown" and never matches. On a colour background the coverage is the object
    colour's own alpha at every pixel there that its line explains, whatever labelled it (see
    `_own_line_weight`: there some colours' lines lie close, and noise flips labels inside objects).
+   An object with a hole (background or another colour enclosed by its core, 4-connected, at least
+   HOLE_FRACTION of the area inside its outline) is "hollow" and never matches either: a ring is not
+   a circle. The hole test comes first because the row and column sums miss a hole: across a ring
+   the largest of them are its chords above and below the hole, so its width shrinks and its fill
+   (0.83-0.89 for a ring whose hole is half its diameter) reads as a filled circle's.
 5. Size from extent = sqrt(mass / unit area) (unit area pi/4, 1 or 1/2): small is 0.22 S, large
    0.38 S (each +-8%), split at 0.295 S.
 6. Centre = the centroid, shifted up by extent/6 for a triangle (its centroid sits 2/3 down from
@@ -58,6 +63,7 @@ MIN_AREA = 0.005  # of S^2; the smallest object (small triangle) is ~0.02 S^2
 SMALL_LARGE_SPLIT = 0.295  # of S
 RELATION_MARGIN_SCORE = 0.075  # of S
 TRIANGLE_SKEW = -0.2  # apex-up triangle: -0.57 sharp, about -0.45 blurred; circle and square: 0
+HOLE_FRACTION = 0.05  # of the area inside an object's outline (core + hole): a ring's hole is 0.25 of it
 CIRCLE_SQUARE_FILL = 0.9  # mass / (width * height): circle pi/4 = 0.785 (0.82 blurred), square 1
 _UNIT_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 
@@ -68,7 +74,7 @@ _COLOR_ARRAY = np.array([COLORS[c] for c in _COLOR_NAMES], np.float32)  # (6, 3)
 @dataclass(frozen=True)
 class Detected:
     color: str
-    shape: str  # circle | square | triangle | unknown
+    shape: str  # circle | square | triangle | unknown | hollow (a ring: see the module doc)
     size: str  # small | large
     cx: float
     cy: float
@@ -160,6 +166,14 @@ def _own_line_weight(mask: np.ndarray, color: int, other_objects: list[tuple[np.
     return np.where(region, np.clip(alpha, 0, 1), 0)
 
 
+def hole_area(mask: np.ndarray) -> int:
+    """Pixels enclosed by `mask` (True = the object's core) that are not in it: the 4-connected parts
+    of the rest that do not reach the image's border."""
+    rest = np.pad(~mask, 1, constant_values=True)  # a frame of "rest" joins every border-touching part
+    ids = _components(np.where(rest, 0, -1))
+    return int((rest & (ids != ids[0, 0])).sum())
+
+
 def classify_shape(fill: float, aspect: float, skew: float) -> str:
     """Shape from fill = mass / (width * height), aspect = width / height, and the mass's vertical skewness."""
     if fill < 0.3 or not 0.6 <= aspect <= 1.6:
@@ -235,7 +249,11 @@ def analyze(image, backgrounds: typing.Sequence[str] | None = None) -> Analysis:
         var_y = (weight * (yy - my) ** 2).sum() / mass
         # a one-row sliver has no vertical spread: skewness 0 (a NaN here compared as False: the same shape)
         skew = (weight * (yy - my) ** 3).sum() / mass / var_y**1.5 if var_y > 0 else 0.0
-        shape = classify_shape(fill, width / height, skew)
+        # the hole test on the core plus what the soft coverage counts as solid (on a colour background,
+        # pixels inside the object whose label noise flipped, see `_own_line_weight`)
+        solid = mask | (weight >= ALPHA_MIN)
+        hole = hole_area(solid)
+        shape = "hollow" if hole >= HOLE_FRACTION * (solid.sum() + hole) else classify_shape(fill, width / height, skew)
         # Extent from mass, which blur preserves: side = sqrt(area / (area of the unit-extent shape)).
         extent = float(np.sqrt(mass / _UNIT_AREA.get(shape, 1.0)))
         analysis.objects.append(Detected(
