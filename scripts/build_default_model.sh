@@ -129,9 +129,23 @@ C=(--config configs/unet/shapes.yaml --vae "$WORK/vae-shapes-f8/final" --data "$
    run.mixed_precision=bf16 run.max_steps=16000 run.seed=1 optim.lr=1.5e-4 objective.timestep_bias_from_step=0)
 ldm-train-unet "${C[@]}" --build-cache
 [ -f "$WORK/unet-shapes-c1/final/model_index.json" ] || ldm-train-unet "${C[@]}" --resume latest
+# 2c (v2, issue 30): a warm restart from 2b (--base: its U-Net, text encoder, VAE and schedule) for
+# 10,000 steps at learning rate 1e-4 on data that weights the hard cases: half the usual draws, half
+# the hard mix (pairs of one colour, counts of three and four, both sizes named), each with the
+# background kind x3, named backgrounds white / gray / black / black (black 18.75% of the scenes).
+[ -f "$WORK/data/shapes-100k-hard/metadata.jsonl" ] || ldm-shapes make --out "$WORK/data/shapes-100k-hard" --num 100000 --size 64 --seed 3 \
+  --unnamed-background gray --mix usual,hard --kinds single,two,counting,position,attributes,background,background,background \
+  --backgrounds white,gray,black,black
+H=(--config configs/unet/shapes.yaml --base "$WORK/unet-shapes-c1/final" --data "$WORK/data/shapes-100k-hard"
+   --output-dir "$WORK/unet-shapes-c2" cache.dir="$WORK/cache"
+   run.mixed_precision=bf16 run.max_steps=10000 run.seed=3 optim.lr=1e-4 objective.timestep_bias_from_step=0)
+ldm-train-unet "${H[@]}" --build-cache
+[ -f "$WORK/unet-shapes-c2/final/model_index.json" ] || ldm-train-unet "${H[@]}" --resume latest
 t4=$(stamp); log "stage 2 (U-Net): $((t4 - t3)) s"
 
-# Ship: float16 weights + the world's vocabulary, then the quality gate on the shipped folder.
-python scripts/export_default_model.py "$WORK/unet-shapes-c1/final" assets/default-model
+# Ship: float16 weights + the world's vocabulary, then the quality gate on the shipped folder, on
+# the usual mix and the hard one.
+python scripts/export_default_model.py "$WORK/unet-shapes-c2/final" assets/default-model
 ldm-shapes eval --model assets/default-model --outdir "$WORK/eval-default" --num-prompts 600 --cfg 7.5 --overwrite
+ldm-shapes eval --model assets/default-model --outdir "$WORK/eval-default-hard" --num-prompts 600 --cfg 7.5 --mix hard --overwrite
 t5=$(stamp); log "export + evaluation: $((t5 - t4)) s; total $((t5 - t0)) s on $(getconf _NPROCESSORS_ONLN) CPU cores"

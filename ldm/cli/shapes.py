@@ -37,9 +37,9 @@ def build_parser() -> ArgumentParser:
                    help="the numbers counting scenes show, drawn uniformly from this list: 2-5 (five is an extension "
                         "of the spec; default: 2,3,4 as the spec draws them)")
     m.add_argument("--mix", default="usual", metavar="MIX[,MIX...]",
-                   help="usual: the spec's draws; hard: the hard mix (two-object prompts of one colour, counts of three "
-                        "and four, both sizes named, a third of the scenes on black; docs/data.md); a comma list "
-                        "cycles through them, e.g. usual,hard for half each (default: usual)")
+                   help="usual: the spec's draws; hard: the hard mix (two-object prompts of one colour, counts of "
+                        "three and four, both sizes named, a third of the scenes on black; docs/data.md); a comma "
+                        "list cycles through them, e.g. usual,hard for half each (default: usual)")
 
     s = sub.add_parser("score", help="score a folder of images against their captions",
                        description="Score every image of a folder (metadata.jsonl rows file_name, text) against its caption.")

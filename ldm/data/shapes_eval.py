@@ -92,7 +92,8 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
                          steps: int | None = None, cfg: float = 7.5, batch_size: int = 16, size: int | None = None,
                          overwrite: bool = False, progress: bool = False, guidance_rescale: float | None = None,
                          kinds: typing.Sequence[str] | None = None, backgrounds: typing.Sequence[str] | None = None,
-                         counts: typing.Sequence[int] | None = None, mix: str | typing.Sequence[str] = "usual") -> list[dict]:
+                         counts: typing.Sequence[int] | None = None,
+                         mix: str | typing.Sequence[str] = "usual") -> list[dict]:
     """Generate one image per evaluation prompt (`eval_prompts(num_prompts, seed, kinds=, backgrounds=)`)
     with `pipe` (a LatentPipeline) into `outdir` as PNGs + metadata.jsonl (format (b)); returns the rows
     written. `guidance_rescale` is φ of Lin et al. (2023), Eq. 15-16 (0: plain classifier-free guidance;
