@@ -27,10 +27,9 @@ def main(src: str, out: str) -> None:
     out_dir = Path(out)
     card = (out_dir / "README.md").read_text(encoding="utf-8") if (out_dir / "README.md").is_file() else None
     pipe = LatentPipeline.from_pretrained(src, device="cpu", dtype="fp32")
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        module.to(torch.float16)
     pipe.training_words = frozenset(world_words())
-    pipe.save_pretrained(out_dir)
+    # torch_dtype, not a cast of the modules: a save keeps the dtype of the folder loaded from
+    pipe.save_pretrained(out_dir, torch_dtype=torch.float16)
     if card is not None:
         (out_dir / "README.md").write_text(card, encoding="utf-8")
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file()) / 2**20
