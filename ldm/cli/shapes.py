@@ -76,11 +76,11 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--model", help="a pipeline folder (diffusers layout) trained in the shapes world "
                                    "(default: the embedded default model)")
     e.add_argument("--num-prompts", type=int, default=600,
-                   help="number of prompts (balanced over the six caption kinds, or cycling through --kinds; "
+                   help="number of prompts (balanced over the mix's caption kinds, or cycling through --kinds; "
                         "inpaint: over two and position)")
     e.add_argument("--kinds", default=None, metavar="K1,K2,...",
-                   help="txt2img: the caption kinds of the prompts, cycled as for make (default: the spec's six, "
-                        "balanced)")
+                   help="txt2img: the caption kinds of the prompts, cycled as for make (default: the mix's own: the "
+                        "spec's six, balanced, for the usual mix)")
     e.add_argument("--backgrounds", default=None, metavar="B1,B2,...",
                    help="txt2img: the backgrounds the background kind's prompts name, as for make; e.g. --kinds "
                         "background --backgrounds blue,green for a colour-background concept's held-out prompts "
