@@ -168,8 +168,13 @@ def _own_line_weight(mask: np.ndarray, color: int, other_objects: list[tuple[np.
 
 def hole_area(mask: np.ndarray) -> int:
     """Pixels enclosed by `mask` (True = the object's core) that are not in it: the 4-connected parts
-    of the rest that do not reach the image's border."""
-    rest = np.pad(~mask, 1, constant_values=True)  # a frame of "rest" joins every border-touching part
+    of the rest that do not reach the image's border. Labelled within the mask's bounding box only
+    (a hole lies inside it, and any other part reaches the box's edge), not the whole image."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return 0
+    mask = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    rest = np.pad(~mask, 1, constant_values=True)  # a frame of "rest" joins every part that leaves the box
     ids = _components(np.where(rest, 0, -1))
     return int((rest & (ids != ids[0, 0])).sum())
 
