@@ -64,3 +64,15 @@ def dynamic_threshold(z0: torch.Tensor, percentile: float, bound: float = 1.0) -
     s = torch.quantile(flat, percentile, dim=1).clamp(min=bound).to(z0.dtype)
     s = s.reshape(-1, *([1] * (z0.ndim - 1)))  # (B, 1, 1, 1)
     return z0.clamp(-s, s) * (bound / s)
+
+
+def guidance_embedding(scale: torch.Tensor | float, dim: int) -> torch.Tensor:
+    """The embedding of a CFG scale w that a guidance-distilled U-Net (diffusers' `time_cond_proj_dim`)
+    reads beside its timestep: sinusoidal features of 1000 · (w − 1) (Meng et al. 2023, §4.1; LCM,
+    Luo et al. 2023), as diffusers' `get_guidance_scale_embedding` computes them from `guidance_scale
+    − 1`. (B,) scales → (B, dim)."""
+    w = (torch.as_tensor(scale, dtype=torch.float64).reshape(-1) - 1).float()
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (w * 1000.0)[:, None] * freqs[None, :]  # (B, dim/2), in diffusers' float32 order of operations
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)

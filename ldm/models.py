@@ -35,7 +35,7 @@ REGISTRY: dict[str, dict[str, str]] = {
             "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
             "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
             "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-            "UniPCMultistepScheduler", "DEISMultistepScheduler",
+            "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler",
         )
     },
 }

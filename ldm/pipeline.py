@@ -49,6 +49,7 @@ from ldm.request import (  # noqa: F401 (re-exported: the names callers know fro
     MAX_SEED, LatentPipelineOutput, check_generation_args, check_prompts, check_seeds, infotext,
 )
 from ldm.text import LdmWarning, PromptEncoder
+from ldm.train.distill import check_student, read_card, write_card
 
 # The embedded default model (trained by this project on the shapes world) lives here once shipped.
 DEFAULT_MODEL = asset_path("default-model")
@@ -119,6 +120,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         self._warned: set = set()  # warnings given once per pipeline (a size, a sampler)
         self.prompt_encoder = PromptEncoder(text_encoder, tokenizer)
         self.training_words: frozenset[str] | None = None  # see TRAINING_WORDS; None: unknown, no check
+        self.student: dict | None = None  # a distilled student's card (ldm.train.distill.STUDENT_CARD)
         self.lora_dir: Path | None = None  # where <lora:NAME:SCALE> prompt tags are looked up
         self.lora_files: dict[str, Path] = {}  # adapter name -> the file it came from (for "Lora hashes")
         self.lora_words: dict[str, frozenset[str]] = {}  # adapter name -> the words it was trained on (its header)
@@ -287,6 +289,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         pipe.weights_files = sorted({file for file, _ in (info.components["unet"].weights or {}).values()})
         pipe.stored_dtypes = {c: stored_dtype(info.components[c]) for c in WEIGHTED}
         pipe.training_words = read_training_words(info.path)
+        pipe.student = read_card(info.path)
         pipe.to(device, dtype)
         pipe.set_attention(attention)
         return pipe
@@ -391,6 +394,8 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
                 obj = getattr(self, name)
                 index[name] = ["diffusers" if type(obj).__module__.startswith("diffusers") else "transformers", type(obj).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            if self.student is not None:
+                write_card(tmp, self.student)
             if self.training_words is not None:
                 (tmp / TRAINING_WORDS).write_text("".join(w + "\n" for w in sorted(self.training_words)), encoding="utf-8")
             inspect_pipeline(tmp, variant=variant)  # what we wrote must be what we load
@@ -787,7 +792,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         *,
         negative_prompt: str | list[str] | None = None,
         guidance_scale: float = 7.5,
-        num_inference_steps: int = DEFAULT_STEPS,
+        num_inference_steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -831,6 +836,9 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         seed. `generator` (diffusers' way) is the alternative: one torch.Generator, or one per image.
         guidance_scale: w in ε̂ = ε_∅ + w(ε_c − ε_∅); 0 samples the unconditional model, 1 the
         conditional one without guidance (unlike diffusers, which skips guidance for any w ≤ 1).
+        A distilled student (`ldm-distill`) learnt the guided output: w goes in as an embedding and
+        one U-Net call per step does it (no negative prompt, no rescale).
+        num_inference_steps: None is DEFAULT_STEPS, or a distilled student's own count (its card's).
         guidance_rescale: φ of Lin et al. (2023); None: the model's default (0.7 for a model trained
         with zero terminal SNR, as Lin et al. prescribe, else 0; `ldm.guidance.default_guidance_rescale`).
         dynamic_threshold / threshold_bound: Imagen's dynamic thresholding of ẑ_0 (off by default).
@@ -849,6 +857,8 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             raise ValueError("pass timesteps or sigmas, not both")
         if timesteps is not None or sigmas is not None:
             num_inference_steps = len(timesteps if timesteps is not None else sigmas)  # diffusers' rule
+        if num_inference_steps is None:
+            num_inference_steps = self.student["steps"] if self.student else DEFAULT_STEPS
         step_callback = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
             raise ValueError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
@@ -856,6 +866,13 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             sampler = REPAINT_DEFAULT_SAMPLER if inpaint_method == "repaint" else sampler_of(self.scheduler)
         else:
             sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
+        check_student(self.student, sampler, num_inference_steps)
+        embedded = self.unet.config.get("time_cond_proj_dim") is not None  # a guidance-distilled student
+        if embedded and any(negatives):
+            raise ValueError("this model was distilled with guidance built in: it takes no negative prompt")
+        if embedded and guidance_rescale:
+            raise ValueError("this model was distilled with guidance built in (its teacher's rescale included): "
+                             "guidance_rescale does not apply")
         inpainting_unet = self.inpainting_unet  # also checks the U-Net is one of the two kinds
         inpainting = mask_image is not None or outpaint is not None
         if not inpainting and inpaint_method is not None:
@@ -888,7 +905,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         if guidance_rescale is None:
-            guidance_rescale = default_guidance_rescale(self.scheduler.config)
+            guidance_rescale = 0.0 if embedded else default_guidance_rescale(self.scheduler.config)
         check_generation_args(
             latent_factor=self.latent_factor, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, sampler=sampler, guidance_rescale=guidance_rescale, eta=eta,
@@ -935,7 +952,12 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
                        "'a red circle')")
         weak = weak_sampler_warning(sampler, self.scheduler.config, guidance_scale)
         self.warn_once(("sampler", sampler), weak is not None, weak)
-        guidance = Guidance(guidance_scale, guidance_rescale, dynamic_threshold, threshold_bound)
+        if self.student is not None:
+            low, high = self.student["guidance_scale"]
+            self.warn_once(("guidance", guidance_scale), not low <= guidance_scale <= high,
+                           f"this student learnt CFG scales {_number(low)} to {_number(high)}; at {guidance_scale} "
+                           "it extrapolates")
+        guidance = Guidance(guidance_scale, guidance_rescale, dynamic_threshold, threshold_bound, embedded)
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         batch_size = batch_size or n
         outputs = []

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.quiet import library_quiet
-from ldm.guidance import classifier_free_guidance, dynamic_threshold, rescale_guidance
+from ldm.guidance import classifier_free_guidance, dynamic_threshold, guidance_embedding, rescale_guidance
 from ldm.schedule import alpha_cumprod_at, model_output_from_z0, predicted_z0
 
 
@@ -105,6 +105,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
         "DPM-Solver++(2M) SDE on Karras et al.'s σ spacing; stochastic", "DPM++ 2M SDE Karras",
         ("k_dpmpp_2m_sde_ka", "dpmpp_2m_sde_karras"),
     ),
+    "lcm": SamplerSpec("LCMScheduler", {}, True,
+                       "latent consistency sampling (Luo et al. 2023): 1-8 steps, for LCM students only "
+                       "(ldm-distill --method lcm)", "LCM"),
     "unipc": SamplerSpec("UniPCMultistepScheduler", {"use_karras_sigmas": False}, False,
                          "UniPC (Zhao et al. 2023), predictor-corrector; strong at 10-20 steps, weak on a zero-SNR "
                          "model at CFG 7.5 (default model: 58%)", "UniPC"),
@@ -251,9 +254,11 @@ def make_scheduler(name: str, training_config: dict):
 
     spec = check_sampler(name, training_config)
     cls = getattr(diffusers, spec.scheduler)
+    accepted = inspect.signature(cls.__init__).parameters
     config = {k: v for k, v in dict(training_config).items() if not k.startswith("_")}
-    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in accepted:
         config["trained_betas"] = zero_snr_betas(config)
+    config = {k: v for k, v in config.items() if k in accepted}  # what another scheduler kept, dropped here
     return cls.from_config(config, **spec.overrides)
 
 
@@ -285,14 +290,15 @@ class Guidance:
     rescale: float = 0.0  # φ of guidance rescale (Lin et al. 2023); 0 is off, 0.7 their suggestion
     threshold_percentile: float | None = None  # dynamic thresholding (Imagen); None is off
     threshold_bound: float = 1.0  # the range ẑ_0 is pulled back into
+    embedded: bool = False  # a guidance-distilled U-Net: w goes in as an embedding, one conditional call
 
     @property
     def needs_uncond(self) -> bool:
-        return self.scale != 1.0
+        return self.scale != 1.0 and not self.embedded
 
     @property
     def needs_cond(self) -> bool:
-        return self.scale != 0.0
+        return self.scale != 0.0 or self.embedded
 
 
 class GuidedDenoiser:
@@ -301,7 +307,9 @@ class GuidedDenoiser:
     Both halves go through the U-Net in one batched call (uncond first, as diffusers orders them),
     which is what makes guidance cost one U-Net call per step rather than two. At w = 1 only the
     conditional half is computed and at w = 0 only the unconditional one: the formula gives exactly
-    those, at half the cost.
+    those, at half the cost. A guidance-distilled student (`guidance.embedded`: a U-Net with
+    `time_cond_proj_dim`, from `ldm-distill`) learnt the guided output: it reads w as an embedding
+    beside t and runs once, on the prompt alone (as diffusers' pipelines run it).
     """
 
     def __init__(self, unet, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: Guidance, prediction_type: str,
@@ -317,12 +325,16 @@ class GuidedDenoiser:
         self.alphas_cumprod = alphas_cumprod
         if guidance.needs_uncond and guidance.needs_cond:
             self._both = torch.cat([uncond, cond])  # (2B, L, D): one U-Net call per step
+        self.w_embedding = None
+        if guidance.embedded:
+            w = guidance_embedding(guidance.scale, unet.config.time_cond_proj_dim)  # (1, E)
+            self.w_embedding = w.expand(len(cond), -1).to(cond.device, cond.dtype)  # (B, E)
 
     def _unet(self, z: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
         if self.extra is not None:
             z = torch.cat([z, self.extra.repeat(len(z) // len(self.extra), 1, 1, 1)], dim=1)
-        return self.unet(z, t, encoder_hidden_states=context, cross_attention_kwargs=self.cross_attention_kwargs,
-                         return_dict=False)[0]
+        return self.unet(z, t, encoder_hidden_states=context, timestep_cond=self.w_embedding,
+                         cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False)[0]
 
     @torch.no_grad()
     def __call__(self, z_t: torch.Tensor, t) -> torch.Tensor:
@@ -330,7 +342,7 @@ class GuidedDenoiser:
         # At w = 1 or w = 0 the U-Net's output would go to the scheduler as it is, and some keep it
         # (PNDM's history). A U-Net compiled with CUDA graphs (optimize(compile=True) on a GPU) writes
         # every output into the same static buffer, overwriting what was kept: hand over a copy.
-        if not g.needs_uncond:
+        if not g.needs_uncond:  # w = 1, or a guidance-distilled student
             out = self._unet(z_t, t, self.cond).clone()
         elif not g.needs_cond:
             out = self._unet(z_t, t, self.uncond).clone()

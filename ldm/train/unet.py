@@ -28,6 +28,7 @@ from ldm import schedule
 from ldm.assets import asset_path
 from ldm.config import DataConfig, EMAConfig, OptimConfig, RunConfig, check_shared_sections, save_config
 from ldm.models import audit_folder, load_component, read_json
+from ldm.train.distill import DistillConfig, check_distill
 from ldm.text import LdmWarning, PromptEncoder
 
 log = logging.getLogger("ldm.train")
@@ -149,6 +150,7 @@ class UNetTrainConfig:
     samples: SampleConfig = field(default_factory=SampleConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # a few-step student of `base` (ldm-distill)
 
 
 def check_config(config: UNetTrainConfig) -> None:
@@ -172,7 +174,8 @@ def check_config(config: UNetTrainConfig) -> None:
             raise ValueError("lora.target_modules is empty: name the U-Net modules to adapt (or set lora.conv=true)")
     if not 0 <= obj.p_uncond < 1:
         raise ValueError(f"objective.p_uncond must be in [0, 1), got {obj.p_uncond}")
-    if obj.p_uncond == 0:
+    check_distill(config.distill, obj.num_train_timesteps, config.text_encoder.mode, lora.enabled, config.base)
+    if obj.p_uncond == 0 and config.distill.method == "none":  # a distilled student learns guidance from its teacher
         warnings.warn("objective.p_uncond is 0: the model never learns the unconditional prediction, so classifier-free guidance will not work", LdmWarning, stacklevel=2)
     if obj.zero_terminal_snr and obj.loss_weighting == "min_snr":
         warnings.warn("objective.loss_weighting=min_snr with zero_terminal_snr: min-SNR-γ weights a timestep by about its SNR at the noisy end, "
@@ -458,6 +461,7 @@ class Draws:
     noise: torch.Tensor  # (B, C, h, w) ε
     offset: torch.Tensor  # (B, C, 1, 1) offset-noise δ
     posterior: torch.Tensor  # (B, C, h, w) ξ of z = mean + std · ξ, the VAE posterior draw
+    spare: torch.Tensor  # (B,) uniform in [0, 1): distillation's guidance scale
 
 
 def timestep_weights(obj: ObjectiveConfig) -> torch.Tensor | None:
@@ -505,6 +509,7 @@ def draw_randomness(seed: int, step: int, global_indices: list[int], *, p_uncond
             torch.randn((C, h, w), generator=gen),
             torch.randn((C, 1, 1), generator=gen),
             torch.randn((C, h, w), generator=gen),
+            torch.rand((), generator=gen),  # drawn last: the draws above are what they were before it existed
         ))
     return Draws(*(torch.stack(column) for column in zip(*rows)))
 
@@ -608,7 +613,36 @@ def build_models(config: UNetTrainConfig):
     latent_shape = (vae.config.latent_channels, config.data.resolution // latent_factor, config.data.resolution // latent_factor)
     width = text_encoder.config.hidden_size if hasattr(text_encoder.config, "hidden_size") else text_encoder.config.d_model
     unet = build_unet(config.model, latent_channels=latent_shape[0], cross_attention_dim=width, sample_size=latent_shape[1])
+    if config.distill.method != "none":
+        from ldm.train.distill import student_unet
+
+        unet = student_unet(unet, config.distill.embedding_dim)
     return vae, text_encoder, tokenizer, unet, latent_shape
+
+
+def pipeline_scheduler(config: UNetTrainConfig, training_scheduler) -> tuple[object, dict | None]:
+    """The scheduler OUTPUT/final names, and its student card (None unless distilled): DEFAULT_SAMPLER's
+    on the training noise schedule, or the student's own sampler (`ldm.train.distill`)."""
+    from ldm.sampling import sampling_scheduler
+
+    if config.distill.method == "none":
+        return sampling_scheduler(training_scheduler), None
+    from ldm.train.distill import scheduler_and_card
+
+    return scheduler_and_card(config.distill, training_scheduler, config.base)
+
+
+def make_pipeline(config: UNetTrainConfig, vae, text_encoder, tokenizer, unet, training_scheduler):
+    """A LatentPipeline over these networks, with the scheduler and card OUTPUT/final gets; a student
+    keeps its teacher's list of training words."""
+    from ldm.pipeline import LatentPipeline, read_training_words
+
+    scheduler, card = pipeline_scheduler(config, training_scheduler)
+    pipe = LatentPipeline(vae, text_encoder, tokenizer, unet, scheduler)
+    pipe.student = card
+    if card is not None:
+        pipe.training_words = read_training_words(config.base)
+    return pipe
 
 
 def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path) -> Path:
@@ -617,8 +651,6 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
     run.output_dir) or a checkpoint folder; `out` must not exist yet (or be empty). Works for a
     checkpoint of any process count, on the CPU, without touching the run."""
     from ldm.lora import caption_words, write_lora
-    from ldm.pipeline import LatentPipeline
-    from ldm.sampling import sampling_scheduler
     from ldm.train.checkpoint import load_model_weights, load_state, resolve_resume
     from ldm.train.common import make_ema
 
@@ -649,11 +681,39 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
                           config.lora.format, words=words)
         log.info("wrote %s from %s (%s weights)", path, folder, kind)
         return path
-    scheduler = sampling_scheduler(make_training_scheduler(config.objective))  # the folder names its sampler
-    pipe = LatentPipeline(vae, text_encoder.eval(), tokenizer, unet.eval(), scheduler)
+    pipe = make_pipeline(config, vae, text_encoder.eval(), tokenizer, unet.eval(), make_training_scheduler(config.objective))
     pipe.save_pretrained(out)
     log.info("wrote %s from %s (%s weights)", out, folder, kind)
     return out
+
+
+def make_objective(config: UNetTrainConfig, unet, latent_shape, empty_embed, alphas_cumprod, training_scheduler, emas,
+                   accelerator):
+    """`objective(unet, z0, cond, draws) → loss` of the run: `diffusion_loss`, or a distillation
+    objective (`ldm.train.distill.Objective`) with its frozen teacher (base's U-Net) and, for LCM, the
+    target network θ⁻ that the run's EMA of the student (emas["unet"]) fills before each use."""
+    import copy
+
+    from ldm.train.common import fit_attention_to_precision
+
+    obj = config.objective
+    if config.distill.method == "none":
+        return lambda net, z0, cond, draws: diffusion_loss(net, z0, cond, draws, alphas_cumprod, obj)
+    from ldm.train.distill import Objective
+
+    if empty_embed is None:
+        raise ValueError("distillation needs the empty prompt's embedding: set text_encoder.mode=frozen")
+    teacher = build_unet(config.model, latent_channels=latent_shape[0], cross_attention_dim=empty_embed.shape[-1],
+                         sample_size=latent_shape[1]).eval().requires_grad_(False).to(accelerator.device)
+    fit_attention_to_precision(teacher, accelerator)
+    target = None
+    if config.distill.method == "lcm":
+        if "unet" not in emas:
+            raise ValueError("distill.method=lcm keeps its target network as the EMA: set ema.enabled=true "
+                             "(configs/distill/lcm.yaml: ema.decay=0.95, ema.warmup=false)")
+        target = copy.deepcopy(unet).eval().requires_grad_(False).to(accelerator.device)
+    return Objective(config.distill, teacher, empty_embed.to(accelerator.device), alphas_cumprod, obj.prediction_type,
+                     training_scheduler.config, target, emas.get("unet"))
 
 
 def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: bool = False,
@@ -661,8 +721,6 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     """Train per `config`; returns OUTPUT/final (or, with `build_cache_only`, the cache file)."""
     from ldm.data import open_dataset
     from ldm.lora import caption_words, write_lora
-    from ldm.pipeline import LatentPipeline
-    from ldm.sampling import sampling_scheduler
     from ldm.train import cache as latent_cache
     from ldm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir
     from ldm.train.common import (DataPosition, MetricsLog, fit_attention_to_precision, make_accelerator, make_ema, make_loader,
@@ -672,6 +730,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     config = resolve_base(config)
     check_config(config)
     run, obj = config.run, config.objective
+    if config.distill.method == "progressive" and len(config.distill.rounds) != 1:
+        raise ValueError("a training run distills one progressive round (distill.rounds=[N]); ldm-distill runs them all")
     if config.data.path is None:
         raise ValueError("no training data: pass --data PATH or set data.path in the config")
     output_dir = Path(run.output_dir)
@@ -746,6 +806,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
             if (ema := make_ema(group, config.ema, foreach=accelerator.device.type == "cuda")) is not None}
     for ema in emas.values():
         ema.to(accelerator.device)
+    objective = make_objective(config, unet, latent_shape, empty_embed, alphas_cumprod, noise_scheduler, emas,
+                               accelerator)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     trained, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
     unet = trained["unet"]
@@ -781,8 +843,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
             ema.store(weights[name])
             ema.copy_to(weights[name])
         models = {name: accelerator.unwrap_model(m).eval() for name, m in trained.items()}
-        return LatentPipeline(vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"],
-                              sampling_scheduler(noise_scheduler))
+        return make_pipeline(config, vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"],
+                             noise_scheduler)
 
     def restore_weights() -> None:
         for name, ema in emas.items():
@@ -819,7 +881,7 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
                     with accelerator.autocast():
                         cond = text_conditioning(batch, draws.uncond, prompt_encoder, empty_embed,
                                                  trainable=text_trained).to(accelerator.device)  # (B, L, D)
-                        loss = diffusion_loss(unet, z0, cond, draws, alphas_cumprod, obj)
+                        loss = objective(unet, z0, cond, draws)
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
                     grad_norm = None
