@@ -49,7 +49,7 @@ from ldm.request import (  # noqa: F401 (re-exported: the names callers know fro
     MAX_SEED, LatentPipelineOutput, check_generation_args, check_prompts, check_seeds, infotext,
 )
 from ldm.text import LdmWarning, PromptEncoder
-from ldm.train.distill import check_student, read_card, write_card
+from ldm.train.distill import check_built_in_guidance, check_student, read_card, write_card
 
 # The embedded default model (trained by this project on the shapes world) lives here once shipped.
 DEFAULT_MODEL = asset_path("default-model")
@@ -868,11 +868,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             sampler = resolve_sampler(sampler)  # any name people type: "DDIM", "Euler a", "DPM++ 2M Karras"
         check_student(self.student, sampler, num_inference_steps)
         embedded = self.unet.config.get("time_cond_proj_dim") is not None  # a guidance-distilled student
-        if embedded and any(negatives):
-            raise ValueError("this model was distilled with guidance built in: it takes no negative prompt")
-        if embedded and guidance_rescale:
-            raise ValueError("this model was distilled with guidance built in (its teacher's rescale included): "
-                             "guidance_rescale does not apply")
+        check_built_in_guidance(embedded, negatives, guidance_rescale)
         inpainting_unet = self.inpainting_unet  # also checks the U-Net is one of the two kinds
         inpainting = mask_image is not None or outpaint is not None
         if not inpainting and inpaint_method is not None:

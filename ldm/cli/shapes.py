@@ -94,9 +94,11 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--seed", type=int, default=0,
                    help="evaluation seed: picks the prompts; image i is generated with seed + i")
     e.add_argument("--sampler", default=None,
-                   help="sampler name, ours or AUTOMATIC1111's (default: the project's default sampler; for "
+                   help="sampler name, ours or AUTOMATIC1111's (default: the project's default sampler, or a distilled "
+                        "student's own; for "
                         "img2img and inpaint, the pipeline's own choice, which the report names)")
-    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the project's default)")
+    e.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the project's default, or a distilled student's own)")
     e.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     e.add_argument("--guidance-rescale", type=float, metavar="PHI",
                    help="guidance rescale φ (Lin et al. 2023), 0-1 (default: the model's, as ldm-txt2img: 0.7 for a "

@@ -38,7 +38,8 @@ def build_parser(editing: bool = False) -> ArgumentParser:
     p.add_argument("--prompts-file", type=Path, help="a UTF-8 text file with one prompt per line (blank lines skipped)")
     p.add_argument("--negative", default="", help="negative prompt: what the image should not show (the unconditional half of guidance)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale w; 0 = unconditional, 1 = no guidance")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="number of denoising steps")
+    p.add_argument("--steps", type=int,
+                   help=f"number of denoising steps (default: {DEFAULT_STEPS}, or a distilled student's own count)")
     p.add_argument("--sampler", metavar="NAME",
                    help=f"sampler: {', '.join(SAMPLERS)}; AUTOMATIC1111's names work too ('Euler a', 'DPM++ 2M "
                         "Karras', 'k_lms', ...), in any case (default: the one the model's folder names, as in "
@@ -177,6 +178,7 @@ def _main(argv=None, editing: bool = False) -> int:
     from ldm.lora import apply_loras
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, check_generation_args, resolve_device, resolve_dtype
+    from ldm.train.distill import check_built_in_guidance, check_student, read_card
 
     # 1. Everything that can be checked without weights.
     prompts = read_prompts(args)
@@ -198,6 +200,11 @@ def _main(argv=None, editing: bool = False) -> int:
     if single_file and not Path(model).is_file():
         raise FileNotFoundError(f"checkpoint not found: {model}")
     info = inspect_pipeline(resolve_model(args.config if single_file else model), allow_pickle=args.allow_pickle and not single_file)
+    card = None if single_file else read_card(info.path)  # a distilled student's sampler and steps
+    embedded = info.unet_config.get("time_cond_proj_dim") is not None
+    if args.steps is None:
+        args.steps = card["steps"] if card else DEFAULT_STEPS
+    check_student(card, args.sampler, args.steps)
     request, default_height, default_width = {}, info.default_size, info.default_size
     if editing:
         from ldm.cli.img2img import editing_request
@@ -207,7 +214,11 @@ def _main(argv=None, editing: bool = False) -> int:
         default_width = default_width or info.default_size
     height = args.height if args.height is not None else default_height
     width = args.width if args.width is not None else default_width
-    rescale = default_guidance_rescale(info.scheduler_config) if args.guidance_rescale is None else args.guidance_rescale
+    if args.guidance_rescale is None:
+        rescale = 0.0 if embedded else default_guidance_rescale(info.scheduler_config)
+    else:
+        rescale = args.guidance_rescale
+    check_built_in_guidance(embedded, [args.negative], rescale)
     check_generation_args(
         latent_factor=info.latent_factor, height=height, width=width, num_inference_steps=args.steps,
         guidance_scale=args.cfg, sampler=args.sampler, guidance_rescale=rescale, eta=args.eta,

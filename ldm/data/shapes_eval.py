@@ -57,17 +57,25 @@ CHECK_TITLES = {"passed": "pass", "accepted": "caption", "placed": "placement", 
 def check_eval_args(*, latent_factor: int, default_size: int, outdir: str, num_prompts: int, seed: int,
                     sampler: str | None, steps: int | None, cfg: float, batch_size: int, size: int | None,
                     overwrite: bool, guidance_rescale: float | None = None,
-                    scheduler_config: dict | None = None) -> tuple[str, int, int, float]:
+                    scheduler_config: dict | None = None, student: dict | None = None,
+                    embedded: bool = False) -> tuple[str, int, int, float]:
     """Validate every evaluation setting (before any weights load); returns (sampler, steps, size,
-    guidance_rescale) with the defaults filled in. Raises ValueError naming the bad setting."""
+    guidance_rescale) with the defaults filled in: a distilled student's (its card, `student`) are its
+    own sampler and steps, and no rescale for a U-Net with guidance built in (`embedded`). Raises
+    ValueError naming the bad setting."""
     from ldm.guidance import default_guidance_rescale
     from ldm.pipeline import check_generation_args
     from ldm.sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, resolve_sampler
+    from ldm.train.distill import check_built_in_guidance, check_student
 
-    sampler = DEFAULT_SAMPLER if sampler is None else resolve_sampler(sampler)
-    steps = DEFAULT_STEPS if steps is None else steps  # not `or`: 0 steps is an error, not the default
+    own_sampler, own_steps = (student["sampler"], student["steps"]) if student else (DEFAULT_SAMPLER, DEFAULT_STEPS)
+    sampler = own_sampler if sampler is None else resolve_sampler(sampler)
+    steps = own_steps if steps is None else steps  # not `or`: 0 steps is an error, not the default
     size = default_size if size is None else size
-    guidance_rescale = default_guidance_rescale(scheduler_config) if guidance_rescale is None else guidance_rescale
+    if guidance_rescale is None:
+        guidance_rescale = 0.0 if embedded else default_guidance_rescale(scheduler_config)
+    check_student(student, sampler, steps)
+    check_built_in_guidance(embedded, [], guidance_rescale)
     if num_prompts < 1:
         raise ValueError(f"--num-prompts must be at least 1, got {num_prompts}")
     if seed < 0:
@@ -103,7 +111,8 @@ def generate_eval_folder(pipe, outdir: str, *, num_prompts: int, seed: int = 0, 
     sampler, steps, size, guidance_rescale = check_eval_args(
         latent_factor=pipe.latent_factor, default_size=pipe.default_size, outdir=outdir, num_prompts=num_prompts,
         seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
-        guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config)
+        guidance_rescale=guidance_rescale, scheduler_config=pipe.scheduler.config, student=pipe.student,
+        embedded=pipe.unet.config.time_cond_proj_dim is not None)
     meta_path = os.path.join(outdir, "metadata.jsonl")
     os.makedirs(outdir, exist_ok=True)
     prompts = eval_prompts(num_prompts, seed, kinds=kinds, backgrounds=backgrounds, counts=counts, mix=mix)
@@ -139,12 +148,15 @@ def evaluate(model: str, outdir: str, *, num_prompts: int, seed: int = 0, sample
     from ldm.models import inspect_pipeline, resolve_model
     from ldm.pipeline import resolve_device
 
+    from ldm.train.distill import read_card
+
     info = inspect_pipeline(resolve_model(model))  # configs only: every setting is checked before weights load
     device = resolve_device(device)
     sampler, steps, size, guidance_rescale = check_eval_args(
         latent_factor=info.latent_factor, default_size=info.default_size, outdir=outdir, num_prompts=num_prompts,
         seed=seed, sampler=sampler, steps=steps, cfg=cfg, batch_size=batch_size, size=size, overwrite=overwrite,
-        guidance_rescale=guidance_rescale, scheduler_config=info.scheduler_config)
+        guidance_rescale=guidance_rescale, scheduler_config=info.scheduler_config, student=read_card(info.path),
+        embedded=info.unet_config.get("time_cond_proj_dim") is not None)
     start = time.time()
     pipe = LatentPipeline.from_pretrained(model, device=device)
     apply_loras(pipe, list(loras))

@@ -219,6 +219,18 @@ def distill(config, resume: str | None = None, build_cache_only: bool = False, p
     return final
 
 
+def check_built_in_guidance(embedded: bool, negatives, guidance_rescale: float | None) -> None:
+    """A ValueError for what a guidance-distilled U-Net (`embedded`) cannot do: a negative prompt (it
+    has no unconditional half to replace), or a guidance rescale (its teacher's is built in)."""
+    if not embedded:
+        return
+    if any(negatives):
+        raise ValueError("this model was distilled with guidance built in: it takes no negative prompt")
+    if guidance_rescale:
+        raise ValueError("this model was distilled with guidance built in (its teacher's rescale included): "
+                         "guidance_rescale does not apply")
+
+
 # ---- the objectives ------------------------------------------------------------------------------
 
 
@@ -354,4 +366,4 @@ def ddim_grid(scheduler_config: dict, steps: int) -> tuple[torch.Tensor, torch.T
 
 
 __all__ = ["DistillConfig", "METHODS", "STUDENT_CARD", "check_distill", "student_unet", "scheduler_and_card",
-           "write_card", "read_card", "check_student", "distill", "Objective", "GuidedTeacher", "boundary_scalings", "ddim_grid"]
+           "write_card", "read_card", "check_student", "check_built_in_guidance", "distill", "Objective", "GuidedTeacher", "boundary_scalings", "ddim_grid"]
