@@ -237,3 +237,17 @@ def test_a_student_refuses_what_it_was_not_distilled_for(lcm_student, tmp_path, 
 def test_sampler_lcm_is_for_lcm_students_only(tiny_pipe):
     with pytest.raises(ValueError, match="this model is not one"):
         tiny_pipe("a red circle", sampler="lcm", num_inference_steps=4, progress=False)
+
+
+def test_the_evaluation_defaults_to_a_students_own_sampler_and_steps(tmp_path):
+    from ldm.data.shapes_eval import check_eval_args
+
+    card = {"method": "lcm", "sampler": "lcm", "steps": 4, "max_steps": 50, "guidance_scale": [3.0, 9.0]}
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+              "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    common = dict(latent_factor=8, default_size=64, outdir=str(tmp_path / "e"), num_prompts=4, seed=0, cfg=7.5,
+                  batch_size=4, size=None, overwrite=False, scheduler_config=config)
+    assert check_eval_args(sampler=None, steps=None, student=card, embedded=True, **common) == ("lcm", 4, 64, 0.0)
+    assert check_eval_args(sampler=None, steps=None, **common) == ("euler", 25, 64, 0.7)  # a teacher's defaults
+    with pytest.raises(ValueError, match="distilled for sampler lcm; euler would not"):
+        check_eval_args(sampler="euler", steps=None, student=card, embedded=True, **common)
