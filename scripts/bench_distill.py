@@ -108,7 +108,7 @@ def main() -> None:
                                                  "threads": torch.get_num_threads()}, indent=1))
 
     base = rows[0]["kinds"]["overall"]
-    print(f"\n| model | sampler | steps | pass rate | of teacher's | " + " | ".join(KINDS) + " |")
+    print("\n| model | sampler | steps | pass rate | of teacher's | " + " | ".join(KINDS) + " |")
     print("|---|---|---:|---:|---:|" + "---:|" * len(KINDS))
     for r in rows:
         kinds = " | ".join(f"{r['kinds'].get(k, float('nan')):.1%}" for k in KINDS)

@@ -139,7 +139,8 @@ def test_a_student_starts_as_its_teacher(tiny_v_pipeline_dir):
     t = torch.tensor([999, 10])
     with torch.no_grad():
         a = teacher(z, t, encoder_hidden_states=cond).sample
-        b = student(z, t, encoder_hidden_states=cond, timestep_cond=guidance_embedding(torch.tensor([3.0, 9.0]), 256)).sample
+        w = guidance_embedding(torch.tensor([3.0, 9.0]), 256)
+        b = student(z, t, encoder_hidden_states=cond, timestep_cond=w).sample
     assert torch.equal(a, b)
 
 
@@ -149,7 +150,8 @@ def test_the_guidance_embedding_is_diffusers(tiny_v_pipeline_dir):
     from ldm.guidance import guidance_embedding
 
     for w in (1.0, 7.5, 3.3):
-        ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor(w - 1).repeat(2), embedding_dim=64)
+        ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor(w - 1).repeat(2),
+                                                                   embedding_dim=64)
         assert torch.equal(guidance_embedding(torch.tensor([w, w]), 64), ref)
 
 
@@ -159,7 +161,8 @@ def test_the_guidance_embedding_is_diffusers(tiny_v_pipeline_dir):
 def test_an_lcm_student_samples_in_diffusers_to_the_same_images(lcm_student):
     card = json.loads((lcm_student / "distillation.json").read_text())
     assert card["method"] == "lcm" and card["sampler"] == "lcm" and card["steps"] == 4 and card["max_steps"] == 50
-    assert json.loads((lcm_student / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    scheduler = json.loads((lcm_student / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "LCMScheduler"
     ours, theirs = both(lcm_student, 4)  # no sampler, no steps: the card's
     assert ours.shape == theirs.shape == (2, 64, 64, 3)
     assert np.abs(ours - theirs).max() <= 1e-3
@@ -184,7 +187,7 @@ def test_progressive_rounds_chain_and_the_student_samples_in_diffusers(tiny_v_pi
 def test_lcm_resume_is_exact(tiny_v_pipeline_dir, data, tmp_path):
     from safetensors.torch import load_file
 
-    args = ("--method", "lcm", "run.checkpoint_every=2", "optim.schedule=constant")  # cosine would depend on --max-steps
+    args = ("--method", "lcm", "run.checkpoint_every=2", "optim.schedule=constant")  # cosine: on --max-steps
     distill(tiny_v_pipeline_dir, data, tmp_path / "a", "--max-steps", "4", *args)
     distill(tiny_v_pipeline_dir, data, tmp_path / "b", "--max-steps", "2", *args)
     distill(tiny_v_pipeline_dir, data, tmp_path / "b", "--max-steps", "4", "--resume", "latest", *args)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ldm.cli.common import TRAINING_EXIT_STATUSES, ArgumentParser, add_training_arguments, load_training_config, run, run_training
+from ldm.cli.common import (TRAINING_EXIT_STATUSES, ArgumentParser, add_training_arguments, load_training_config, run,
+                            run_training)
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "distill"  # the repository's (an editable install)
 

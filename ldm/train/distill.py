@@ -54,7 +54,8 @@ class DistillConfig:
     guidance_rescale: float | None = None  # the teacher's φ (Lin et al. 2023); None: its default (0.7 on zero SNR)
     embedding_dim: int = 256  # time_cond_proj_dim of the student's guidance embedding (LCM's 256)
     steps: int = 4  # lcm: the step count the student's folder names as its default
-    solver_steps: int = 50  # lcm: the skipping solver's grid, k = T / solver_steps (LCMScheduler's original_inference_steps)
+    solver_steps: int = 50  # lcm: the skipping solver's grid, k = T / solver_steps (LCMScheduler's
+    # original_inference_steps)
     huber_c: float = 0.001  # lcm: c of the pseudo-Huber distance √(d² + c²) − c
     rounds: tuple[int, ...] = (8, 4, 2)  # progressive: the student's step count after each round (each half the last)
 
@@ -323,14 +324,16 @@ class Objective:
     def _lcm(self, student, z_t, t, t_prev, a_t, a_prev, cond, w, w_embedding):
         device = z_t.device
         c_skip, c_out = boundary_scalings(t)
-        f = c_skip.to(device, torch.float32) * z_t.float() + c_out.to(device, torch.float32) * self._z0(student, z_t, a_t).float()
+        c_skip, c_out = c_skip.to(device, torch.float32), c_out.to(device, torch.float32)
+        f = c_skip * z_t.float() + c_out * self._z0(student, z_t, a_t).float()
         with torch.no_grad():
             teacher_z0 = self._z0(self.teacher(z_t, t.to(device), cond, w, w_embedding), z_t, a_t)
             z_prev = _ddim_step(teacher_z0, _eps(teacher_z0, z_t, a_t), a_prev)  # one solver step of the PF-ODE
             self.ema.copy_to(self.target.parameters())  # θ⁻: the EMA of the student's weights
             target_z0 = self._z0(_unet(self.target, z_prev, t_prev.to(device), cond, w_embedding), z_prev, a_prev)
             c_skip, c_out = boundary_scalings(t_prev)
-            target = c_skip.to(device, torch.float32) * z_prev.float() + c_out.to(device, torch.float32) * target_z0.float()
+            c_skip, c_out = c_skip.to(device, torch.float32), c_out.to(device, torch.float32)
+            target = c_skip * z_prev.float() + c_out * target_z0.float()
         c = self.d.huber_c
         return (torch.sqrt((f - target) ** 2 + c * c) - c).mean()
 
@@ -366,4 +369,5 @@ def ddim_grid(scheduler_config: dict, steps: int) -> tuple[torch.Tensor, torch.T
 
 
 __all__ = ["DistillConfig", "METHODS", "STUDENT_CARD", "check_distill", "student_unet", "scheduler_and_card",
-           "write_card", "read_card", "check_student", "check_built_in_guidance", "distill", "Objective", "GuidedTeacher", "boundary_scalings", "ddim_grid"]
+           "write_card", "read_card", "check_student", "check_built_in_guidance", "distill", "Objective",
+           "GuidedTeacher", "boundary_scalings", "ddim_grid"]

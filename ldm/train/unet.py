@@ -681,7 +681,8 @@ def export_checkpoint(config: UNetTrainConfig, checkpoint: str, out: str | Path)
                           config.lora.format, words=words)
         log.info("wrote %s from %s (%s weights)", path, folder, kind)
         return path
-    pipe = make_pipeline(config, vae, text_encoder.eval(), tokenizer, unet.eval(), make_training_scheduler(config.objective))
+    pipe = make_pipeline(config, vae, text_encoder.eval(), tokenizer, unet.eval(),
+                         make_training_scheduler(config.objective))
     pipe.save_pretrained(out)
     log.info("wrote %s from %s (%s weights)", out, folder, kind)
     return out
@@ -731,7 +732,8 @@ def train(config: UNetTrainConfig, resume: str | None = None, build_cache_only: 
     check_config(config)
     run, obj = config.run, config.objective
     if config.distill.method == "progressive" and len(config.distill.rounds) != 1:
-        raise ValueError("a training run distills one progressive round (distill.rounds=[N]); ldm-distill runs them all")
+        raise ValueError("a training run distills one progressive round (distill.rounds=[N]); "
+                         "ldm-distill runs them all")
     if config.data.path is None:
         raise ValueError("no training data: pass --data PATH or set data.path in the config")
     output_dir = Path(run.output_dir)
