@@ -190,9 +190,9 @@ def distill(config, resume: str | None = None, build_cache_only: bool = False, p
     d = config.distill
     if d.method == "none":
         raise ValueError(f"distill.method must be one of {', '.join(METHODS)}")
-    check_config(resolve_base(config))  # every round's settings, before the first one runs
     if d.method == "lcm":
         return train(config, resume=resume, build_cache_only=build_cache_only, progress=progress)
+    check_config(resolve_base(config))  # every round's settings (distill.rounds whole), before the first one runs
     output = Path(config.run.output_dir)
     cache = dataclasses.replace(config.cache, dir=config.cache.dir or str(output / "cache"))
     teacher, folder = config.base, None
@@ -260,12 +260,6 @@ class GuidedTeacher:
         return rescale_guidance(classifier_free_guidance(out_u, out_c, w), out_c, self.rescale)
 
 
-def _ddim_step(z0: torch.Tensor, eps: torch.Tensor, alpha_cumprod_to: torch.Tensor) -> torch.Tensor:
-    """z_s = √ᾱ_s ẑ_0 + √(1−ᾱ_s) ε̂: DDIM's deterministic step (Song et al. 2021, eq. 12, η = 0)."""
-    a = alpha_cumprod_to.to(z0.dtype).reshape(-1, 1, 1, 1)
-    return a.sqrt() * z0 + (1 - a).sqrt() * eps
-
-
 def _eps(z0: torch.Tensor, z_t: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
     """ε̂ = (z_t − √ᾱ ẑ_0) / √(1 − ᾱ) (ᾱ < 1 on every grid point a step leaves from)."""
     return schedule.model_output_from_z0(z0, z_t, alpha_cumprod, "epsilon")
@@ -315,8 +309,7 @@ class Objective:
         w_embedding = guidance_embedding(w, self.d.embedding_dim).to(device, z0.dtype)
         a_t, a_prev = self._alpha(t), self._alpha(t_prev)
         z_t = schedule.q_sample(z0, draws.noise.to(device), a_t)
-        t_dev = t.to(device)
-        student = _unet(unet, z_t, t_dev, cond, w_embedding)
+        student = _unet(unet, z_t, t.to(device), cond, w_embedding)
         if self.d.method == "lcm":
             return self._lcm(student, z_t, t, t_prev, a_t, a_prev, cond, w, w_embedding)
         return self._progressive(student, z_t, t, t_prev, a_t, a_prev, cond, w, w_embedding)
@@ -328,7 +321,8 @@ class Objective:
         f = c_skip * z_t.float() + c_out * self._z0(student, z_t, a_t).float()
         with torch.no_grad():
             teacher_z0 = self._z0(self.teacher(z_t, t.to(device), cond, w, w_embedding), z_t, a_t)
-            z_prev = _ddim_step(teacher_z0, _eps(teacher_z0, z_t, a_t), a_prev)  # one solver step of the PF-ODE
+            # one DDIM step of the PF-ODE (Song et al. 2021, eq. 12, η = 0): z_s = √ᾱ_s ẑ_0 + √(1−ᾱ_s) ε̂
+            z_prev = schedule.q_sample(teacher_z0, _eps(teacher_z0, z_t, a_t), a_prev)
             self.ema.copy_to(self.target.parameters())  # θ⁻: the EMA of the student's weights
             target_z0 = self._z0(_unet(self.target, z_prev, t_prev.to(device), cond, w_embedding), z_prev, a_prev)
             c_skip, c_out = boundary_scalings(t_prev)
@@ -343,9 +337,9 @@ class Objective:
         a_mid = self._alpha(t_mid)
         with torch.no_grad():
             z0 = self._z0(self.teacher(z_t, t.to(device), cond, w, w_embedding), z_t, a_t)
-            z_mid = _ddim_step(z0, _eps(z0, z_t, a_t), a_mid)
+            z_mid = schedule.q_sample(z0, _eps(z0, z_t, a_t), a_mid)  # DDIM steps, as in _lcm
             z0 = self._z0(self.teacher(z_mid, t_mid.to(device), cond, w, w_embedding), z_mid, a_mid)
-            z_prev = _ddim_step(z0, _eps(z0, z_mid, a_mid), a_prev)
+            z_prev = schedule.q_sample(z0, _eps(z0, z_mid, a_mid), a_prev)
             s_t, s_prev = (1 - a_t).sqrt(), (1 - a_prev).sqrt()  # σ_t, σ_t'
             ratio = (s_prev / s_t).to(device, z_t.dtype).reshape(-1, 1, 1, 1)
             alpha_t = a_t.sqrt().to(device, z_t.dtype).reshape(-1, 1, 1, 1)
