@@ -45,6 +45,7 @@ from ldm.sampling import (
     DEFAULT_STEPS, Guidance, GuidedDenoiser, denoise, legacy_fixups, make_scheduler, resolve_sampler, sampler_of,
     set_timesteps, weak_sampler_warning,
 )
+from ldm.restoration import Operator, Restoration
 from ldm.request import (  # noqa: F401 (re-exported: the names callers know from ldm.pipeline)
     MAX_SEED, LatentPipelineOutput, check_generation_args, check_prompts, check_seeds, infotext,
 )
@@ -716,6 +717,15 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         # diffusers' and the decoder's working memory is that of one tile whatever the image size.
         return torch.cat([vae.tiled_decode(z[i:i + 1], return_dict=False)[0] for i in range(len(z))])
 
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """x = D(z / s + shift) in one piece, keeping autograd's graph: reconstruction guidance
+        differentiates the decoded image with respect to the latents (`ldm.restoration`)."""
+        config = self.vae.config
+        z = latents.to(self.vae.dtype) / config.scaling_factor
+        if config.get("shift_factor") is not None:
+            z = z + config.shift_factor
+        return self.vae.decode(z, return_dict=False)[0]
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, vae_tiling: bool | str = "auto") -> torch.Tensor:
         """x = D(z / s + shift): images in [−1, 1], (B, 3, H, W). s and shift from the VAE config.
@@ -828,6 +838,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         timesteps: Sequence[int] | None = None,
         sigmas: Sequence[float] | None = None,
         cross_attention_kwargs: dict | None = None,
+        restoration: Restoration | None = None,
     ) -> LatentPipelineOutput:
         """Generate images. Keyword names follow diffusers' StableDiffusionPipeline.
 
@@ -845,6 +856,8 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         batch_size: images per U-Net batch (default: all at once); does not change the images.
         vae_tiling: decode in overlapping tiles ("auto": above VAE_TILING_PIXELS pixels), so any
         size decodes in a fixed memory budget; tiles are blended as in diffusers' VAE tiling.
+        restoration: a measurement each step is corrected toward (`ldm.restoration.Restoration`);
+        `restore` builds it and is the way to call it.
         """
         embeds = self.check_embeddings(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         written, negatives = check_prompts(prompt if embeds is None else [EMBEDDED] * len(embeds[0]), negative_prompt)
@@ -977,6 +990,8 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             )
             denoiser = GuidedDenoiser(self.unet, cond, uncond, guidance, prediction_type, scheduler.alphas_cumprod,
                                       unet_extra, cross_attention_kwargs)
+            if restoration is not None:  # the measurement's correction: around the denoiser and after each step
+                denoiser, constraint = restoration.attach(self, denoiser, scheduler, steps_run, chunk, chunk_generator)
             step_eta = eta if sampler == "ddim" else None
             callback = step_callback and (lambda i, t, z, c=cond, u=uncond: step_callback(i, t, z, c, u))
             latents = denoise(denoiser, scheduler, latents, steps_run, chunk_generator, step_eta, progress, constraint,
@@ -1027,6 +1042,117 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             for p, neg, s in zip(written, negatives, seeds)
         ]
         return LatentPipelineOutput(images, seeds, prompts, negatives, parameters)
+
+    def restore(
+        self,
+        measurement,
+        prompt: str | list[str],
+        *,
+        degradation: str | Operator,
+        method: str = "consistency",
+        sigma_y: float = 0.0,
+        mask_image=None,
+        step_size: float | None = None,
+        iterations: int | None = None,
+        particles: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | list[int] | None = None,
+        sampler: str | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> LatentPipelineOutput:
+        """Restore the image(s) behind `measurement` y = A(x) + noise, guided by `prompt` (one per image;
+        `ldm.restoration` has the math). `degradation`: "downsample:F", "blur:SIGMA", "gray", "mask"
+        (with `mask_image`, white = the pixels to fill), or an `ldm.restoration.Operator` (e.g. a
+        `CustomOperator` around any differentiable function of images in [−1, 1]). `measurement`: PIL
+        images, or arrays/tensors in [0, 1]; the image drawn is the size it measures (height/width for
+        a custom operator; default the model's). `sigma_y`: the measurement's noise in [0, 1] units.
+
+        method "consistency" (the default; sampler ddim): at each step the clean estimate ẑ_0 is fitted
+        to y by `iterations` (DEFAULT_ITERATIONS) Adam steps of learning rate `step_size` through the
+        decoder, and the step moves with it. method "guidance" (DPS; samplers ddim or ddpm): each step
+        is followed by −ζ ∇_{z_t}‖y − A(D(ẑ_0(z_t)))‖, ζ = `step_size`; defaults DEFAULT_STEP_SIZE.
+        method "smc" (SMC-Diff, masks only, sampler ddpm): `particles` K (default DEFAULT_PARTICLES)
+        replacement samplers per image, resampled every step; the image returned is the first particle.
+        Each image's parameters (and `residuals`, its RMS in [0, 1] units) give ‖y − A(x̂)‖.
+        """
+        from ldm.restoration import (
+            DEFAULT_ITERATIONS, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, CustomOperator, Restoration, check_restoration,
+            known_cells,
+            measurement_tensor, parse_degradation, residual_rms,
+        )
+
+        written, _ = check_prompts(prompt, negative_prompt)
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be one of pil, np, pt for restore, got {output_type!r}")
+        masks = None
+        if isinstance(degradation, Operator):
+            if mask_image is not None:
+                raise ValueError("mask_image applies to degradation 'mask'; an Operator carries its own")
+            operator = degradation
+        elif callable(degradation):
+            operator = CustomOperator(degradation)
+        else:
+            if mask_image is not None:
+                masks = measurement_tensor(mask_image, 1).gt(0).float()  # (1 or B, 1, H, W): 1 = fill
+            operator = parse_degradation(degradation, masks)
+        sampler = resolve_sampler(sampler) if sampler is not None else None
+        sampler = check_restoration(method, sampler, sigma_y, operator, step_size=step_size, iterations=iterations,
+                                    particles=particles)
+        y = measurement_tensor(measurement, operator.channels)  # (1 or B, C, h, w) in [−1, 1]
+        if len(y) not in (1, len(written)):
+            raise ValueError(f"got {len(y)} measurements for {len(written)} prompts; pass one, or one per prompt")
+        h, w = y.shape[-2:]
+        if (height is None) != (width is None):
+            raise ValueError("pass both height and width, or neither")
+        if height is None:
+            height, width = operator.image_size(h, w) if not isinstance(operator, CustomOperator) else (
+                self.default_size, self.default_size)
+        f = self.latent_factor
+        if height % f or width % f:
+            raise ValueError(f"a {w}x{h} measurement of {operator.name} is of a {width}x{height} image, not a multiple "
+                             f"of the model's latent factor {f}; crop or pad the measurement")
+        mask = getattr(operator, "mask", None)
+        if mask is not None and tuple(mask.shape[-2:]) != (h, w):
+            raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} px; a mask degradation needs it at the "
+                             f"measurement's size, {w}x{h}")
+        with torch.no_grad():
+            probe = operator(torch.zeros(1, 3, height, width))
+        if tuple(probe.shape[1:]) != tuple(y.shape[1:]):
+            want = "x".join(map(str, probe.shape[1:][::-1][:2])) + f" with {probe.shape[1]} channel(s)"
+            raise ValueError(f"{operator.name} of a {width}x{height} image measures {want}; the measurement is "
+                             f"{w}x{h} with {y.shape[1]}")
+        if method == "smc" and not known_cells(operator.mask, (height // f, width // f)).flatten(1).any(1).all():
+            raise ValueError(f"method smc replaces whole latent cells ({f}x{f} px); this mask leaves no cell wholly "
+                             "known (a scattered pixel mask?): use method guidance")
+        K = (particles or DEFAULT_PARTICLES) if method == "smc" else 1
+        step = float(DEFAULT_STEP_SIZE.get(method, 0.0) if step_size is None else step_size)
+        iterations = iterations or DEFAULT_ITERATIONS
+        y = y.expand(len(written), -1, -1, -1).repeat_interleave(K, dim=0)  # one row per image drawn
+        seeds = check_seeds(seed, len(written))
+        particle_seeds = [(s + k * 2**32) % (MAX_SEED + 1) for s in seeds for k in range(K)]  # k = 0: the seed
+        out = self(written, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                   num_inference_steps=num_inference_steps, height=height, width=width, num_images_per_prompt=K,
+                   seed=particle_seeds, sampler=sampler, batch_size=batch_size and batch_size * K, output_type="pt",
+                   progress=progress, restoration=Restoration(operator, y, method, step, iterations, K))
+        images = out.images[::K]  # (B, 3, H, W) in [0, 1]: each image's first particle
+        with torch.no_grad():
+            residuals = residual_rms(y[::K], operator(images.float().cpu() * 2 - 1), operator).tolist()
+        settings = {"Restoration": method, "Degradation": operator.name, "Sigma y": sigma_y}
+        settings |= {"smc": {"Particles": K}, "guidance": {"Step size": step},
+                     "consistency": {"Step size": step, "Iterations": iterations}}[method]
+        parameters = []
+        for text, r in zip(out.parameters[::K], residuals):
+            lines = text.split("\n")
+            lines[-1] += "".join(f", {k}: {_number(v) if isinstance(v, float) else v}" for k, v in settings.items())
+            parameters.append("\n".join(lines) + f", Measurement residual: {r:.4f}")
+        images = images if output_type == "pt" else self.to_images(images * 2 - 1, output_type)
+        return LatentPipelineOutput(images, seeds, written, out.negative_prompts[::K], parameters, residuals)
 
 
 _WORD = re.compile(r"[^\W_]+")

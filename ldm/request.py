@@ -145,6 +145,7 @@ class LatentPipelineOutput:
     prompts: list[str]
     negative_prompts: list[str]
     parameters: list[str] = field(default_factory=list)  # one infotext per image
+    residuals: list[float] | None = None  # restore(): ‖y − A(x̂)‖ per image, RMS in [0, 1] pixel units
 
     def save(self, outdir: str | os.PathLike) -> list[Path]:
         """Write each PIL image to `outdir` as NNNNN-SEED.png with its `parameters` text chunk.

@@ -338,6 +338,11 @@ class GuidedDenoiser:
 
     @torch.no_grad()
     def __call__(self, z_t: torch.Tensor, t) -> torch.Tensor:
+        return self.predict(z_t, t)
+
+    def predict(self, z_t: torch.Tensor, t) -> torch.Tensor:
+        """The guided output, with autograd's graph where grad is enabled (reconstruction guidance
+        differentiates it with respect to z_t: `ldm.restoration`)."""
         g = self.guidance
         # At w = 1 or w = 0 the U-Net's output would go to the scheduler as it is, and some keep it
         # (PNDM's history). A U-Net compiled with CUDA graphs (optimize(compile=True) on a GPU) writes
