@@ -1055,6 +1055,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         step_size: float | None = None,
         iterations: int | None = None,
         particles: int | None = None,
+        strength: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | list[int] | None = None,
@@ -1079,12 +1080,14 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         is followed by −ζ ∇_{z_t}‖y − A(D(ẑ_0(z_t)))‖, ζ = `step_size`; defaults DEFAULT_STEP_SIZE.
         method "smc" (SMC-Diff, masks only, sampler ddpm): `particles` K (default DEFAULT_PARTICLES)
         replacement samplers per image, resampled every step; the image returned is the first particle.
+        `strength` < 1 starts from the non-generative estimate (bicubic, Wiener, fill; CCDF) noised to
+        that level, as img2img does; default 0.3 for consistency on downsampling, blur and masks, else 1.
         Each image's parameters (and `residuals`, its RMS in [0, 1] units) give ‖y − A(x̂)‖.
         """
         from ldm.restoration import (
             DEFAULT_ITERATIONS, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, CustomOperator, Restoration, check_restoration,
             known_cells,
-            measurement_tensor, parse_degradation, residual_rms,
+            default_strength, initial_estimate, measurement_tensor, parse_degradation, residual_rms,
         )
 
         written, _ = check_prompts(prompt, negative_prompt)
@@ -1133,13 +1136,22 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         K = (particles or DEFAULT_PARTICLES) if method == "smc" else 1
         step = float(DEFAULT_STEP_SIZE.get(method, 0.0) if step_size is None else step_size)
         iterations = iterations or DEFAULT_ITERATIONS
+        steps = num_inference_steps or DEFAULT_STEPS
+        if strength is None:  # the method's, and at least one step of few
+            strength = max(default_strength(method, operator), 1 / steps) if isinstance(steps, int) else 1.0
+        check_strength(strength, steps)
+        start = {}
+        if strength < 1:  # CCDF: from the first estimate, noised to strength's level
+            estimate = initial_estimate(operator, y, sigma_y)
+            start = {"image": list(((estimate + 1) / 2).clamp(0, 1)), "strength": strength}
         y = y.expand(len(written), -1, -1, -1).repeat_interleave(K, dim=0)  # one row per image drawn
         seeds = check_seeds(seed, len(written))
         particle_seeds = [(s + k * 2**32) % (MAX_SEED + 1) for s in seeds for k in range(K)]  # k = 0: the seed
         out = self(written, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                    num_inference_steps=num_inference_steps, height=height, width=width, num_images_per_prompt=K,
                    seed=particle_seeds, sampler=sampler, batch_size=batch_size and batch_size * K, output_type="pt",
-                   progress=progress, restoration=Restoration(operator, y, method, step, iterations, K))
+                   progress=progress, restoration=Restoration(operator, y, method, step, iterations, K, sigma_y),
+                   **start)
         images = out.images[::K]  # (B, 3, H, W) in [0, 1]: each image's first particle
         with torch.no_grad():
             residuals = residual_rms(y[::K], operator(images.float().cpu() * 2 - 1), operator).tolist()

@@ -48,7 +48,11 @@ DOWNSAMPLE_FACTORS = (2, 4, 8)
 # The samplers each method runs on, the first its default (see the module docstring).
 METHOD_SAMPLERS = {"consistency": ("ddim",), "guidance": ("ddim", "ddpm"), "smc": ("ddpm",)}
 # ζ of guidance (DPS's value for inpainting and super-resolution); Adam's learning rate for consistency
-DEFAULT_STEP_SIZE = {"guidance": 1.0, "consistency": 0.3}
+# (0.3 fitted y as well but broke shapes into textures and outlines: docs/restoration.md)
+DEFAULT_STEP_SIZE = {"guidance": 1.0, "consistency": 0.01}
+# consistency starts from the first estimate noised to this strength (CCDF), where the operator has one that
+# carries the picture's colours; gray and custom operators start from noise (strength 1)
+DEFAULT_STRENGTH = 0.3
 DEFAULT_ITERATIONS = 10  # consistency: Adam steps per sampling step
 MAX_ITERATIONS = 1000
 DEFAULT_PARTICLES = 4
@@ -273,7 +277,8 @@ def check_restoration(method: str, sampler: str | None, sigma_y, operator: Opera
     takes = {"consistency": ("step_size", "iterations"), "guidance": ("step_size",), "smc": ("particles",)}[method]
     stray = [name for name, value in given.items() if value is not None and name not in takes]
     if stray:
-        raise ValueError(f"{' and '.join(stray)} do{'es' if len(stray) == 1 else ''} not apply to method {method}")
+        raise ValueError(f"{' and '.join(stray)} {'is' if len(stray) == 1 else 'are'} not a setting of method {method} "
+                         f"(it takes {' and '.join(takes)})")
     if step_size is not None and (isinstance(step_size, bool) or not isinstance(step_size, (int, float))
                                   or not math.isfinite(step_size) or step_size < 0):
         raise ValueError(f"step_size must be a number ≥ 0, got {step_size!r}")
@@ -327,6 +332,33 @@ def measurement_tensor(value, channels: int) -> torch.Tensor:
     return torch.cat(tensors) * 2 - 1
 
 
+def default_strength(method: str, operator: Operator) -> float:
+    """Where a method starts by default: consistency from the first estimate at DEFAULT_STRENGTH for
+    downsampling, blur and masks; everything else (gray: its estimate has no colour) from noise."""
+    if method == "consistency" and isinstance(operator, (Downsample, Blur, PixelMask)):
+        return DEFAULT_STRENGTH
+    return 1.0
+
+
+def initial_estimate(operator: Operator, y: torch.Tensor, sigma_y: float) -> torch.Tensor:
+    """The non-generative restoration a sample can start from (CCDF, Chung et al. 2022, "Come-Closer-
+    Diffuse-Faster", §3: the forward-diffused estimate is closer to the answer than noise): bicubic for
+    downsampling, Wiener for blur (λ from σ_y), the gray image for grayscale, the surroundings' fill for a
+    mask; (B, 3, H, W) in [−1, 1]."""
+    from ldm.editing import fill_masked
+
+    if isinstance(operator, Downsample):
+        return bicubic_upsample(y, operator.factor)
+    if isinstance(operator, Blur):
+        return operator.fourier_inverse(y, max((2 * sigma_y) ** 2 * 10, 1e-3)).clamp(-1, 1)
+    if isinstance(operator, Grayscale):
+        return y.expand(-1, 3, -1, -1).clamp(-1, 1)
+    if isinstance(operator, PixelMask):
+        return fill_masked(y.clamp(-1, 1), operator.mask.to(y.device).expand(len(y), -1, -1, -1))
+    raise ValueError(f"strength below 1 starts from a first estimate, which the {operator.name} operator has none "
+                     "of; leave strength unset")
+
+
 # ---- the per-step corrections ---------------------------------------------------------------------
 
 
@@ -367,13 +399,17 @@ class DataConsistency(ReconstructionGuidance):
 
         ẑ_0* = argmin_z ‖y − A(D(z))‖²  by `iterations` Adam steps of learning rate `step` from ẑ_0,
 
-    through the decoder alone (no U-Net backward), and the sampler's step is moved by what the fit
+    through the decoder alone (no U-Net backward), stopping for an image once its residual is down to its
+    noise, ‖y − A(D(z))‖² ≤ (2σ_y)² · entries (Morozov's discrepancy principle: no fitting of the noise),
+    and the sampler's step is moved by what the fit
     moved, z_{t-1} ← z_{t-1} + √ᾱ_{t-1} (ẑ_0* − ẑ_0): DDIM's step with ẑ_0* in place of ẑ_0 and the
     network's ε̂ kept (ReSample re-noises instead; DDIM's deterministic path needed no extra noise here)."""
 
-    def __init__(self, *args, iterations: int, timesteps: torch.Tensor, **kwargs):
+    def __init__(self, *args, iterations: int, timesteps: torch.Tensor, sigma_y: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.iterations = iterations
+        # ‖n‖² expected of the measurement's noise, in [−1, 1] units: (2σ_y)² per measured entry
+        self.target = (2 * sigma_y) ** 2 * self.weights.flatten(1).sum(1)
         table = self.alphas_cumprod.to(torch.float64).cpu()
         ts = [int(t) for t in timesteps]
         # ᾱ each step ends at: the next step's level, and the clean end after the last
@@ -389,7 +425,11 @@ class DataConsistency(ReconstructionGuidance):
         with torch.enable_grad():
             for _ in range(self.iterations):
                 optimizer.zero_grad()
-                self.residual_norms(z).pow(2).sum().backward()
+                squared = self.residual_norms(z).pow(2)  # (B,)
+                fitting = squared > self.target  # the discrepancy principle: no image is fitted past its noise
+                if not fitting.any():
+                    break
+                (squared * fitting).sum().backward()
                 optimizer.step()
         self.shift = math.sqrt(self.next_level[int(t)]) * (z.detach() - z0)
         return out
@@ -499,8 +539,8 @@ class Restoration:
     sampling loop runs with: (denoiser, constraint)."""
 
     def __init__(self, operator: Operator, y: torch.Tensor, method: str, step: float = 0.0, iterations: int = 1,
-                 particles: int = 1):
-        self.operator, self.y, self.method, self.step = operator, y, method, step
+                 particles: int = 1, sigma_y: float = 0.0):
+        self.operator, self.y, self.method, self.step, self.sigma_y = operator, y, method, step, sigma_y
         self.iterations, self.particles = iterations, particles
 
     def attach(self, pipe, denoiser, scheduler, timesteps, rows: slice, generators):
@@ -515,7 +555,7 @@ class Restoration:
             args = (denoiser, pipe.decode_with_grad, operator, y, self.step, scheduler.alphas_cumprod,
                     scheduler.config.prediction_type)
             guided = (ReconstructionGuidance(*args) if self.method == "guidance" else
-                      DataConsistency(*args, iterations=self.iterations, timesteps=timesteps))
+                      DataConsistency(*args, iterations=self.iterations, timesteps=timesteps, sigma_y=self.sigma_y))
             return guided, guided.constraint
         from ldm.editing import encode_images, fill_masked
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from ldm.cli import data, serve, shapes, train_unet, train_vae, txt2img
+from ldm.cli import data, restore, serve, shapes, train_unet, train_vae, txt2img
 
 PARSERS = {
     "ldm-img2img": lambda: txt2img.build_parser(editing=True),
@@ -15,6 +15,7 @@ PARSERS = {
     "ldm-data": data.build_parser,
     "ldm-shapes": shapes.build_parser,
     "ldm-serve": serve.build_parser,
+    "ldm-restore": restore.build_parser,
 }
 
 

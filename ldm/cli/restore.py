@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
 from ldm.restoration import (
-    DEFAULT_ITERATIONS, DEFAULT_METHOD, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, DEGRADATIONS, MAX_PARTICLES, METHODS,
+    DEFAULT_ITERATIONS, DEFAULT_METHOD, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, DEFAULT_STRENGTH, DEGRADATIONS,
+    MAX_PARTICLES, METHODS,
 )
 from ldm.sampling import DEFAULT_STEPS
 
@@ -52,6 +53,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--particles", type=int, metavar="K",
                    help=f"smc: particles per image, 1-{MAX_PARTICLES} (default: {DEFAULT_PARTICLES}); K times the "
                         "time and memory of one")
+    p.add_argument("--strength", type=float,
+                   help="start from the non-generative estimate (bicubic, Wiener, the gray picture, fill) noised to "
+                        "this level, in (0, 1], as img2img does (CCDF); 1 starts from noise (default: "
+                        f"{DEFAULT_STRENGTH} for consistency with downsample, blur and mask; else 1)")
     p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale w of the caption")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
@@ -89,6 +94,10 @@ def _main(argv=None) -> int:
                                 iterations=args.iterations, particles=args.particles)
     if args.steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
+    if args.strength is not None:
+        from ldm.editing import check_strength
+
+        check_strength(args.strength, args.steps)
     if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
         raise ValueError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     measurement = load_image(args.measurement, key=f"MEASUREMENT {args.measurement}")
@@ -102,6 +111,7 @@ def _main(argv=None) -> int:
     pipe = LatentPipeline.from_pretrained(model, device=resolve_device(args.device))
     out = pipe.restore(measurement, args.prompt, degradation=operator, method=args.method, sigma_y=args.sigma_y,
                        step_size=args.step_size, iterations=args.iterations, particles=args.particles,
+                       strength=args.strength,
                        negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,
                        sampler=sampler,
                        seed=args.seed if args.seed is not None else random.SystemRandom().randrange(2**32),

@@ -50,12 +50,22 @@ def build_parser() -> ArgumentParser:
                        description="Draw prompts from the evaluation seed stream (never used for training data), "
                                    "generate with the model, write images + metadata.jsonl + report.json, and score. "
                                    "--task img2img and inpaint measure editing instead (see --help of each option).")
-    e.add_argument("--task", choices=("txt2img", "img2img", "inpaint"), default="txt2img",
+    e.add_argument("--task", choices=("txt2img", "img2img", "inpaint", "restore"), default="txt2img",
                    help="txt2img: generate from each prompt. img2img (SDEdit): edit a crude stroke painting of each "
                         "held-out scene (flat blobs of its colours) toward its caption; a pass is the caption "
                         "accepted and every object within 0.1 S of its blob. inpaint: repaint one object's box of a "
                         "two-object scene with its colour or shape changed; a pass is the new caption accepted "
-                        "and every pixel outside the mask unchanged")
+                        "and every pixel outside the mask unchanged. restore: degrade each held-out scene "
+                        "(--degradations) and restore it with its caption (ldm-restore); PSNR, SSIM, pass rate and "
+                        "the measurement residual beside bicubic, Wiener, the pseudo-inverse, fill and txt2img")
+    e.add_argument("--degradations", default=None, metavar="D1,D2,...",
+                   help="restore: the degradations (default: downsample:4,blur:2,gray,random-mask:0.7; random-mask:P "
+                        "drops a share P of the pixels, drawn per scene)")
+    e.add_argument("--method", default=None, help="restore: consistency, guidance or smc (default: consistency)")
+    e.add_argument("--sigma-y", type=float, default=None,
+                   help="restore: the measurement noise, in [0, 1] pixel units (default: 0.02)")
+    e.add_argument("--step-size", type=float, default=None, help="restore: as ldm-restore's (default: the method's)")
+    e.add_argument("--iterations", type=int, default=None, help="restore: as ldm-restore's (default: 10)")
     e.add_argument("--strength", action="append", metavar="S[,S...]",
                    help="img2img strength(s) in (0, 1], repeatable or a comma list (e.g. 0.3,0.5,0.75,0.9): one "
                         "evaluation each, into OUTDIR/strength-S, and a table of strength vs pass rate in "
@@ -77,7 +87,7 @@ def build_parser() -> ArgumentParser:
                                    "(default: the embedded default model)")
     e.add_argument("--num-prompts", type=int, default=600,
                    help="number of prompts (balanced over the mix's caption kinds, or cycling through --kinds; "
-                        "inpaint: over two and position)")
+                        "inpaint: over two and position; restore: scenes per degradation)")
     e.add_argument("--kinds", default=None, metavar="K1,K2,...",
                    help="txt2img: the caption kinds of the prompts, cycled as for make (default: the mix's own: the "
                         "spec's six, balanced, for the usual mix)")
@@ -162,7 +172,17 @@ def _main(argv=None) -> int:
     model = args.model or str(DEFAULT_MODEL)
     unnamed = args.unnamed_background or "gray"
     backgrounds = {"unnamed_background": None if unnamed == "random" else unnamed}
-    if args.task == "img2img":
+    if args.task == "restore":
+        from ldm.data.shapes_restore import DEFAULT_SIGMA_Y, RESTORE_TASKS, evaluate_restore, format_restore
+
+        tasks = [t.strip() for t in args.degradations.split(",")] if args.degradations else RESTORE_TASKS
+        sigma_y = DEFAULT_SIGMA_Y if args.sigma_y is None else args.sigma_y
+        report = evaluate_restore(model, args.outdir, tasks=tasks, method=args.method, sigma_y=sigma_y,
+                                  step_size=args.step_size, iterations=args.iterations,
+                                  **{k: v for k, v in common.items() if k not in ("sampler", "guidance_rescale")})
+        print(format_restore(report))
+        print(f"truth, measurement, restoration and baselines per scene, and report.json, in {args.outdir}/<degradation>/")
+    elif args.task == "img2img":
         strengths = parse_strengths(args.strength or ["0.75"])
         report = shapes_eval.evaluate_img2img(model, args.outdir, strengths=strengths, **common, **backgrounds)
         for strength, run in report["strengths"].items():
@@ -194,7 +214,9 @@ def check_task_options(args) -> None:
     only = {"strength": ("img2img",), "inpaint_method": ("inpaint",), "jump_length": ("inpaint",),
             "jump_samples": ("inpaint",), "size": ("txt2img",), "unnamed_background": ("img2img", "inpaint"),
             "kinds": ("txt2img",), "backgrounds": ("txt2img",), "counts": ("txt2img",), "lora": ("txt2img",),
-            "mix": ("txt2img",)}
+            "mix": ("txt2img",), "degradations": ("restore",), "method": ("restore",), "sigma_y": ("restore",),
+            "step_size": ("restore",), "iterations": ("restore",), "sampler": ("txt2img", "img2img", "inpaint"),
+            "guidance_rescale": ("txt2img", "img2img", "inpaint")}
     for name, tasks in only.items():
         if getattr(args, name) not in (None, []) and args.task not in tasks:
             raise ValueError(f"--{name.replace('_', '-')} applies to --task {' and '.join(tasks)}, not {args.task}")

@@ -1,0 +1,287 @@
+"""Restoration (ldm.restoration, LatentPipeline.restore, ldm-restore): the operators against their
+algebra (adjoints, pseudo-inverses, Wiener's exact inverse), PSNR/SSIM against scikit-image, each
+method's step against an analytic case or diffusers' DDPM, the default model restoring a rendered
+scene, and every bad input as one line."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data.shapes import render_array
+from ldm.data.shapes_eval import eval_scene
+from ldm.pipeline import DEFAULT_MODEL
+from ldm.restoration import (
+    Blur, CustomOperator, DataConsistency, Downsample, Grayscale, ParticleFilter, PixelMask, ReconstructionGuidance,
+    check_restoration, measure, parse_degradation, psnr, residual_rms, ssim,
+)
+
+torch.set_default_dtype(torch.float32)
+
+
+def smooth_images(n=2, size=32, seed=0):
+    """Band-limited images in [−1, 1]: a few low frequencies per channel, which a σ 1 blur keeps."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linspace(0, 2 * np.pi, size + 1, dtype=torch.float64)[:-1]
+    x = torch.zeros(n, 3, size, size, dtype=torch.float64)
+    for fy, fx in ((0, 1), (1, 0), (1, 1), (2, 1)):
+        a = torch.randn(n, 3, 1, 1, generator=g, dtype=torch.float64) * 0.2
+        x += a * torch.cos(fy * u[:, None] + fx * u[None, :])
+    return x
+
+
+def operators(size=32):
+    mask = (torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(1)) < 0.6).double()
+    return [Downsample(2), Downsample(4), Blur(1.5), Grayscale(), PixelMask(mask)]
+
+
+@pytest.mark.parametrize("op", operators(), ids=lambda op: op.name)
+def test_adjoint_and_pseudo_inverse_satisfy_their_definitions(op):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    v = torch.randn(op(x).shape, generator=g, dtype=torch.float64)
+    assert torch.allclose((op(x) * v).sum(), (x * op.adjoint(v)).sum(), rtol=1e-10)  # ⟨Ax, v⟩ = ⟨x, Aᵀv⟩
+    if not isinstance(op, Blur):  # A A⁺ A = A (Blur's drops near-zero frequencies: below)
+        assert torch.allclose(op(op.pseudo_inverse(op(x))), op(x), atol=1e-10)
+    assert op.measured_size(32, 32) == tuple(op(x).shape[-2:])
+    assert op.image_size(*op(x).shape[-2:]) == (32, 32)
+
+
+def test_blur_inverses_recover_a_band_limited_image():
+    x = smooth_images()
+    blur = Blur(1.0)
+    assert torch.allclose(blur.pseudo_inverse(blur(x)), x, atol=1e-9)
+    assert torch.allclose(blur.fourier_inverse(blur(x), 1e-12), x, atol=1e-6)  # Wiener at λ → 0
+    shrunk = blur.fourier_inverse(blur(x), 1.0)
+    assert shrunk.abs().sum() < x.abs().sum()  # a large λ pulls toward 0
+    kernel = blur.transfer(32, 32)
+    assert kernel[0, 0] == pytest.approx(1.0) and (kernel <= 1 + 1e-12).all()  # rows sum to 1: constants kept
+
+
+def test_psnr_and_ssim_equal_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, 40, 40, generator=g) * 2 - 1
+    b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    for i in range(2):
+        x, t = b[i].double().numpy(), a[i].double().numpy()
+        assert float(psnr(b, a)[i]) == pytest.approx(metrics.peak_signal_noise_ratio(t, x, data_range=2), rel=1e-9)
+        reference = metrics.structural_similarity(t, x, channel_axis=0, gaussian_weights=True, sigma=1.5,
+                                                  use_sample_covariance=False, data_range=2)
+        assert float(ssim(b, a)[i]) == pytest.approx(reference, rel=1e-6)
+
+
+def test_measurement_noise_and_the_residual_are_in_unit_pixels():
+    x = torch.zeros(1, 3, 64, 64)
+    y = measure(x, Downsample(4), 0.05, torch.Generator().manual_seed(0))
+    assert residual_rms(y, Downsample(4)(x), Downsample(4)).item() == pytest.approx(0.05, rel=0.1)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :32] = 1  # half missing: the residual counts the measured half only
+    op = PixelMask(mask)
+    y = op(x + 0.1)
+    assert residual_rms(y, op(x), op).item() == pytest.approx(0.05, rel=1e-6)
+
+
+class Identity:
+    """A denoiser whose clean estimate is z_t itself (prediction type "sample")."""
+
+    def __call__(self, z, t):
+        return z.clone()
+
+    predict = __call__
+
+
+def test_guidance_step_is_dps_normalised_gradient_through_the_adjoint():
+    """With ẑ_0(z) = z and D = id, ∇_z ‖y − Az‖ = −Aᵀ(y − Az) / ‖y − Az‖: DPS's step, per image."""
+    op = Downsample(2)
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    guide = ReconstructionGuidance(Identity(), lambda v: v, op, y, 0.5, torch.linspace(0.9, 0.1, 10), "sample")
+    assert torch.equal(guide(z, 3), z)
+    r = y - op(z)
+    expected = -op.adjoint(r) / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    assert torch.allclose(guide.gradient, expected, atol=1e-6)
+    assert torch.allclose(guide.constraint(0, z), z - 0.5 * expected, atol=1e-6)
+
+
+def test_consistency_fits_the_clean_estimate_and_stops_at_the_noise():
+    op = Downsample(2)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 8, 8, generator=g)
+    y = op(torch.randn(2, 3, 8, 8, generator=g))
+    y[1] = op(z)[1] + 0.01  # image 1 already explains y within σ_y: the discrepancy principle leaves it
+    table = torch.linspace(0.999, 0.5, 10)
+    fit = DataConsistency(Identity(), lambda v: v, op, y, 0.1, table, "sample", iterations=200,
+                          timesteps=torch.tensor([9, 4]), sigma_y=0.01)
+    fit(z, 9)  # ends at step 4's level: ᾱ_4
+    moved = fit.shift / table[4].sqrt()
+    assert (op(z[:1] + moved[:1]) - y[:1]).norm() < 0.05 * (op(z[:1]) - y[:1]).norm()  # fitted
+    assert moved[1].abs().max() == 0  # not fitted past its noise
+    assert torch.allclose(fit.constraint(0, z), z + fit.shift)
+    fit(z, 4)  # the last step ends clean: ᾱ = 1
+    assert torch.allclose(fit.shift[:1], fit.constraint(1, z)[:1] - z[:1])
+
+
+def test_particle_filter_transition_is_diffusers_ddpm_step():
+    """SMC's weights use DDPM's reverse transition: its mean and variance must be diffusers' own."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+                              beta_schedule="scaled_linear", clip_sample=False)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    z0, z_t, out = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    known = torch.zeros(2, 1, 4, 4)
+    known[..., :2] = 1
+
+    class Fixed:
+        def __call__(self, z, t):
+            return out
+
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    smc = ParticleFilter(Fixed(), z0, known, scheduler.timesteps, scheduler.alphas_cumprod, "v_prediction", 2,
+                         generators)
+    i, t = 3, scheduler.timesteps[3]
+    smc(z_t, t)
+    noise_generator = torch.Generator().manual_seed(7)
+    stepped = scheduler.step(out, t, z_t, generator=noise_generator).prev_sample
+    noise = torch.randn(z_t.shape, generator=torch.Generator().manual_seed(7))
+    variance = scheduler._get_variance(int(t))
+    mean = stepped - variance.sqrt() * noise
+    gap = ((smc.observations[i + 1] - mean) * known).pow(2).flatten(1).sum(1)
+    assert torch.allclose(smc.log_weights, -gap / (2 * variance), rtol=1e-4)
+    # resampling: the likelier particle of the pair wins both rows; the known cells hold the observation
+    latents = torch.stack([torch.zeros(4, 4, 4), torch.ones(4, 4, 4)])
+    smc.log_weights = torch.tensor([0.0, -1e4])
+    after = smc.constraint(i, latents)
+    assert torch.equal(after * (1 - known), torch.zeros_like(after))
+    assert torch.equal(after * known, smc.observations[i + 1] * known)
+
+
+def test_observation_trajectory_has_the_forward_process_marginals():
+    """y_i ~ q(y_i | y_0 = z_0): mean √ᾱ_i z_0 and variance 1 − ᾱ_i, the same path for an image's particles."""
+    table = torch.linspace(0.99, 0.05, 1000)
+    timesteps = torch.tensor([900, 500, 100])
+    z0 = torch.full((4000, 1, 1, 1), 0.5)
+    smc = ParticleFilter(Identity(), z0, torch.ones(4000, 1, 1, 1), timesteps, table, "sample", 2,
+                         [torch.Generator().manual_seed(i) for i in range(4000)])
+    for i, t in enumerate(timesteps):
+        path = smc.observations[i]
+        assert torch.equal(path[0::2], path[1::2])
+        a = table[int(t)].item()
+        assert path.mean().item() == pytest.approx(np.sqrt(a) * 0.5, abs=0.04)
+        assert path.var().item() == pytest.approx(1 - a, rel=0.1)
+    assert torch.equal(smc.observations[-1], z0)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("sharpen", "unknown degradation 'sharpen'; choose one of: downsample:F, blur:SIGMA, gray, mask"),
+    ("downsample:3", "downsample takes a factor of 2, 4, 8"),
+    ("blur:0", "blur takes a standard deviation in pixels in (0, 16]"),
+    ("mask", "degradation mask needs the mask"),
+])
+def test_bad_degradations_are_named(spec, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_degradation(spec)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(method="smc", sigma_y=0.0, operator=Blur(2), particles=2), "method smc fills a mask"),
+    (dict(method="smc", sigma_y=0.0, operator=PixelMask(torch.ones(1, 1, 8, 8)), particles=0),
+     r"particles \(K\) must be a whole number in \[1, 64\]"),
+    (dict(method="guidance", sigma_y=-0.1, operator=Grayscale()), "sigma_y .* must be ≥ 0"),
+    (dict(method="guidance", sigma_y=0.0, operator=Grayscale(), particles=4), "particles is not a setting of method "
+                                                                                "guidance"),
+    (dict(method="consistency", sigma_y=0.0, operator=Grayscale(), sampler="euler"), "runs on sampler ddim"),
+    (dict(method="dps", sigma_y=0.0, operator=Grayscale()), "unknown restoration method 'dps'"),
+])
+def test_bad_method_settings_are_named(kwargs, message):
+    kwargs = {"sampler": None, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        check_restoration(kwargs.pop("method"), kwargs.pop("sampler"), kwargs.pop("sigma_y"), kwargs.pop("operator"),
+                          **kwargs)
+
+
+def test_restore_refuses_a_measurement_of_the_wrong_size(tiny_pipe):
+    with pytest.raises(ValueError, match="downsample:2 of a 32x32 image measures 16x16 with 3 channel.*the "
+                                         "measurement is 32x32"):
+        tiny_pipe.restore(torch.rand(3, 32, 32), "a", degradation="downsample:2", height=32, width=32)
+    with pytest.raises(ValueError, match="the mask is 16x16 px; .* at the measurement's size, 32x32"):
+        tiny_pipe.restore(torch.rand(3, 32, 32), "a", degradation="mask", mask_image=torch.ones(16, 16))
+    crop = CustomOperator(lambda x: x[..., :16, :16], "crop")
+    with pytest.raises(ValueError, match="crop of a 32x32 image measures 16x16 with 3 channel"):
+        tiny_pipe.restore(torch.rand(3, 20, 20), "a", degradation=crop, height=32, width=32)
+    with pytest.raises(ValueError, match="not a multiple of the model's latent factor"):
+        tiny_pipe.restore(torch.rand(3, 9, 9), "a", degradation="downsample:2")
+    with pytest.raises(ValueError, match="this degradation measures 1 channel"):
+        tiny_pipe.restore(torch.rand(3, 32, 32), "a", degradation="gray")
+
+
+def test_restore_runs_every_method_and_reports_its_residual(tiny_pipe):
+    half = (torch.arange(32)[None, :] >= 16).float().expand(32, 32)  # the right half missing
+    runs = {
+        "guidance": dict(measurement=torch.rand(1, 32, 32), degradation="gray"),
+        "consistency": dict(measurement=torch.rand(3, 8, 8), degradation="downsample:4", iterations=2),
+        "smc": dict(measurement=torch.rand(3, 32, 32), degradation="mask", mask_image=half, particles=2),
+    }
+    for method, kwargs in runs.items():
+        y = kwargs.pop("measurement")
+        out = tiny_pipe.restore(y, ["a red circle", "a"], method=method, seed=1, num_inference_steps=3,
+                                output_type="pt", progress=False, **kwargs)
+        assert out.images.shape == (2, 3, 32, 32) and len(out.residuals) == 2
+        assert f"Restoration: {method}" in out.parameters[0]
+        assert f"Measurement residual: {out.residuals[1]:.4f}" in out.parameters[1]
+        alone = tiny_pipe.restore(y, "a", method=method, seed=2, num_inference_steps=3, output_type="pt",
+                                  progress=False, **kwargs)
+        assert torch.allclose(alone.images[0], out.images[1], atol=1e-5)  # image i depends on its seed alone
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_dir(), reason="the embedded default model is not shipped")
+def test_default_model_restores_a_held_out_scene_from_16_pixels():
+    """×4 super-resolution of a rendered held-out scene: the restoration explains y (residual near σ_y) far
+    better than the caption alone does, beats the pseudo-inverse's PSNR, and the scorer accepts it."""
+    from ldm import LatentPipeline
+    from ldm.data.shapes_score import score_image
+
+    scene = eval_scene(0, 4, unnamed_background="gray")[0]
+    truth = torch.from_numpy(render_array(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    op = Downsample(4)
+    y = measure(truth, op, 0.02, torch.Generator().manual_seed(0))
+    pipe = LatentPipeline.from_pretrained(DEFAULT_MODEL)
+    out = pipe.restore((y + 1) / 2, scene.caption, degradation="downsample:4", sigma_y=0.02, seed=0,
+                       output_type="pt", progress=False)
+    caption_only = pipe(scene.caption, seed=0, sampler="ddim", output_type="pt", progress=False).images
+    restored = out.images * 2 - 1
+    assert out.residuals[0] < 0.05
+    assert out.residuals[0] < residual_rms(y, op(caption_only * 2 - 1), op).item() / 2
+    assert psnr(restored, truth).item() > psnr(op.pseudo_inverse(y).clamp(-1, 1), truth).item()
+    pixels = (out.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert score_image(pixels, scene.caption).passed, scene.caption
+
+
+def test_restore_cli(tmp_path, tiny_pipeline_dir, capsys):
+    from ldm.cli.restore import main
+
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "gray.png")
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "rgb.png")
+    common = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--seed", "3", "--quiet", "--outdir", str(tmp_path / "o")]
+    assert main([str(tmp_path / "gray.png"), "a red circle", "--degradation", "downsample:4", "--iterations", "2",
+                 "--sigma-y", "0.02", *common]) == 0
+    captured = capsys.readouterr()
+    written = Image.open(captured.out.split()[0])
+    assert written.size == (32, 32)
+    assert "Degradation: downsample:4" in written.info["parameters"] and "Sigma y: 0.02" in written.info["parameters"]
+    assert "measurement residual" in captured.err
+    bad = [
+        (["--degradation", "sharpen"], "unknown degradation 'sharpen'; choose one of"),
+        (["--degradation", "downsample:4", "--sigma-y", "-1"], "sigma_y"),
+        (["--degradation", "mask", "--method", "smc", "--particles", "0", "--mask", str(tmp_path / "rgb.png")],
+         "particles (K) must be a whole number"),
+        (["--degradation", "blur:2", "--particles", "3"], "particles is not a setting of method consistency"),
+        (["--degradation", "mask", "--mask", str(tmp_path / "gray.png")], "the mask is 8x8 px"),
+    ]
+    for flags, message in bad:
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / "rgb.png"), "a red circle", *flags, *common])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
