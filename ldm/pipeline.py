@@ -1085,24 +1085,19 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         Each image's parameters (and `residuals`, its RMS in [0, 1] units) give ‖y − A(x̂)‖.
         """
         from ldm.restoration import (
-            DEFAULT_ITERATIONS, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, CustomOperator, Restoration, check_restoration,
-            known_cells,
-            default_strength, initial_estimate, measurement_tensor, parse_degradation, residual_rms,
+            DEFAULT_ITERATIONS, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, CustomOperator, check_restoration,
+            default_strength, initial_estimate, known_cells, measurement_tensor, parse_degradation, residual_rms,
         )
 
         written, _ = check_prompts(prompt, negative_prompt)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be one of pil, np, pt for restore, got {output_type!r}")
-        masks = None
-        if isinstance(degradation, Operator):
+        if isinstance(degradation, Operator) or callable(degradation):
             if mask_image is not None:
                 raise ValueError("mask_image applies to degradation 'mask'; an Operator carries its own")
-            operator = degradation
-        elif callable(degradation):
-            operator = CustomOperator(degradation)
+            operator = degradation if isinstance(degradation, Operator) else CustomOperator(degradation)
         else:
-            if mask_image is not None:
-                masks = measurement_tensor(mask_image, 1).gt(0).float()  # (1 or B, 1, H, W): 1 = fill
+            masks = None if mask_image is None else measurement_tensor(mask_image, 1).gt(0).float()  # 1 = fill
             operator = parse_degradation(degradation, masks)
         sampler = resolve_sampler(sampler) if sampler is not None else None
         sampler = check_restoration(method, sampler, sigma_y, operator, step_size=step_size, iterations=iterations,
@@ -1132,7 +1127,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
                              f"{w}x{h} with {y.shape[1]}")
         if method == "smc" and not known_cells(operator.mask, (height // f, width // f)).flatten(1).any(1).all():
             raise ValueError(f"method smc replaces whole latent cells ({f}x{f} px); this mask leaves no cell wholly "
-                             "known (a scattered pixel mask?): use method guidance")
+                             "known (a scattered pixel mask?): use method consistency or guidance")
         K = (particles or DEFAULT_PARTICLES) if method == "smc" else 1
         step = float(DEFAULT_STEP_SIZE.get(method, 0.0) if step_size is None else step_size)
         iterations = iterations or DEFAULT_ITERATIONS
