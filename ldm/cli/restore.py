@@ -17,9 +17,10 @@ from ldm.restoration import (
 from ldm.sampling import DEFAULT_STEPS
 
 # Measured on the 2-core Xeon (64x64, the default model, 25 steps, one image; docs/restoration.md)
-COST = ("Cost at the defaults on a 2-core CPU, 64x64: txt2img 0.1 s/image; consistency 1.6 s (25 x 10 decoder forward+"
-        "backward passes, no U-Net backward); guidance 0.5 s (a U-Net and decoder backward every step, their "
-        "activations kept: ~2x txt2img's memory); smc K x txt2img's time and memory.")
+COST = ("Cost per 64x64 image on a 2-core CPU with the default model (docs/restoration.md): txt2img 0.35 s; "
+        "consistency 1.3 s from a first estimate, 4.7 s from noise (10 decoder forward+backward passes a step, no "
+        "U-Net backward); guidance 1.0 s (a U-Net and decoder backward every step, their activations kept); smc "
+        "K particles in one batch, K times txt2img's work and activations.")
 
 
 def build_parser() -> ArgumentParser:
