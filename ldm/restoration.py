@@ -457,8 +457,9 @@ class ParticleFilter:
         self.log_weights = None
 
     def _trajectory(self, z0: torch.Tensor) -> list[torch.Tensor]:
-        """y_i for i = 0..N (y_N = z_0): one forward path up the grid, q(y_i | y_{i+1}) = N(√(ᾱ_i/ᾱ_{i+1}) y_{i+1},
-        (1 − ᾱ_i/ᾱ_{i+1}) I), the same for the K particles of an image (its first particle's generator)."""
+        """y_i for i = 0..N (y_N = z_0): one forward path up the grid,
+        q(y_i | y_{i+1}) = N(√(ᾱ_i/ᾱ_{i+1}) y_{i+1}, (1 − ᾱ_i/ᾱ_{i+1}) I),
+        the same for the K particles of an image (its first particle's generator)."""
         path = [z0]
         for i in range(len(self.levels) - 2, -1, -1):
             ratio = (self.levels[i] / self.levels[i + 1]).item()

@@ -92,7 +92,8 @@ class Identity:
 
 
 def test_guidance_step_is_dps_normalised_gradient_through_the_adjoint():
-    """With ẑ_0(z) = z and D = id, ∇_z ‖y − Az‖ = −Aᵀ(y − Az) / ‖y − Az‖: DPS's step, per image."""
+    """With ẑ_0(z) = z and D = id, ∇_z ‖y − Az‖ = −Aᵀ(y − Az) / ‖y − Az‖:
+    DPS's step, per image."""
     op = Downsample(2)
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 4, 4, generator=g)
@@ -264,7 +265,8 @@ def test_restore_cli(tmp_path, tiny_pipeline_dir, capsys):
 
     Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "gray.png")
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "rgb.png")
-    common = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--seed", "3", "--quiet", "--outdir", str(tmp_path / "o")]
+    common = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--seed", "3", "--quiet",
+              "--outdir", str(tmp_path / "o")]
     assert main([str(tmp_path / "gray.png"), "a red circle", "--degradation", "downsample:4", "--iterations", "2",
                  "--sigma-y", "0.02", *common]) == 0
     captured = capsys.readouterr()

@@ -43,7 +43,8 @@ def build_parser() -> ArgumentParser:
                         "255): the residual a restoration that explains y leaves")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help="consistency: each step's clean estimate is fitted to y through the decoder (ReSample's hard "
-                        "data consistency), sampler ddim. guidance: DPS's gradient step -ζ∇‖y - A(D(ẑ_0))‖ through "
+                        "data consistency), sampler ddim. guidance: DPS's gradient step "
+                        "-ζ∇‖y - A(D(ẑ_0))‖ through "
                         "the U-Net and decoder, samplers ddim or ddpm. smc: SMC-Diff's K particles of replacement "
                         "sampling resampled every step, for masks, sampler ddpm")
     p.add_argument("--step-size", type=float, metavar="ZETA",

@@ -181,7 +181,8 @@ def _main(argv=None) -> int:
                                   step_size=args.step_size, iterations=args.iterations,
                                   **{k: v for k, v in common.items() if k not in ("sampler", "guidance_rescale")})
         print(format_restore(report))
-        print(f"truth, measurement, restoration and baselines per scene, and report.json, in {args.outdir}/<degradation>/")
+        print(f"truth, measurement, restoration and baselines per scene, and report.json, in "
+              f"{args.outdir}/<degradation>/")
     elif args.task == "img2img":
         strengths = parse_strengths(args.strength or ["0.75"])
         report = shapes_eval.evaluate_img2img(model, args.outdir, strengths=strengths, **common, **backgrounds)

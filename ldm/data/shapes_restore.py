@@ -117,7 +117,7 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
     image and each baseline as PNGs; report.json) and OUTDIR/report.json with every row; returns it.
     txt2img from the captions alone (OUTDIR/txt2img, same seeds) is the generative baseline."""
     from ldm import LatentPipeline
-    from ldm.restoration import DEFAULT_METHOD, check_restoration
+    from ldm.restoration import DEFAULT_METHOD, check_restoration, parse_degradation
     from ldm.sampling import DEFAULT_STEPS
 
     tasks = check_restore_tasks(tasks)
@@ -126,8 +126,6 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
     for task in tasks:  # every setting checked before the model loads
         probe = "mask" if task.startswith("random-mask") else task
         mask = torch.zeros(1, 1, EDIT_SIZE, EDIT_SIZE) if probe == "mask" else None
-        from ldm.restoration import parse_degradation
-
         check_restoration(method, None, sigma_y, parse_degradation(probe, mask), step_size=step_size,
                           iterations=iterations)
     check_outdir(outdir, overwrite)
