@@ -287,3 +287,23 @@ def test_restore_cli(tmp_path, tiny_pipeline_dir, capsys):
             main([str(tmp_path / "rgb.png"), "a red circle", *flags, *common])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_restore_evaluation_scores_every_row_against_the_rendered_truth(tmp_path, tiny_pipeline_dir):
+    from ldm.data.shapes_restore import check_restore_tasks, evaluate_restore, format_restore, restore_cases
+
+    with pytest.raises(ValueError, match="random-mask takes the share"):
+        check_restore_tasks(["random-mask:1.5"])
+    with pytest.raises(ValueError, match="the evaluation draws its masks"):
+        check_restore_tasks(["mask"])
+    report = evaluate_restore(str(tiny_pipeline_dir), str(tmp_path / "eval"), tasks=["downsample:4", "random-mask:0.5"],
+                              num_prompts=2, steps=2, batch_size=2)
+    captions, kinds, truth, op, y = restore_cases(2, 0, "downsample:4", 0.02)
+    rows = report["tasks"]["downsample:4"]["rows"]
+    assert set(rows) == {"consistency", "txt2img (caption only)", "pseudo-inverse", "bicubic"}
+    bicubic = torch.nn.functional.interpolate(y, scale_factor=4, mode="bicubic").clamp(-1, 1)
+    assert rows["bicubic"]["psnr"] == pytest.approx(float(psnr(bicubic, truth).mean()), rel=1e-6)
+    assert rows["pseudo-inverse"]["residual"] < 0.01  # A A⁺ y = y: only the clamp to [−1, 1] is left
+    assert "fill" in report["tasks"]["random-mask:0.5"]["rows"]
+    assert (tmp_path / "eval" / "downsample-4" / "00001-consistency.png").is_file()
+    assert "consistency by kind" in format_restore(report)
