@@ -400,10 +400,11 @@ class DataConsistency(ReconstructionGuidance):
 
         ẑ_0* = argmin_z ‖y − A(D(z))‖²  by `iterations` Adam steps of learning rate `step` from ẑ_0,
 
-    through the decoder alone (no U-Net backward), stopping for an image once its residual is down to its
-    noise, ‖y − A(D(z))‖² ≤ (2σ_y)² · entries (Morozov's discrepancy principle: no fitting of the noise),
-    and the sampler's step is moved by what the fit
-    moved, z_{t-1} ← z_{t-1} + √ᾱ_{t-1} (ẑ_0* − ẑ_0): DDIM's step with ẑ_0* in place of ẑ_0 and the
+    through the decoder alone (no U-Net backward). An image's residual leaves the loss once it is down to
+    its noise, ‖y − A(D(z))‖² ≤ (2σ_y)² · entries (Morozov's discrepancy principle: the noise is not
+    fitted; Adam's momentum may still carry it a little), and the loop ends when every image is there.
+    The sampler's step is moved by what the fit moved,
+    z_{t-1} ← z_{t-1} + √ᾱ_{t-1} (ẑ_0* − ẑ_0): DDIM's step with ẑ_0* in place of ẑ_0 and the
     network's ε̂ kept (ReSample re-noises instead; DDIM's deterministic path needed no extra noise here)."""
 
     def __init__(self, *args, iterations: int, timesteps: torch.Tensor, sigma_y: float, **kwargs):
@@ -496,7 +497,7 @@ class ParticleFilter:
 
 
 def bicubic_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:
-    """Bicubic interpolation to factor × the size (PIL's filter: a = −0.5, as a user's image viewer)."""
+    """Bicubic interpolation to factor × the size (torch's kernel, a = −0.75 as OpenCV's), clamped to [−1, 1]."""
     return F.interpolate(y, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 

@@ -49,7 +49,8 @@ def build_parser() -> ArgumentParser:
     e = sub.add_parser("eval", help="generate images for held-out prompts with a model, then score them",
                        description="Draw prompts from the evaluation seed stream (never used for training data), "
                                    "generate with the model, write images + metadata.jsonl + report.json, and score. "
-                                   "--task img2img and inpaint measure editing instead (see --help of each option).")
+                                   "--task img2img and inpaint measure editing instead, --task restore "
+                                   "restoration (see --help of each option).")
     e.add_argument("--task", choices=("txt2img", "img2img", "inpaint", "restore"), default="txt2img",
                    help="txt2img: generate from each prompt. img2img (SDEdit): edit a crude stroke painting of each "
                         "held-out scene (flat blobs of its colours) toward its caption; a pass is the caption "

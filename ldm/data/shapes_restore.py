@@ -70,7 +70,7 @@ def restore_cases(num: int, seed: int, task: str, sigma_y: float):
     return [s.caption for s in scenes], [s.kind for s in scenes], truth, operator, y
 
 
-def baselines(task: str, operator, y: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+def baselines(operator, y: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
     """The non-generative restorations of `y` a user would reach for, (N, 3, H, W) in [−1, 1] each."""
     from ldm.editing import fill_masked
     from ldm.restoration import Blur, Downsample, PixelMask, bicubic_upsample, psnr
@@ -117,7 +117,7 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
     image and each baseline as PNGs; report.json) and OUTDIR/report.json with every row; returns it.
     txt2img from the captions alone (OUTDIR/txt2img, same seeds) is the generative baseline."""
     from ldm import LatentPipeline
-    from ldm.restoration import DEFAULT_METHOD, check_restoration, parse_degradation
+    from ldm.restoration import DEFAULT_METHOD, PixelMask, check_restoration, parse_degradation
     from ldm.sampling import DEFAULT_STEPS
 
     tasks = check_restore_tasks(tasks)
@@ -146,7 +146,7 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
         restored, seconds = [], 0.0
         for start in range(0, num_prompts, batch_size):
             rows = slice(start, start + batch_size)
-            op = operator if not hasattr(operator, "mask") else type(operator)(operator.mask[rows])
+            op = PixelMask(operator.mask[rows]) if isinstance(operator, PixelMask) else operator
             tick = time.perf_counter()
             out = pipe.restore((y[rows] + 1) / 2, captions[rows], degradation=op, method=method, sigma_y=sigma_y,
                                step_size=step_size, iterations=iterations, seed=seed + start, guidance_scale=cfg,
@@ -154,7 +154,7 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
             seconds += time.perf_counter() - tick
             restored.append(out.images * 2 - 1)
         restored = torch.cat(restored)
-        rows = {method: restored, "txt2img (caption only)": txt2img} | baselines(task, operator, y, truth)
+        rows = {method: restored, "txt2img (caption only)": txt2img} | baselines(operator, y, truth)
         for name, images in {"truth": truth, "measurement": (y.clamp(-1, 1)), **rows}.items():
             _save(folder, name.split(" ")[0], images)
         scored = {name: measures(images, truth, y, operator, captions, kinds) for name, images in rows.items()}
