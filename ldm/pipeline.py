@@ -1086,7 +1086,8 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         """
         from ldm.restoration import (
             DEFAULT_ITERATIONS, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, CustomOperator, check_restoration,
-            default_strength, initial_estimate, known_cells, measurement_tensor, parse_degradation, residual_rms,
+            default_strength, initial_estimate, known_cells, measurement_tensor, parse_degradation, particle_seed,
+            residual_rms,
         )
 
         written, _ = check_prompts(prompt, negative_prompt)
@@ -1141,7 +1142,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             start = {"image": list(((estimate + 1) / 2).clamp(0, 1)), "strength": strength}
         y = y.expand(len(written), -1, -1, -1).repeat_interleave(K, dim=0)  # one row per image drawn
         seeds = check_seeds(seed, len(written))
-        particle_seeds = [(s + k * 2**32) % (MAX_SEED + 1) for s in seeds for k in range(K)]  # k = 0: the seed
+        particle_seeds = [particle_seed(s, k) for s in seeds for k in range(K)]  # k = 0: the seed
         out = self(written, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                    num_inference_steps=num_inference_steps, height=height, width=width, num_images_per_prompt=K,
                    seed=particle_seeds, sampler=sampler, batch_size=batch_size and batch_size * K, output_type="pt",

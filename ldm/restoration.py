@@ -333,6 +333,14 @@ def measurement_tensor(value, channels: int) -> torch.Tensor:
     return torch.cat(tensors) * 2 - 1
 
 
+def particle_seed(seed: int, k: int) -> int:
+    """The seed of particle k of an image drawn with `seed`: the seed itself for k = 0 (one particle is a
+    plain draw), else one whose low 32 bits differ, since torch's CPU generator (and so diffusers') reads a
+    seed's low 32 bits only (seed + k·2³² would draw particle 0's noise again). The step is 2³² over the
+    golden ratio, so the particles of seed s miss s + 1, s + 2, …, the seeds of the batch's next images."""
+    return seed if k == 0 else (seed + k * 0x9E3779B1) % 2**32
+
+
 def default_strength(method: str, operator: Operator) -> float:
     """Where a method starts by default: consistency from the first estimate at DEFAULT_STRENGTH for
     downsampling, blur and masks; everything else (gray: its estimate has no colour) from noise."""

@@ -363,6 +363,22 @@ class GuidedDenoiser:
         return out
 
 
+def guard_ddim_variance(scheduler) -> None:
+    """Make diffusers' DDIM step finite at η = 1 on a zero-terminal-SNR schedule. Its first step (ᾱ_t = 0)
+    has σ² = 1 − ᾱ_prev exactly, and the step takes √(1 − ᾱ_prev − (η√σ²)²): the square of the square
+    root can round above σ², the root of a negative number is NaN, and the image is lost. σ² scaled by
+    1 − 1e-6 (a change of 5e-7 in the noise's scale) keeps the root's argument ≥ 0."""
+    if getattr(scheduler, "_variance_guarded", False):
+        return
+    raw = scheduler._get_variance
+
+    def variance(timestep, prev_timestep):
+        return raw(timestep, prev_timestep) * (1 - 1e-6)
+
+    scheduler._get_variance = variance
+    scheduler._variance_guarded = True
+
+
 def denoise(
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
@@ -390,6 +406,8 @@ def denoise(
         step_kwargs["generator"] = generator
     if eta is not None and "eta" in accepted:
         step_kwargs["eta"] = eta
+        if eta > 0 and hasattr(scheduler, "_get_variance"):
+            guard_ddim_variance(scheduler)
     for i, t in enumerate(tqdm(timesteps, desc="denoising", file=sys.stderr, disable=not progress, leave=False)):
         z_t = scheduler.scale_model_input(latents, t)  # the VP-scaled input the network expects
         model_output = denoiser(z_t, t)

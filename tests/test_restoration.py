@@ -13,7 +13,7 @@ from ldm.data.shapes_eval import eval_scene
 from ldm.pipeline import DEFAULT_MODEL
 from ldm.restoration import (
     Blur, CustomOperator, DataConsistency, Downsample, Grayscale, ParticleFilter, PixelMask, ReconstructionGuidance,
-    check_restoration, measure, parse_degradation, psnr, residual_rms, ssim,
+    check_restoration, measure, parse_degradation, particle_seed, psnr, residual_rms, ssim,
 )
 
 torch.set_default_dtype(torch.float32)
@@ -235,6 +235,31 @@ def test_restore_runs_every_method_and_reports_its_residual(tiny_pipe):
         alone = tiny_pipe.restore(y, "a", method=method, seed=2, num_inference_steps=3, output_type="pt",
                                   progress=False, **kwargs)
         assert torch.allclose(alone.images[0], out.images[1], atol=1e-5)  # image i depends on its seed alone
+
+
+def test_particles_of_an_image_start_from_different_noise(tiny_pipe, monkeypatch):
+    """torch's CPU generator reads a seed's low 32 bits: particle k's seed must differ there (s + k·2³², the
+    first version, drew K copies of one particle), and miss the next images' seeds s + 1, s + 2, …"""
+    from ldm.request import MAX_SEED
+
+    for s in (0, 7, 2**32 - 1, 2**40 + 5, MAX_SEED):
+        seeds = [particle_seed(s, k) for k in range(64)]
+        low = {x % 2**32 for x in seeds}
+        assert seeds[0] == s and all(0 <= x <= MAX_SEED for x in seeds)
+        assert len(low) == 64 and not low & {(s + j) % 2**32 for j in range(1, 10_000)}
+    first = {}
+    call = ParticleFilter.__call__
+
+    def record(self, z_t, t):
+        first.setdefault("z", z_t.clone())
+        return call(self, z_t, t)
+
+    monkeypatch.setattr(ParticleFilter, "__call__", record)
+    half = (torch.arange(32)[None, :] >= 16).float().expand(32, 32)
+    tiny_pipe.restore(torch.rand(3, 32, 32), "a", degradation="mask", mask_image=half, method="smc", particles=3,
+                      seed=5, num_inference_steps=2, output_type="pt", progress=False)
+    z = first["z"]
+    assert len(z) == 3 and all((z[i] - z[j]).abs().max() > 0.1 for i, j in ((0, 1), (0, 2), (1, 2)))
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_dir(), reason="the embedded default model is not shipped")
