@@ -1076,8 +1076,10 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
 
         method "consistency" (the default; sampler ddim): at each step the clean estimate ẑ_0 is fitted
         to y by `iterations` (DEFAULT_ITERATIONS) Adam steps of learning rate `step_size` through the
-        decoder, and the step moves with it. method "guidance" (DPS; samplers ddim or ddpm): each step
-        is followed by −ζ ∇_{z_t}‖y − A(D(ẑ_0(z_t)))‖, ζ = `step_size`; defaults DEFAULT_STEP_SIZE.
+        decoder, and the step moves with it; with `particles` K > 1 (default 1) K samplers per image,
+        resampled by how well they explain y, the best returned (`DataConsistency`; K times the cost).
+        method "guidance" (DPS; samplers ddim or ddpm): each step is followed by
+        −ζ ∇_{z_t}‖y − A(D(ẑ_0(z_t)))‖, ζ = `step_size`; defaults DEFAULT_STEP_SIZE.
         method "smc" (SMC-Diff, masks only, sampler ddpm): `particles` K (default DEFAULT_PARTICLES)
         replacement samplers per image, resampled every step; the image returned is the first particle.
         `strength` < 1 starts from the non-generative estimate (bicubic, Wiener, fill; CCDF) noised to
@@ -1129,7 +1131,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         if method == "smc" and not known_cells(operator.mask, (height // f, width // f)).flatten(1).any(1).all():
             raise ValueError(f"method smc replaces whole latent cells ({f}x{f} px); this mask leaves no cell wholly "
                              "known (a scattered pixel mask?): use method consistency or guidance")
-        K = (particles or DEFAULT_PARTICLES) if method == "smc" else 1
+        K = particles or (DEFAULT_PARTICLES if method == "smc" else 1)
         step = float(DEFAULT_STEP_SIZE.get(method, 0.0) if step_size is None else step_size)
         iterations = iterations or DEFAULT_ITERATIONS
         steps = num_inference_steps or DEFAULT_STEPS
@@ -1153,7 +1155,8 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             residuals = residual_rms(y[::K], operator(images.float().cpu() * 2 - 1), operator).tolist()
         settings = {"Restoration": method, "Degradation": operator.name, "Sigma y": sigma_y}
         settings |= {"smc": {"Particles": K}, "guidance": {"Step size": step},
-                     "consistency": {"Step size": step, "Iterations": iterations}}[method]
+                     "consistency": {"Step size": step, "Iterations": iterations} | ({"Particles": K} if K > 1 else {})
+                     }[method]
         parameters = []
         for text, r in zip(out.parameters[::K], residuals):
             lines = text.split("\n")

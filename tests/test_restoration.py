@@ -123,6 +123,34 @@ def test_consistency_fits_the_clean_estimate_and_stops_at_the_noise():
     assert torch.allclose(fit.shift[:1], fit.constraint(1, z)[:1] - z[:1])
 
 
+def test_consistency_particles_are_steered_by_their_residual():
+    """K = 4 particles per image: the weight is exp(−λ ρ) of the unfitted residual's RMS ρ ([0, 1] units), a
+    group whose effective sample size falls below K/2 is resampled onto its likely particles, and after the
+    last step every row holds its group's best."""
+    from ldm.restoration import POTENTIAL_SCALE
+
+    op = Downsample(2)
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(2, 3, 8, 8, generator=g)
+    y = op(truth).repeat_interleave(4, 0)  # rows: image 0's four particles, then image 1's
+    z = truth.repeat_interleave(4, 0) + torch.tensor([0.0, 2.0, -2.0, 1.0, 0.01, -0.02, 0.03, -0.04]).view(-1, 1, 1, 1)
+    table = torch.linspace(0.999, 0.5, 10)
+    fit = DataConsistency(Identity(), lambda v: v, op, y, 0.0, table, "sample", iterations=1,
+                          timesteps=torch.tensor([9, 4]), sigma_y=0.0, particles=4,
+                          generators=[torch.Generator().manual_seed(i) for i in range(8)])
+    fit(z, 9)  # learning rate 0: no fit, the shift is 0
+    rho = (y - op(z)).flatten(1).norm(dim=1) / 48**0.5 / 2  # 3 × 4 × 4 measured entries per image
+    assert torch.allclose(fit.potential, -POTENTIAL_SCALE * rho.double(), rtol=1e-5)
+    after = fit.constraint(0, z)
+    assert torch.equal(after[:4], z[[0, 0, 0, 0]])  # image 0 resampled onto its good particle (others e^-25 or less)
+    assert torch.equal(fit.log_weights[:4], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(after[4:], z[4:]) and len(set(fit.log_weights[4:].tolist())) == 4  # image 1 kept as it was
+    fit(after, 4)
+    last = fit.constraint(1, after)
+    best = 4 + int(rho[4:].argmin())  # the weights telescope to the last potential: the lowest residual wins
+    assert all(torch.equal(row, z[best]) for row in last[4:])
+
+
 def test_particle_filter_transition_is_diffusers_ddpm_step():
     """SMC's weights use DDPM's reverse transition: its mean and variance must be diffusers' own."""
     from diffusers import DDPMScheduler
@@ -220,18 +248,20 @@ def test_restore_refuses_a_measurement_of_the_wrong_size(tiny_pipe):
 
 def test_restore_runs_every_method_and_reports_its_residual(tiny_pipe):
     half = (torch.arange(32)[None, :] >= 16).float().expand(32, 32)  # the right half missing
-    runs = {
-        "guidance": dict(measurement=torch.rand(1, 32, 32), degradation="gray"),
-        "consistency": dict(measurement=torch.rand(3, 8, 8), degradation="downsample:4", iterations=2),
-        "smc": dict(measurement=torch.rand(3, 32, 32), degradation="mask", mask_image=half, particles=2),
-    }
-    for method, kwargs in runs.items():
+    runs = [
+        ("guidance", dict(measurement=torch.rand(1, 32, 32), degradation="gray")),
+        ("consistency", dict(measurement=torch.rand(3, 8, 8), degradation="downsample:4", iterations=2)),
+        ("consistency", dict(measurement=torch.rand(1, 32, 32), degradation="gray", iterations=2, particles=3)),
+        ("smc", dict(measurement=torch.rand(3, 32, 32), degradation="mask", mask_image=half, particles=2)),
+    ]
+    for method, kwargs in runs:
         y = kwargs.pop("measurement")
         out = tiny_pipe.restore(y, ["a red circle", "a"], method=method, seed=1, num_inference_steps=3,
                                 output_type="pt", progress=False, **kwargs)
         assert out.images.shape == (2, 3, 32, 32) and len(out.residuals) == 2
         assert f"Restoration: {method}" in out.parameters[0]
         assert f"Measurement residual: {out.residuals[1]:.4f}" in out.parameters[1]
+        assert ("Particles: " in out.parameters[0]) == ("particles" in kwargs)
         alone = tiny_pipe.restore(y, "a", method=method, seed=2, num_inference_steps=3, output_type="pt",
                                   progress=False, **kwargs)
         assert torch.allclose(alone.images[0], out.images[1], atol=1e-5)  # image i depends on its seed alone
@@ -304,7 +334,8 @@ def test_restore_cli(tmp_path, tiny_pipeline_dir, capsys):
         (["--degradation", "downsample:4", "--sigma-y", "-1"], "sigma_y"),
         (["--degradation", "mask", "--method", "smc", "--particles", "0", "--mask", str(tmp_path / "rgb.png")],
          "particles (K) must be a whole number"),
-        (["--degradation", "blur:2", "--particles", "3"], "particles is not a setting of method consistency"),
+        (["--degradation", "blur:2", "--method", "guidance", "--particles", "3"],
+         "particles is not a setting of method guidance"),
         (["--degradation", "mask", "--mask", str(tmp_path / "gray.png")], "the mask is 8x8 px"),
     ]
     for flags, message in bad:

@@ -43,7 +43,8 @@ def build_parser() -> ArgumentParser:
                         "255): the residual a restoration that explains y leaves")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help="consistency: each step's clean estimate is fitted to y through the decoder (ReSample's hard "
-                        "data consistency), sampler ddim. guidance: DPS's gradient step "
+                        "data consistency; with --particles K, K of them steered by their residual), sampler ddim. "
+                        "guidance: DPS's gradient step "
                         "-ζ∇‖y - A(D(ẑ_0))‖ through "
                         "the U-Net and decoder, samplers ddim or ddpm. smc: SMC-Diff's K particles of replacement "
                         "sampling resampled every step, for masks, sampler ddpm")
@@ -53,8 +54,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--iterations", type=int,
                    help=f"consistency: Adam steps per sampling step (default: {DEFAULT_ITERATIONS})")
     p.add_argument("--particles", type=int, metavar="K",
-                   help=f"smc: particles per image, 1-{MAX_PARTICLES} (default: {DEFAULT_PARTICLES}); K times the "
-                        "time and memory of one")
+                   help=f"particles per image, 1-{MAX_PARTICLES}, K times the time and memory of one. smc: replacement "
+                        f"samplers (default: {DEFAULT_PARTICLES}); consistency: samplers resampled by how well they "
+                        "explain y, the best returned (default: 1; 4 lifts grayscale most, docs/restoration.md)")
     p.add_argument("--strength", type=float,
                    help="start from the non-generative estimate (bicubic, Wiener, the gray picture, fill) noised to "
                         "this level, in (0, 1], as img2img does (CCDF); 1 starts from noise (default: "

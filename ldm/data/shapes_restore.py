@@ -111,8 +111,8 @@ def _save(folder: str, name: str, images: torch.Tensor) -> None:
 def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: str | None = None,
                      sigma_y: float = DEFAULT_SIGMA_Y, num_prompts: int = 100, seed: int = 0, steps: int | None = None,
                      cfg: float = 7.5, step_size: float | None = None, iterations: int | None = None,
-                     batch_size: int = 16, device: str | None = None, overwrite: bool = False,
-                     progress: bool = False) -> dict:
+                     particles: int | None = None, batch_size: int = 16, device: str | None = None,
+                     overwrite: bool = False, progress: bool = False) -> dict:
     """Restore held-out scenes under each of `tasks` into OUTDIR/<task>/ (truth, measurement, the restored
     image and each baseline as PNGs; report.json) and OUTDIR/report.json with every row; returns it.
     txt2img from the captions alone (OUTDIR/txt2img, same seeds) is the generative baseline."""
@@ -127,12 +127,12 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
         probe = "mask" if task.startswith("random-mask") else task
         mask = torch.zeros(1, 1, EDIT_SIZE, EDIT_SIZE) if probe == "mask" else None
         check_restoration(method, None, sigma_y, parse_degradation(probe, mask), step_size=step_size,
-                          iterations=iterations)
+                          iterations=iterations, particles=particles)
     check_outdir(outdir, overwrite)
     pipe = LatentPipeline.from_pretrained(model, device=device)
     settings = {"model": os.fspath(model), "method": method, "sigma_y": sigma_y, "num_prompts": num_prompts,
                 "seed": seed, "steps": steps, "cfg": cfg, "step_size": step_size, "iterations": iterations,
-                "size": EDIT_SIZE}
+                "particles": particles, "size": EDIT_SIZE}
     report = {"settings": settings, "tasks": {}}
     txt2img = None
     for task in tasks:
@@ -149,7 +149,8 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
             op = PixelMask(operator.mask[rows]) if isinstance(operator, PixelMask) else operator
             tick = time.perf_counter()
             out = pipe.restore((y[rows] + 1) / 2, captions[rows], degradation=op, method=method, sigma_y=sigma_y,
-                               step_size=step_size, iterations=iterations, seed=seed + start, guidance_scale=cfg,
+                               step_size=step_size, iterations=iterations, particles=particles, seed=seed + start,
+                               guidance_scale=cfg,
                                num_inference_steps=steps, output_type="pt", progress=progress)
             seconds += time.perf_counter() - tick
             restored.append(out.images * 2 - 1)
