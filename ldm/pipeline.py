@@ -1055,6 +1055,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         step_size: float | None = None,
         iterations: int | None = None,
         particles: int | None = None,
+        restarts: int | None = None,
         strength: float | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -1077,7 +1078,9 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         method "consistency" (the default; sampler ddim): at each step the clean estimate ẑ_0 is fitted
         to y by `iterations` (DEFAULT_ITERATIONS) Adam steps of learning rate `step_size` through the
         decoder, and the step moves with it; with `particles` K > 1 (default 1) K samplers per image,
-        resampled by how well they explain y, the best returned (`DataConsistency`; K times the cost).
+        resampled by how well they explain y, the best returned (`DataConsistency`; K times the cost);
+        with `restarts` R, R more passes, each from the last output moved onto {A x = y} (`Operator.project`)
+        and noised to strength RESTART_STRENGTH. Gray defaults to K = 4 and R = 1, the rest to 1 and 0.
         method "guidance" (DPS; samplers ddim or ddpm): each step is followed by
         −ζ ∇_{z_t}‖y − A(D(ẑ_0(z_t)))‖, ζ = `step_size`; defaults DEFAULT_STEP_SIZE.
         method "smc" (SMC-Diff, masks only, sampler ddpm): `particles` K (default DEFAULT_PARTICLES)
@@ -1087,9 +1090,9 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         Each image's parameters (and `residuals`, its RMS in [0, 1] units) give ‖y − A(x̂)‖.
         """
         from ldm.restoration import (
-            DEFAULT_ITERATIONS, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, CustomOperator, check_restoration,
-            default_strength, initial_estimate, known_cells, measurement_tensor, parse_degradation, particle_seed,
-            residual_rms,
+            DEFAULT_ITERATIONS, DEFAULT_STEP_SIZE, RESTART_STRENGTH, CustomOperator, check_restoration,
+            default_particles, default_restarts, default_strength, initial_estimate, known_cells, measurement_tensor,
+            parse_degradation, particle_seed, residual_rms,
         )
 
         written, _ = check_prompts(prompt, negative_prompt)
@@ -1104,7 +1107,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             operator = parse_degradation(degradation, masks)
         sampler = resolve_sampler(sampler) if sampler is not None else None
         sampler = check_restoration(method, sampler, sigma_y, operator, step_size=step_size, iterations=iterations,
-                                    particles=particles)
+                                    particles=particles, restarts=restarts)
         y = measurement_tensor(measurement, operator.channels)  # (1 or B, C, h, w) in [−1, 1]
         if len(y) not in (1, len(written)):
             raise ValueError(f"got {len(y)} measurements for {len(written)} prompts; pass one, or one per prompt")
@@ -1131,34 +1134,46 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         if method == "smc" and not known_cells(operator.mask, (height // f, width // f)).flatten(1).any(1).all():
             raise ValueError(f"method smc replaces whole latent cells ({f}x{f} px); this mask leaves no cell wholly "
                              "known (a scattered pixel mask?): use method consistency or guidance")
-        K = particles or (DEFAULT_PARTICLES if method == "smc" else 1)
+        K = particles or default_particles(method, operator)
+        restarts = default_restarts(method, operator) if restarts is None else restarts
         step = float(DEFAULT_STEP_SIZE.get(method, 0.0) if step_size is None else step_size)
         iterations = iterations or DEFAULT_ITERATIONS
         steps = num_inference_steps or DEFAULT_STEPS
         if strength is None:  # the method's, and at least one step of few
             strength = max(default_strength(method, operator), 1 / steps) if isinstance(steps, int) else 1.0
         check_strength(strength, steps)
+        if restarts and isinstance(steps, int) and int(steps * RESTART_STRENGTH) < 1:
+            raise ValueError(f"a restart runs the last {RESTART_STRENGTH:g} of the steps, none of {steps}: raise "
+                             "num_inference_steps or set restarts to 0")
         start = {}
         if strength < 1:  # CCDF: from the first estimate, noised to strength's level
             estimate = initial_estimate(operator, y, sigma_y)
             start = {"image": list(((estimate + 1) / 2).clamp(0, 1)), "strength": strength}
-        y = y.expand(len(written), -1, -1, -1).repeat_interleave(K, dim=0)  # one row per image drawn
+        measured = y.expand(len(written), -1, -1, -1)
+        y = measured.repeat_interleave(K, dim=0)  # one row per image drawn
         seeds = check_seeds(seed, len(written))
         particle_seeds = [particle_seed(s, k) for s in seeds for k in range(K)]  # k = 0: the seed
-        out = self(written, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                   num_inference_steps=num_inference_steps, height=height, width=width, num_images_per_prompt=K,
-                   seed=particle_seeds, sampler=sampler, batch_size=batch_size and batch_size * K, output_type="pt",
-                   progress=progress, restoration=Restoration(operator, y, method, step, iterations, K, sigma_y),
-                   **start)
-        images = out.images[::K]  # (B, 3, H, W) in [0, 1]: each image's first particle
+        images = texts = None
+        for restart in range(1 + restarts):
+            if restart:  # from the last output moved onto {A x = y}, noised to RESTART_STRENGTH
+                with torch.no_grad():
+                    moved = operator.project(images.float().cpu() * 2 - 1, measured)
+                start = {"image": list(((moved + 1) / 2).clamp(0, 1)), "strength": RESTART_STRENGTH}
+            out = self(written, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps, height=height, width=width, num_images_per_prompt=K,
+                       seed=particle_seeds, sampler=sampler, batch_size=batch_size and batch_size * K,
+                       output_type="pt", progress=progress,
+                       restoration=Restoration(operator, y, method, step, iterations, K, sigma_y), **start)
+            images = out.images[::K]  # (B, 3, H, W) in [0, 1]: each image's first particle
+            texts = texts if restart else out.parameters[::K]  # the first pass's settings; Restarts says the rest
         with torch.no_grad():
             residuals = residual_rms(y[::K], operator(images.float().cpu() * 2 - 1), operator).tolist()
         settings = {"Restoration": method, "Degradation": operator.name, "Sigma y": sigma_y}
         settings |= {"smc": {"Particles": K}, "guidance": {"Step size": step},
                      "consistency": {"Step size": step, "Iterations": iterations} | ({"Particles": K} if K > 1 else {})
-                     }[method]
+                     | ({"Restarts": restarts} if restarts else {})}[method]
         parameters = []
-        for text, r in zip(out.parameters[::K], residuals):
+        for text, r in zip(texts, residuals):
             lines = text.split("\n")
             lines[-1] += "".join(f", {k}: {_number(v) if isinstance(v, float) else v}" for k, v in settings.items())
             parameters.append("\n".join(lines) + f", Measurement residual: {r:.4f}")

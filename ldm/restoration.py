@@ -58,6 +58,11 @@ DEFAULT_ITERATIONS = 10  # consistency: Adam steps per sampling step
 MAX_ITERATIONS = 1000
 DEFAULT_PARTICLES = 4  # smc's K; consistency runs one particle unless asked
 MAX_PARTICLES = 64
+# restarts: each pass after the first starts from the last output moved onto {A x = y} (Operator.project)
+# and noised to this strength; gray gets DEFAULT_RESTARTS, the others none (docs/restoration.md)
+RESTART_STRENGTH = 0.5
+DEFAULT_RESTARTS = 1
+MAX_RESTARTS = 10
 # consistency with K > 1 particles: the potential's scale λ per unit of RMS residual ([0, 1] units). A
 # residual 0.05 worse costs a factor e^2.5; λ 200 (sharper) and K 8 were no better on validation scenes
 POTENTIAL_SCALE = 50.0
@@ -91,6 +96,11 @@ class Operator:
 
     def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"the {self.name} operator has no pseudo-inverse")
+
+    def project(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x moved onto {x : A x = y} along the operator's range: x + A⁺(y − A x), DDNM's range-null
+        decomposition A⁺y + (I − A⁺A)x (Wang et al. 2023), which keeps what A does not see."""
+        return x + self.pseudo_inverse(y - self(x))
 
 
 class CustomOperator(Operator):
@@ -192,6 +202,11 @@ class Grayscale(Operator):
         w = self._w(y)
         return y * w / (w**2).sum()
 
+    def project(self, x, y):
+        """x with its luma replaced by y's and its chroma kept: y − A x added to every channel (a right
+        inverse, as Σw = 1; YCbCr's Cb and Cr are unchanged). A⁺ would add it along w and tint green."""
+        return x + (y - self(x))
+
 
 class PixelMask(Operator):
     """Inpainting's operator: A x = (1 − m) ⊙ x with m (B or 1, 1, H, W) the pixels to fill (1; white in
@@ -270,15 +285,15 @@ def _whole(value, low: int, high: int) -> bool:
 
 
 def check_restoration(method: str, sampler: str | None, sigma_y, operator: Operator, *, step_size=None,
-                      iterations=None, particles=None) -> str:
+                      iterations=None, particles=None, restarts=None) -> str:
     """The sampler to run `method` on (its default where `sampler` is None), or a ValueError for a method,
     sampler, σ_y, step size, iteration count or K that cannot run."""
     if method not in METHODS:
         raise ValueError(f"unknown restoration method {method!r}; choose one of: {', '.join(METHODS)}")
     if not isinstance(sigma_y, (int, float)) or isinstance(sigma_y, bool) or not math.isfinite(sigma_y) or sigma_y < 0:
         raise ValueError(f"sigma_y (the measurement's noise, in [0, 1] pixel units) must be ≥ 0, got {sigma_y!r}")
-    given = {"step_size": step_size, "iterations": iterations, "particles": particles}
-    takes = {"consistency": ("step_size", "iterations", "particles"), "guidance": ("step_size",),
+    given = {"step_size": step_size, "iterations": iterations, "particles": particles, "restarts": restarts}
+    takes = {"consistency": ("step_size", "iterations", "particles", "restarts"), "guidance": ("step_size",),
              "smc": ("particles",)}[method]
     stray = [name for name, value in given.items() if value is not None and name not in takes]
     if stray:
@@ -291,6 +306,13 @@ def check_restoration(method: str, sampler: str | None, sigma_y, operator: Opera
         raise ValueError(f"iterations must be a whole number in [1, {MAX_ITERATIONS}], got {iterations!r}")
     if particles is not None and not _whole(particles, 1, MAX_PARTICLES):
         raise ValueError(f"particles (K) must be a whole number in [1, {MAX_PARTICLES}], got {particles!r}")
+    if restarts is not None and not _whole(restarts, 0, MAX_RESTARTS):
+        raise ValueError(f"restarts must be a whole number in [0, {MAX_RESTARTS}], got {restarts!r}")
+    kind = type(operator)
+    if restarts and kind.project is Operator.project and kind.pseudo_inverse is Operator.pseudo_inverse:
+        raise ValueError(f"restarts start from the output moved onto A x = y, which needs the {operator.name} "
+                         "operator's pseudo_inverse (or project): subclass ldm.restoration.Operator, or leave restarts "
+                         "at 0")
     if method == "smc":
         if not isinstance(operator, PixelMask):
             raise ValueError(f"method smc fills a mask (degradation 'mask'); for {operator.name} use method "
@@ -351,6 +373,19 @@ def default_strength(method: str, operator: Operator) -> float:
     if method == "consistency" and isinstance(operator, (Downsample, Blur, PixelMask)):
         return DEFAULT_STRENGTH
     return 1.0
+
+
+def default_particles(method: str, operator: Operator) -> int:
+    """K by default: smc's DEFAULT_PARTICLES; consistency 4 for gray (whose layout only the residual picks
+    out), else 1."""
+    if method == "smc":
+        return DEFAULT_PARTICLES
+    return 4 if method == "consistency" and isinstance(operator, Grayscale) else 1
+
+
+def default_restarts(method: str, operator: Operator) -> int:
+    """Restarts by default: DEFAULT_RESTARTS for consistency on gray, else none."""
+    return DEFAULT_RESTARTS if method == "consistency" and isinstance(operator, Grayscale) else 0
 
 
 def initial_estimate(operator: Operator, y: torch.Tensor, sigma_y: float) -> torch.Tensor:

@@ -45,6 +45,22 @@ def test_adjoint_and_pseudo_inverse_satisfy_their_definitions(op):
         assert torch.allclose(op(op.pseudo_inverse(op(x))), op(x), atol=1e-10)
     assert op.measured_size(32, 32) == tuple(op(x).shape[-2:])
     assert op.image_size(*op(x).shape[-2:]) == (32, 32)
+    if not isinstance(op, Blur):  # the restarts' projection lands on {A x = y} and is idempotent
+        y = op(torch.randn(x.shape, generator=g, dtype=torch.float64))
+        moved = op.project(x, y)
+        assert torch.allclose(op(moved), y, atol=1e-10) and torch.allclose(op.project(moved, y), moved, atol=1e-10)
+
+
+def test_gray_projection_replaces_luma_and_keeps_chroma():
+    """x + (y − A x) in every channel: YCbCr's Cb and Cr (differences to the luma) stay; the same for Blur
+    on a band-limited image, whose A⁺ is exact there."""
+    x, truth = smooth_images(seed=1), smooth_images(seed=2)
+    gray = Grayscale()
+    moved = gray.project(x, gray(truth))
+    assert torch.allclose(moved - gray(moved), x - gray(x), atol=1e-12)  # R − Y, G − Y, B − Y unchanged
+    assert torch.allclose(gray(moved), gray(truth), atol=1e-12)
+    blur = Blur(1.0)
+    assert torch.allclose(blur(blur.project(x, blur(truth))), blur(truth), atol=1e-9)
 
 
 def test_blur_inverses_recover_a_band_limited_image():
@@ -222,6 +238,12 @@ def test_bad_degradations_are_named(spec, message):
     (dict(method="guidance", sigma_y=0.0, operator=Grayscale(), particles=4), "particles is not a setting of method "
                                                                                 "guidance"),
     (dict(method="consistency", sigma_y=0.0, operator=Grayscale(), sampler="euler"), "runs on sampler ddim"),
+    (dict(method="consistency", sigma_y=0.0, operator=Grayscale(), restarts=11),
+     r"restarts must be a whole number in \[0, 10\]"),
+    (dict(method="guidance", sigma_y=0.0, operator=Grayscale(), restarts=1), "restarts is not a setting of method "
+                                                                              "guidance"),
+    (dict(method="consistency", sigma_y=0.0, operator=CustomOperator(lambda x: x), restarts=1),
+     "needs the <lambda> operator's pseudo_inverse"),
     (dict(method="dps", sigma_y=0.0, operator=Grayscale()), "unknown restoration method 'dps'"),
 ])
 def test_bad_method_settings_are_named(kwargs, message):
@@ -265,6 +287,28 @@ def test_restore_runs_every_method_and_reports_its_residual(tiny_pipe):
         alone = tiny_pipe.restore(y, "a", method=method, seed=2, num_inference_steps=3, output_type="pt",
                                   progress=False, **kwargs)
         assert torch.allclose(alone.images[0], out.images[1], atol=1e-5)  # image i depends on its seed alone
+
+
+def test_a_restart_starts_from_the_projected_output(tiny_pipe):
+    """restarts=1 is a second pass from the first pass's output moved onto {A x = y}, noised to
+    RESTART_STRENGTH through img2img's path: the same as running those two pieces by hand."""
+    from ldm.restoration import RESTART_STRENGTH, Restoration, measurement_tensor
+
+    y = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(degradation="downsample:2", seed=3, num_inference_steps=4, output_type="pt", progress=False)
+    first = tiny_pipe.restore(y, "a red circle", restarts=0, **kwargs)
+    both = tiny_pipe.restore(y, "a red circle", restarts=1, **kwargs)
+    measured = measurement_tensor(y, 3)
+    moved = Downsample(2).project(first.images * 2 - 1, measured)
+    by_hand = tiny_pipe("a red circle", image=list(((moved + 1) / 2).clamp(0, 1)), strength=RESTART_STRENGTH, seed=3,
+                        sampler="ddim", num_inference_steps=4, output_type="pt", progress=False,
+                        restoration=Restoration(Downsample(2), measured, "consistency", 0.01, 10, 1, 0.0))
+    assert torch.allclose(both.images, by_hand.images, atol=1e-6)
+    assert not torch.allclose(both.images, first.images, atol=1e-3)
+    assert "Restarts: 1" in both.parameters[0] and "Restarts" not in first.parameters[0]
+    assert "Denoising strength: 0.3," in both.parameters[0]  # the first pass's (from bicubic), not the restart's
+    with pytest.raises(ValueError, match="a restart runs the last 0.5 of the steps, none of 1"):
+        tiny_pipe.restore(torch.rand(1, 32, 32), "a", degradation="gray", num_inference_steps=1)  # gray restarts once
 
 
 def test_particles_of_an_image_start_from_different_noise(tiny_pipe, monkeypatch):

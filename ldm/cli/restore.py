@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
 from ldm.restoration import (
-    DEFAULT_ITERATIONS, DEFAULT_METHOD, DEFAULT_PARTICLES, DEFAULT_STEP_SIZE, DEFAULT_STRENGTH, DEGRADATIONS,
+    DEFAULT_ITERATIONS, DEFAULT_METHOD, DEFAULT_PARTICLES, DEFAULT_RESTARTS, DEFAULT_STEP_SIZE, DEFAULT_STRENGTH,
+    DEGRADATIONS, RESTART_STRENGTH,
     MAX_PARTICLES, METHODS,
 )
 from ldm.sampling import DEFAULT_STEPS
@@ -56,7 +57,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--particles", type=int, metavar="K",
                    help=f"particles per image, 1-{MAX_PARTICLES}, K times the time and memory of one. smc: replacement "
                         f"samplers (default: {DEFAULT_PARTICLES}); consistency: samplers resampled by how well they "
-                        "explain y, the best returned (default: 1; 4 lifts grayscale most, docs/restoration.md)")
+                        "explain y, the best returned (default: 4 for gray, else 1)")
+    p.add_argument("--restarts", type=int, metavar="R",
+                   help=f"consistency: R more passes, each from the last output moved onto A x = y and noised to "
+                        f"strength {RESTART_STRENGTH:g} (default: {DEFAULT_RESTARTS} for gray, else 0); about "
+                        f"{RESTART_STRENGTH:g} of a pass each")
     p.add_argument("--strength", type=float,
                    help="start from the non-generative estimate (bicubic, Wiener, the gray picture, fill) noised to "
                         "this level, in (0, 1], as img2img does (CCDF); 1 starts from noise (default: "
@@ -95,7 +100,7 @@ def _main(argv=None) -> int:
     operator = parse_degradation(args.degradation, mask)
     sampler = resolve_sampler(args.sampler) if args.sampler is not None else None
     sampler = check_restoration(args.method, sampler, args.sigma_y, operator, step_size=args.step_size,
-                                iterations=args.iterations, particles=args.particles)
+                                iterations=args.iterations, particles=args.particles, restarts=args.restarts)
     if args.steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
     if args.strength is not None:
@@ -115,7 +120,7 @@ def _main(argv=None) -> int:
     pipe = LatentPipeline.from_pretrained(model, device=resolve_device(args.device))
     out = pipe.restore(measurement, args.prompt, degradation=operator, method=args.method, sigma_y=args.sigma_y,
                        step_size=args.step_size, iterations=args.iterations, particles=args.particles,
-                       strength=args.strength,
+                       restarts=args.restarts, strength=args.strength,
                        negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,
                        sampler=sampler,
                        seed=args.seed if args.seed is not None else random.SystemRandom().randrange(2**32),

@@ -68,7 +68,9 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--step-size", type=float, default=None, help="restore: as ldm-restore's (default: the method's)")
     e.add_argument("--iterations", type=int, default=None, help="restore: as ldm-restore's (default: 10)")
     e.add_argument("--particles", type=int, default=None, metavar="K",
-                   help="restore: as ldm-restore's (default: the method's; smc 4, consistency 1)")
+                   help="restore: as ldm-restore's (default: the method's; smc 4, consistency 4 on gray, else 1)")
+    e.add_argument("--restarts", type=int, default=None, metavar="R",
+                   help="restore: as ldm-restore's (default: 1 for gray with consistency, else 0)")
     e.add_argument("--strength", action="append", metavar="S[,S...]",
                    help="img2img strength(s) in (0, 1], repeatable or a comma list (e.g. 0.3,0.5,0.75,0.9): one "
                         "evaluation each, into OUTDIR/strength-S, and a table of strength vs pass rate in "
@@ -182,6 +184,7 @@ def _main(argv=None) -> int:
         sigma_y = DEFAULT_SIGMA_Y if args.sigma_y is None else args.sigma_y
         report = evaluate_restore(model, args.outdir, tasks=tasks, method=args.method, sigma_y=sigma_y,
                                   step_size=args.step_size, iterations=args.iterations, particles=args.particles,
+                                  restarts=args.restarts,
                                   **{k: v for k, v in common.items() if k not in ("sampler", "guidance_rescale")})
         print(format_restore(report))
         print(f"truth, measurement, restoration and baselines per scene, and report.json, in "
@@ -220,7 +223,7 @@ def check_task_options(args) -> None:
             "kinds": ("txt2img",), "backgrounds": ("txt2img",), "counts": ("txt2img",), "lora": ("txt2img",),
             "mix": ("txt2img",), "degradations": ("restore",), "method": ("restore",), "sigma_y": ("restore",),
             "step_size": ("restore",), "iterations": ("restore",), "particles": ("restore",),
-            "sampler": ("txt2img", "img2img", "inpaint"),
+            "restarts": ("restore",), "sampler": ("txt2img", "img2img", "inpaint"),
             "guidance_rescale": ("txt2img", "img2img", "inpaint")}
     for name, tasks in only.items():
         if getattr(args, name) not in (None, []) and args.task not in tasks:

@@ -7,7 +7,8 @@ degradation (default RESTORE_TASKS: ×4 area downsampling, so y is 16 px; Gaussi
 random mask of 70% of the pixels) the report gives PSNR and SSIM to the truth, the scorer's pass rate of
 the caption (per kind), and the measurement residual, beside the baselines a user has otherwise: bicubic
 upsampling, Wiener deconvolution (its λ the best of WIENER_LAMBDAS on these very scenes: an oracle), the
-pseudo-inverse, the surroundings' fill for masks, and txt2img from the caption alone (same seeds).
+pseudo-inverse, the gray picture itself, the surroundings' fill for masks, and txt2img from the caption
+alone (same seeds).
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def restore_cases(num: int, seed: int, task: str, sigma_y: float):
 def baselines(operator, y: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
     """The non-generative restorations of `y` a user would reach for, (N, 3, H, W) in [−1, 1] each."""
     from ldm.editing import fill_masked
-    from ldm.restoration import Blur, Downsample, PixelMask, bicubic_upsample, psnr
+    from ldm.restoration import Blur, Downsample, Grayscale, PixelMask, bicubic_upsample, psnr
 
     out = {"pseudo-inverse": operator.pseudo_inverse(y).expand(-1, 3, -1, -1).clamp(-1, 1)}
+    if isinstance(operator, Grayscale):  # what a user shows: the luma in every channel (A⁺ tints it: w y / ‖w‖²)
+        out["gray picture"] = y.expand(-1, 3, -1, -1).clamp(-1, 1)
     if isinstance(operator, Downsample):
         out["bicubic"] = bicubic_upsample(y, operator.factor)
     if isinstance(operator, Blur):
@@ -111,8 +114,8 @@ def _save(folder: str, name: str, images: torch.Tensor) -> None:
 def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: str | None = None,
                      sigma_y: float = DEFAULT_SIGMA_Y, num_prompts: int = 100, seed: int = 0, steps: int | None = None,
                      cfg: float = 7.5, step_size: float | None = None, iterations: int | None = None,
-                     particles: int | None = None, batch_size: int = 16, device: str | None = None,
-                     overwrite: bool = False, progress: bool = False) -> dict:
+                     particles: int | None = None, restarts: int | None = None, batch_size: int = 16,
+                     device: str | None = None, overwrite: bool = False, progress: bool = False) -> dict:
     """Restore held-out scenes under each of `tasks` into OUTDIR/<task>/ (truth, measurement, the restored
     image and each baseline as PNGs; report.json) and OUTDIR/report.json with every row; returns it.
     txt2img from the captions alone (OUTDIR/txt2img, same seeds) is the generative baseline."""
@@ -127,12 +130,12 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
         probe = "mask" if task.startswith("random-mask") else task
         mask = torch.zeros(1, 1, EDIT_SIZE, EDIT_SIZE) if probe == "mask" else None
         check_restoration(method, None, sigma_y, parse_degradation(probe, mask), step_size=step_size,
-                          iterations=iterations, particles=particles)
+                          iterations=iterations, particles=particles, restarts=restarts)
     check_outdir(outdir, overwrite)
     pipe = LatentPipeline.from_pretrained(model, device=device)
     settings = {"model": os.fspath(model), "method": method, "sigma_y": sigma_y, "num_prompts": num_prompts,
                 "seed": seed, "steps": steps, "cfg": cfg, "step_size": step_size, "iterations": iterations,
-                "particles": particles, "size": EDIT_SIZE}
+                "particles": particles, "restarts": restarts, "size": EDIT_SIZE}
     report = {"settings": settings, "tasks": {}}
     txt2img = None
     for task in tasks:
@@ -149,7 +152,8 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
             op = PixelMask(operator.mask[rows]) if isinstance(operator, PixelMask) else operator
             tick = time.perf_counter()
             out = pipe.restore((y[rows] + 1) / 2, captions[rows], degradation=op, method=method, sigma_y=sigma_y,
-                               step_size=step_size, iterations=iterations, particles=particles, seed=seed + start,
+                               step_size=step_size, iterations=iterations, particles=particles, restarts=restarts,
+                               seed=seed + start,
                                guidance_scale=cfg,
                                num_inference_steps=steps, output_type="pt", progress=progress)
             seconds += time.perf_counter() - tick
