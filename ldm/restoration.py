@@ -56,7 +56,7 @@ DEFAULT_STEP_SIZE = {"guidance": 1.0, "consistency": 0.01}
 DEFAULT_STRENGTH = 0.3
 DEFAULT_ITERATIONS = 10  # consistency: Adam steps per sampling step
 MAX_ITERATIONS = 1000
-DEFAULT_PARTICLES = 4  # smc's K; consistency runs one particle unless asked
+DEFAULT_PARTICLES = 4  # smc's K (consistency's: default_particles)
 MAX_PARTICLES = 64
 # restarts: each pass after the first starts from the last output moved onto {A x = y} (Operator.project)
 # and noised to this strength; gray gets DEFAULT_RESTARTS, the others none (docs/restoration.md)
@@ -287,7 +287,7 @@ def _whole(value, low: int, high: int) -> bool:
 def check_restoration(method: str, sampler: str | None, sigma_y, operator: Operator, *, step_size=None,
                       iterations=None, particles=None, restarts=None) -> str:
     """The sampler to run `method` on (its default where `sampler` is None), or a ValueError for a method,
-    sampler, σ_y, step size, iteration count or K that cannot run."""
+    sampler, σ_y, step size, iteration count, K or restart count that cannot run."""
     if method not in METHODS:
         raise ValueError(f"unknown restoration method {method!r}; choose one of: {', '.join(METHODS)}")
     if not isinstance(sigma_y, (int, float)) or isinstance(sigma_y, bool) or not math.isfinite(sigma_y) or sigma_y < 0:
@@ -468,11 +468,11 @@ class DataConsistency(ReconstructionGuidance):
                  generators: list | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.iterations, self.K, self.generators = iterations, particles, generators
-        self.entries = self.weights.flatten(1).sum(1)  # measured entries per image
         self.potential = self.previous = self.log_weights = None
         self.steps = len(timesteps)
+        self.entries = self.weights.flatten(1).sum(1)  # measured entries per image
         # ‖n‖² expected of the measurement's noise, in [−1, 1] units: (2σ_y)² per measured entry
-        self.target = (2 * sigma_y) ** 2 * self.weights.flatten(1).sum(1)
+        self.target = (2 * sigma_y) ** 2 * self.entries
         table = self.alphas_cumprod.to(torch.float64).cpu()
         ts = [int(t) for t in timesteps]
         # ᾱ each step ends at: the next step's level, and the clean end after the last

@@ -19,8 +19,9 @@ from ldm.sampling import DEFAULT_STEPS
 
 # Measured on the 2-core Xeon (64x64, the default model, 25 steps, one image; docs/restoration.md)
 COST = ("Cost per 64x64 image on a 2-core CPU with the default model (docs/restoration.md): txt2img 0.35 s; "
-        "consistency 1.3 s from a first estimate, 4.7 s from noise (10 decoder forward+backward passes a step, no "
-        "U-Net backward); guidance 1.0 s (a U-Net and decoder backward every step, their activations kept); smc "
+        "consistency 1.3 s from a first estimate, 4.6 s from noise (10 decoder forward+backward passes a step, no "
+        "U-Net backward), 14.5 s for gray at its defaults (4 particles, one restart); guidance 1.0 s (a U-Net and "
+        "decoder backward every step, their activations kept); smc "
         "K particles in one batch, K times txt2img's work and activations.")
 
 
@@ -56,8 +57,8 @@ def build_parser() -> ArgumentParser:
                    help=f"consistency: Adam steps per sampling step (default: {DEFAULT_ITERATIONS})")
     p.add_argument("--particles", type=int, metavar="K",
                    help=f"particles per image, 1-{MAX_PARTICLES}, K times the time and memory of one. smc: replacement "
-                        f"samplers (default: {DEFAULT_PARTICLES}); consistency: samplers resampled by how well they "
-                        "explain y, the best returned (default: 4 for gray, else 1)")
+                        "samplers; consistency: samplers resampled by how well they explain y, the best returned "
+                        f"(default: smc {DEFAULT_PARTICLES}; consistency 4 for gray, else 1)")
     p.add_argument("--restarts", type=int, metavar="R",
                    help=f"consistency: R more passes, each from the last output moved onto A x = y and noised to "
                         f"strength {RESTART_STRENGTH:g} (default: {DEFAULT_RESTARTS} for gray, else 0); about "
