@@ -364,10 +364,10 @@ class GuidedDenoiser:
 
 
 def guard_ddim_variance(scheduler) -> None:
-    """Make diffusers' DDIM step finite at η = 1 on a zero-terminal-SNR schedule. Its first step (ᾱ_t = 0)
-    has σ² = 1 − ᾱ_prev exactly, and the step takes √(1 − ᾱ_prev − (η√σ²)²): the square of the square
-    root can round above σ², the root of a negative number is NaN, and the image is lost. σ² scaled by
-    1 − 1e-6 (a change of 5e-7 in the noise's scale) keeps the root's argument ≥ 0."""
+    """Make diffusers' DDIM step finite at η = 1 on a zero-terminal-SNR schedule. Its first step
+    (ᾱ_t = 0) has σ² = 1 − ᾱ_prev exactly, and the step takes √(1 − ᾱ_prev − (η√σ²)²): the
+    square of the square root can round above σ², the root of a negative number is NaN, and the
+    image is lost. σ² scaled by 1 − 1e-6 (5e-7 of the noise's scale) keeps the argument ≥ 0."""
     if getattr(scheduler, "_variance_guarded", False):
         return
     raw = scheduler._get_variance

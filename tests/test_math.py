@@ -95,7 +95,8 @@ def test_samplers_without_zero_snr_support_get_the_models_schedule(sampler):
 
 
 def test_ddim_with_eta_one_is_finite_on_a_zero_snr_schedule():
-    """DDPM-like DDIM (η = 1) from ᾱ_T ≈ 0: σ² ≈ 1 − ᾱ_prev, the direction term's root ≈ 0. diffusers' step takes √(1 − ᾱ_prev − (η√σ²)²) and rounding makes it NaN;
+    """DDPM-like DDIM (η = 1) from ᾱ_T ≈ 0: σ² ≈ 1 − ᾱ_prev, the direction term's root ≈ 0.
+    diffusers' step takes √(1 − ᾱ_prev − (η√σ²)²) and rounding makes it NaN;
     `denoise` guards the variance and lands on the analytic step."""
     from ldm.sampling import denoise, make_scheduler
 
