@@ -68,3 +68,18 @@ def test_stage_one_on_two_processes_resumes_exactly(tmp_path):
     for name in ("model-vae", "model-loss", "optimizer-vae", "optimizer-disc", "ema-vae"):  # the discriminator joins at step 2
         ta, tb = load_file(a / f"{name}.safetensors"), load_file(b / f"{name}.safetensors")
         assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
+def test_a_distributed_worker_leaves_with_its_status_and_its_output_flushed():
+    """`leave` skips the interpreter's teardown (gloo's threads can abort it) only under WORLD_SIZE > 1,
+    after flushing what the run printed; a single process gets the status back."""
+    from ldm.cli.common import leave
+
+    assert leave(75) == 75  # this process: no WORLD_SIZE
+    code = "import logging, sys; from ldm.cli.common import leave; print('final', end=''); " \
+           "logging.basicConfig(stream=sys.stderr); logging.warning('logged'); leave(75); print('not reached')"
+    for world, status in (("2", 75), ("1", 0)):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "WORLD_SIZE": world})
+        assert result.returncode == status and "logged" in result.stderr, result.stderr[-2000:]
+        assert result.stdout == ("final" if status else "finalnot reached\n")

@@ -171,7 +171,7 @@ def run_training(train: Callable[[], object], prog: str) -> int:
     try:
         result = train()
     except RunStopped as stopped:  # a signal (75: resume me), a diverged run (3), a failed save (74): one line
-        return report_stop(stopped, prog)
+        return leave(report_stop(stopped, prog))
     except Exception as e:  # the disk filled up outside a checkpoint (the final pipeline, a sample grid)
         from ldm.train.checkpoint import io_error_code
 
@@ -181,4 +181,24 @@ def run_training(train: Callable[[], object], prog: str) -> int:
         print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_NO_SPACE
     print(result)
-    return 0
+    return leave(0)
+
+
+def leave(status: int) -> int:
+    """`status`; a worker of a distributed run (torchrun, accelerate launch: WORLD_SIZE > 1) instead ends
+    here, output flushed, with os._exit(status). Everything the run writes is written and closed by now,
+    but the interpreter's teardown is not safe under gloo: a worker thread of a process group that wakes
+    after finalisation has begun dies taking the GIL ("terminate called without an active exception",
+    SIGABRT; pytorch#190489, #179291), and torchrun then reports a finished run as failed (seen once
+    in CI on the 2-process stage-1 test). Skipping the teardown skips that. In-process callers of a
+    single-process run get `status` back."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return status
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
