@@ -1049,7 +1049,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         prompt: str | list[str],
         *,
         degradation: str | Operator,
-        method: str = "consistency",
+        method: str | None = None,
         sigma_y: float = 0.0,
         mask_image=None,
         step_size: float | None = None,
@@ -1085,14 +1085,16 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         −ζ ∇_{z_t}‖y − A(D(ẑ_0(z_t)))‖, ζ = `step_size`; defaults DEFAULT_STEP_SIZE.
         method "smc" (SMC-Diff, masks only, sampler ddpm): `particles` K (default DEFAULT_PARTICLES)
         replacement samplers per image, resampled every step; the image returned is the first particle.
+        method "exemplar" (gray only; gray's default, else "consistency"): K (default 1) txt2img samples of
+        the prompt lend y their colours by luma (`colour_transfer`), the best-covering one kept; any sampler.
         `strength` < 1 starts from the non-generative estimate (bicubic, Wiener, fill; CCDF) noised to
         that level, as img2img does; default 0.3 for consistency on downsampling, blur and masks, else 1.
         Each image's parameters (and `residuals`, its RMS in [0, 1] units) give ‖y − A(x̂)‖.
         """
         from ldm.restoration import (
             DEFAULT_ITERATIONS, DEFAULT_STEP_SIZE, RESTART_STRENGTH, CustomOperator, check_restoration,
-            default_particles, default_restarts, default_strength, initial_estimate, known_cells, measurement_tensor,
-            parse_degradation, particle_seed, residual_rms,
+            default_method, default_particles, default_restarts, default_strength, initial_estimate,
+            known_cells, measurement_tensor, parse_degradation, particle_seed, residual_rms,
         )
 
         written, _ = check_prompts(prompt, negative_prompt)
@@ -1106,8 +1108,9 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             masks = None if mask_image is None else measurement_tensor(mask_image, 1).gt(0).float()  # 1 = fill
             operator = parse_degradation(degradation, masks)
         sampler = resolve_sampler(sampler) if sampler is not None else None
+        method = method or default_method(operator)
         sampler = check_restoration(method, sampler, sigma_y, operator, step_size=step_size, iterations=iterations,
-                                    particles=particles, restarts=restarts)
+                                    particles=particles, restarts=restarts, strength=strength)
         y = measurement_tensor(measurement, operator.channels)  # (1 or B, C, h, w) in [−1, 1]
         if len(y) not in (1, len(written)):
             raise ValueError(f"got {len(y)} measurements for {len(written)} prompts; pass one, or one per prompt")
@@ -1142,6 +1145,12 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         if strength is None:  # the method's, and at least one step of few
             strength = max(default_strength(method, operator), 1 / steps) if isinstance(steps, int) else 1.0
         check_strength(strength, steps)
+        if method == "exemplar":
+            return self._restore_by_exemplar(y, written, operator, sigma_y, K, check_seeds(seed, len(written)),
+                                             negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                             num_inference_steps=num_inference_steps, height=height, width=width,
+                                             sampler=sampler, batch_size=batch_size, output_type=output_type,
+                                             progress=progress)
         if restarts and isinstance(steps, int) and int(steps * RESTART_STRENGTH) < 1:
             raise ValueError(f"a restart runs the last {RESTART_STRENGTH:g} of the steps, none of {steps}: raise "
                              "num_inference_steps or set restarts to 0")
@@ -1174,6 +1183,31 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
                      | ({"Restarts": restarts} if restarts else {})}[method]
         parameters = []
         for text, r in zip(texts, residuals):
+            lines = text.split("\n")
+            lines[-1] += "".join(f", {k}: {_number(v) if isinstance(v, float) else v}" for k, v in settings.items())
+            parameters.append("\n".join(lines) + f", Measurement residual: {r:.4f}")
+        images = images if output_type == "pt" else self.to_images(images * 2 - 1, output_type)
+        return LatentPipelineOutput(images, seeds, written, out.negative_prompts[::K], parameters, residuals)
+
+    def _restore_by_exemplar(self, y, written, operator, sigma_y, K, seeds, *, output_type, **sampling):
+        """`restore`'s method exemplar: K txt2img exemplars per prompt, y coloured from each, the one whose
+        lumas cover y's best kept (`ldm.restoration.colour_transfer`)."""
+        from ldm.restoration import colour_transfer, particle_seed, residual_rms
+
+        measured = y.expand(len(written), -1, -1, -1)
+        batch_size = sampling.pop("batch_size")
+        out = self(written, num_images_per_prompt=K, seed=[particle_seed(s, k) for s in seeds for k in range(K)],
+                   batch_size=batch_size and batch_size * K, output_type="pt", **sampling)
+        with torch.no_grad():
+            candidates, coverage = colour_transfer(measured.repeat_interleave(K, 0), out.images.float().cpu() * 2 - 1,
+                                                   sigma_y)
+            rows = coverage.view(-1, K).argmax(1) + torch.arange(len(written)) * K
+            images = (candidates[rows] + 1) / 2  # (B, 3, H, W) in [0, 1]
+            residuals = residual_rms(measured, operator(images * 2 - 1), operator).tolist()
+        settings = {"Restoration": "exemplar", "Degradation": operator.name, "Sigma y": sigma_y} | (
+            {"Particles": K} if K > 1 else {})
+        parameters = []
+        for text, r in zip(out.parameters[::K], residuals):
             lines = text.split("\n")
             lines[-1] += "".join(f", {k}: {_number(v) if isinstance(v, float) else v}" for k, v in settings.items())
             parameters.append("\n".join(lines) + f", Measurement residual: {r:.4f}")

@@ -13,7 +13,8 @@ from ldm.data.shapes_eval import eval_scene
 from ldm.pipeline import DEFAULT_MODEL
 from ldm.restoration import (
     Blur, CustomOperator, DataConsistency, Downsample, Grayscale, ParticleFilter, PixelMask, ReconstructionGuidance,
-    check_restoration, measure, parse_degradation, particle_seed, psnr, residual_rms, ssim,
+    check_restoration, colour_transfer, luma_table, measure, parse_degradation, particle_seed, psnr, residual_rms,
+    ssim,
 )
 
 torch.set_default_dtype(torch.float32)
@@ -245,12 +246,54 @@ def test_bad_degradations_are_named(spec, message):
     (dict(method="consistency", sigma_y=0.0, operator=CustomOperator(lambda x: x), restarts=1),
      "needs the <lambda> operator's pseudo_inverse"),
     (dict(method="dps", sigma_y=0.0, operator=Grayscale()), "unknown restoration method 'dps'"),
+    (dict(method="exemplar", sigma_y=0.0, operator=Blur(2)), "method exemplar colours a gray picture"),
+    (dict(method="exemplar", sigma_y=0.0, operator=Grayscale(), step_size=0.1), "step_size is not a setting of "
+                                                                                 "method exemplar"),
+    (dict(method="exemplar", sigma_y=0.0, operator=Grayscale(), strength=0.5), "strength is not a setting of "
+                                                                                "method exemplar"),
 ])
 def test_bad_method_settings_are_named(kwargs, message):
     kwargs = {"sampler": None, **kwargs}
     with pytest.raises(ValueError, match=message):
         check_restoration(kwargs.pop("method"), kwargs.pop("sampler"), kwargs.pop("sigma_y"), kwargs.pop("operator"),
                           **kwargs)
+
+
+def flat_scene(size=32, flip=False):
+    """A gray background with a yellow square and a blue disc, in [−1, 1]; `flip`: mirrored, a different layout
+    of the same colours. Their lumas (0.65, −0.40) lie either side of the background's (0), so no edge's
+    smoothed luma passes through the other shape's."""
+    x = torch.zeros(1, 3, size, size, dtype=torch.float64)
+    x[:, :, 4:14, 4:14] = torch.tensor([0.9, 0.8, -0.8], dtype=torch.float64).view(1, 3, 1, 1)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - 22) ** 2 + (xx - 20) ** 2 < 36)[None, None].expand(1, 3, -1, -1)
+    x = torch.where(disc, torch.tensor([-0.7, -0.5, 0.9], dtype=torch.float64).view(1, 3, 1, 1), x)
+    return x.flip(-1) if flip else x
+
+
+def test_colour_transfer_recovers_flat_colours_from_an_exemplar_of_another_layout():
+    """Exemplar colourisation on an analytic case: y the luma of a scene, the exemplar its mirror image (the
+    same colours elsewhere). The output's luma is y exactly (σ_y 0), each colour comes back, and only the
+    anti-aliasing-free edges' median can differ; with σ_y > 0 the luma is y smoothed, not y."""
+    truth, exemplar = flat_scene(), flat_scene(flip=True)
+    gray = Grayscale()
+    y = gray(truth)
+    out, coverage = colour_transfer(y, exemplar, 0.0)
+    assert torch.allclose(gray(out), y, atol=1e-12)
+    assert psnr(out, truth).item() > 60  # every pixel: the edges are not anti-aliased here
+    interior = (slice(None), slice(None), slice(6, 12), slice(6, 12))
+    assert torch.allclose(out[interior], truth[interior], atol=1e-6)  # the square's yellow
+    assert torch.allclose(out[..., 22, 20], truth[..., 22, 20], atol=1e-6)  # the disc's blue
+    noisy, _ = colour_transfer(y + 0.01, exemplar, 0.02)
+    assert not torch.allclose(gray(noisy), y + 0.01) and (gray(noisy) - y - 0.01).abs().mean() < 0.02
+    # coverage: an exemplar without the disc's luma covers y worse than one with it
+    no_disc = exemplar.clone()
+    no_disc[:, :, 14:, :] = 0
+    assert colour_transfer(y, no_disc, 0.0)[1] < coverage
+    density, chroma = luma_table(exemplar[0])
+    assert density.sum().item() == pytest.approx(((torch.linspace(-1, 1, 256)[:, None] - torch.linspace(-1, 1, 256)[
+        None]) / 0.01).pow(2).mul(-0.5).exp().sum(0).mean().item(), rel=0.2)  # a kernel density of a whole image
+    assert chroma.shape == (256, 3)
 
 
 def test_restore_refuses_a_measurement_of_the_wrong_size(tiny_pipe):
@@ -289,6 +332,29 @@ def test_restore_runs_every_method_and_reports_its_residual(tiny_pipe):
         assert torch.allclose(alone.images[0], out.images[1], atol=1e-5)  # image i depends on its seed alone
 
 
+def test_exemplar_is_grays_default_and_colours_y_from_the_prompts_txt2img(tiny_pipe):
+    """Method exemplar by hand: txt2img of the prompt with the image's seed (particle k's for K > 1), then
+    `colour_transfer`; of K exemplars the best-covering one. Gray defaults to it; others do not."""
+    y = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(seed=5, num_inference_steps=3, output_type="pt", progress=False)
+    out = tiny_pipe.restore(y, "a red circle", degradation="gray", sigma_y=0.02, **kwargs)
+    assert "Restoration: exemplar" in out.parameters[0] and "Particles" not in out.parameters[0]
+    exemplar = tiny_pipe("a red circle", height=32, width=32, **kwargs).images * 2 - 1  # y's size
+    by_hand, _ = colour_transfer(y[None] * 2 - 1, exemplar, 0.02)
+    assert torch.allclose(out.images * 2 - 1, by_hand, atol=1e-5)
+    assert out.residuals[0] == pytest.approx(residual_rms(y[None] * 2 - 1, Grayscale()(by_hand), Grayscale()).item(),
+                                             abs=1e-5)
+    four = tiny_pipe.restore(y, "a red circle", degradation="gray", sigma_y=0.02, particles=4, **kwargs)
+    seeds = [particle_seed(5, k) for k in range(4)]
+    exemplars = tiny_pipe("a red circle", num_images_per_prompt=4, height=32, width=32, **{**kwargs, "seed": seeds})
+    exemplars = exemplars.images * 2 - 1
+    candidates, coverage = colour_transfer((y[None] * 2 - 1).expand(4, -1, -1, -1), exemplars, 0.02)
+    assert torch.allclose(four.images[0] * 2 - 1, candidates[int(coverage.argmax())], atol=1e-5)
+    assert "Particles: 4" in four.parameters[0]
+    with pytest.raises(ValueError, match="method exemplar colours a gray picture"):
+        tiny_pipe.restore(torch.rand(3, 32, 32), "a", degradation="blur:1", method="exemplar")
+
+
 def test_a_restart_starts_from_the_projected_output(tiny_pipe):
     """restarts=1 is a second pass from the first pass's output moved onto {A x = y}, noised to
     RESTART_STRENGTH through img2img's path: the same as running those two pieces by hand."""
@@ -308,7 +374,8 @@ def test_a_restart_starts_from_the_projected_output(tiny_pipe):
     assert "Restarts: 1" in both.parameters[0] and "Restarts" not in first.parameters[0]
     assert "Denoising strength: 0.3," in both.parameters[0]  # the first pass's (from bicubic), not the restart's
     with pytest.raises(ValueError, match="a restart runs the last 0.5 of the steps, none of 1"):
-        tiny_pipe.restore(torch.rand(1, 32, 32), "a", degradation="gray", num_inference_steps=1)  # gray restarts once
+        tiny_pipe.restore(torch.rand(1, 32, 32), "a", degradation="gray", method="consistency",
+                          num_inference_steps=1)  # consistency restarts gray once
 
 
 def test_particles_of_an_image_start_from_different_noise(tiny_pipe, monkeypatch):
@@ -359,6 +426,26 @@ def test_default_model_restores_a_held_out_scene_from_16_pixels():
     assert score_image(pixels, scene.caption).passed, scene.caption
 
 
+@pytest.mark.skipif(not DEFAULT_MODEL.is_dir(), reason="the embedded default model is not shipped")
+def test_default_model_colours_a_held_out_gray_scene():
+    """Gray at its default (exemplar): the scorer accepts the colours, the residual is within the noise, and
+    PSNR beats the gray picture's by far (the luma is y's, the chroma the caption's)."""
+    from ldm import LatentPipeline
+    from ldm.data.shapes_score import score_image
+
+    scene = eval_scene(0, 7, unnamed_background="gray")[0]
+    truth = torch.from_numpy(render_array(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    op = Grayscale()
+    y = measure(truth, op, 0.02, torch.Generator().manual_seed(0))
+    pipe = LatentPipeline.from_pretrained(DEFAULT_MODEL)
+    out = pipe.restore((y + 1) / 2, scene.caption, degradation="gray", sigma_y=0.02, seed=0, output_type="pt",
+                       progress=False)
+    assert out.residuals[0] < 0.02
+    assert psnr(out.images * 2 - 1, truth).item() > psnr(y.expand(-1, 3, -1, -1), truth).item() + 5
+    pixels = (out.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert score_image(pixels, scene.caption).passed, scene.caption
+
+
 def test_restore_cli(tmp_path, tiny_pipeline_dir, capsys):
     from ldm.cli.restore import main
 
@@ -381,6 +468,8 @@ def test_restore_cli(tmp_path, tiny_pipeline_dir, capsys):
         (["--degradation", "blur:2", "--method", "guidance", "--particles", "3"],
          "particles is not a setting of method guidance"),
         (["--degradation", "mask", "--mask", str(tmp_path / "gray.png")], "the mask is 8x8 px"),
+        (["--degradation", "blur:2", "--method", "exemplar"], "method exemplar colours a gray picture"),
+        (["--degradation", "gray", "--strength", "0.5"], "strength is not a setting of method exemplar"),
     ]
     for flags, message in bad:
         with pytest.raises(SystemExit) as e:
@@ -396,8 +485,8 @@ def test_restore_evaluation_scores_every_row_against_the_rendered_truth(tmp_path
         check_restore_tasks(["random-mask:1.5"])
     with pytest.raises(ValueError, match="the evaluation draws its masks"):
         check_restore_tasks(["mask"])
-    report = evaluate_restore(str(tiny_pipeline_dir), str(tmp_path / "eval"), tasks=["downsample:4", "random-mask:0.5"],
-                              num_prompts=2, steps=2, batch_size=2)
+    report = evaluate_restore(str(tiny_pipeline_dir), str(tmp_path / "eval"),
+                              tasks=["downsample:4", "random-mask:0.5", "gray"], num_prompts=2, steps=2, batch_size=2)
     captions, kinds, truth, op, y = restore_cases(2, 0, "downsample:4", 0.02)
     rows = report["tasks"]["downsample:4"]["rows"]
     assert set(rows) == {"consistency", "txt2img (caption only)", "pseudo-inverse", "bicubic"}
@@ -406,4 +495,6 @@ def test_restore_evaluation_scores_every_row_against_the_rendered_truth(tmp_path
     assert rows["pseudo-inverse"]["residual"] < 0.01  # A A⁺ y = y: only the clamp to [−1, 1] is left
     assert "fill" in report["tasks"]["random-mask:0.5"]["rows"]
     assert (tmp_path / "eval" / "downsample-4" / "00001-consistency.png").is_file()
-    assert "consistency by kind" in format_restore(report)
+    assert "consistency by kind" in format_restore(report) and "exemplar by kind" in format_restore(report)
+    assert set(report["tasks"]["gray"]["rows"]) == {"exemplar", "txt2img (caption only)", "pseudo-inverse",
+                                                    "gray picture"}

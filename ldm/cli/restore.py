@@ -11,14 +11,15 @@ from pathlib import Path
 
 from ldm.cli.common import ArgumentParser, run
 from ldm.restoration import (
-    DEFAULT_ITERATIONS, DEFAULT_METHOD, DEFAULT_PARTICLES, DEFAULT_RESTARTS, DEFAULT_STEP_SIZE, DEFAULT_STRENGTH,
+    DEFAULT_GRAY_METHOD, DEFAULT_ITERATIONS, DEFAULT_METHOD, DEFAULT_PARTICLES, DEFAULT_RESTARTS, DEFAULT_STEP_SIZE, DEFAULT_STRENGTH,
     DEGRADATIONS, RESTART_STRENGTH,
     MAX_PARTICLES, METHODS,
 )
 from ldm.sampling import DEFAULT_STEPS
 
 # Measured on the 2-core Xeon (64x64, the default model, 25 steps, one image; docs/restoration.md)
-COST = ("Cost per 64x64 image on a 2-core CPU with the default model (docs/restoration.md): txt2img 0.35 s; "
+COST = ("Cost per 64x64 image on a 2-core CPU with the default model (docs/restoration.md): txt2img 0.35 s, "
+        "exemplar the same; "
         "consistency 1.3 s from a first estimate, 4.6 s from noise (10 decoder forward+backward passes a step, no "
         "U-Net backward), 14.5 s for gray at its defaults (4 particles, one restart); guidance 1.0 s (a U-Net and "
         "decoder backward every step, their activations kept); smc "
@@ -43,8 +44,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sigma-y", type=float, default=0.0,
                    help="the measurement's noise, a standard deviation in [0, 1] pixel units (0.02 is about 5 of "
                         "255): the residual a restoration that explains y leaves")
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                   help="consistency: each step's clean estimate is fitted to y through the decoder (ReSample's hard "
+    p.add_argument("--method", choices=METHODS,
+                   help=f"(default: {DEFAULT_GRAY_METHOD} for gray, else {DEFAULT_METHOD}) "
+                        "exemplar, gray only: the model draws the caption (txt2img; any sampler) and y takes its "
+                        "colours by luma (Welsh et al.'s colour transfer), the cost of txt2img. "
+                        "consistency: each step's clean estimate is fitted to y through the decoder (ReSample's hard "
                         "data consistency; with --particles K, K of them steered by their residual), sampler ddim. "
                         "guidance: DPS's gradient step "
                         "-ζ∇‖y - A(D(ẑ_0))‖ through "
@@ -57,7 +61,8 @@ def build_parser() -> ArgumentParser:
                    help=f"consistency: Adam steps per sampling step (default: {DEFAULT_ITERATIONS})")
     p.add_argument("--particles", type=int, metavar="K",
                    help=f"particles per image, 1-{MAX_PARTICLES}, K times the time and memory of one. smc: replacement "
-                        "samplers; consistency: samplers resampled by how well they explain y, the best returned "
+                        "samplers; consistency: samplers resampled by how well they explain y, the best returned; "
+                        "exemplar: exemplars, the one whose lumas cover y's best kept "
                         f"(default: smc {DEFAULT_PARTICLES}; consistency 4 for gray, else 1)")
     p.add_argument("--restarts", type=int, metavar="R",
                    help=f"consistency: R more passes, each from the last output moved onto A x = y and noised to "
@@ -85,7 +90,7 @@ def _main(argv=None) -> int:
     from ldm.data.images import load_image
     from ldm.models import resolve_model
     from ldm.pipeline import DEFAULT_MODEL, LatentPipeline, resolve_device
-    from ldm.restoration import check_restoration, parse_degradation
+    from ldm.restoration import check_restoration, default_method, parse_degradation
     from ldm.sampling import resolve_sampler
 
     # 1. Everything that can be checked without weights: the operator, the method's settings, the files.
@@ -100,8 +105,10 @@ def _main(argv=None) -> int:
         mask = torch.from_numpy(np.asarray(picture.convert("L")) > 127).float()[None, None]
     operator = parse_degradation(args.degradation, mask)
     sampler = resolve_sampler(args.sampler) if args.sampler is not None else None
-    sampler = check_restoration(args.method, sampler, args.sigma_y, operator, step_size=args.step_size,
-                                iterations=args.iterations, particles=args.particles, restarts=args.restarts)
+    method = args.method or default_method(operator)
+    sampler = check_restoration(method, sampler, args.sigma_y, operator, step_size=args.step_size,
+                                iterations=args.iterations, particles=args.particles, restarts=args.restarts,
+                                strength=args.strength)
     if args.steps < 1:
         raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
     if args.strength is not None:
@@ -119,7 +126,7 @@ def _main(argv=None) -> int:
     import random
 
     pipe = LatentPipeline.from_pretrained(model, device=resolve_device(args.device))
-    out = pipe.restore(measurement, args.prompt, degradation=operator, method=args.method, sigma_y=args.sigma_y,
+    out = pipe.restore(measurement, args.prompt, degradation=operator, method=method, sigma_y=args.sigma_y,
                        step_size=args.step_size, iterations=args.iterations, particles=args.particles,
                        restarts=args.restarts, strength=args.strength,
                        negative_prompt=args.negative, guidance_scale=args.cfg, num_inference_steps=args.steps,

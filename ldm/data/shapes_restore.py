@@ -120,20 +120,22 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
     image and each baseline as PNGs; report.json) and OUTDIR/report.json with every row; returns it.
     txt2img from the captions alone (OUTDIR/txt2img, same seeds) is the generative baseline."""
     from ldm import LatentPipeline
-    from ldm.restoration import DEFAULT_METHOD, PixelMask, check_restoration, parse_degradation
+    from ldm.restoration import PixelMask, check_restoration, default_method, parse_degradation
     from ldm.sampling import DEFAULT_STEPS
 
     tasks = check_restore_tasks(tasks)
-    method = method or DEFAULT_METHOD
     steps = steps or DEFAULT_STEPS
+    methods = {}  # each task's: `method`, else the operator's default
     for task in tasks:  # every setting checked before the model loads
         probe = "mask" if task.startswith("random-mask") else task
         mask = torch.zeros(1, 1, EDIT_SIZE, EDIT_SIZE) if probe == "mask" else None
-        check_restoration(method, None, sigma_y, parse_degradation(probe, mask), step_size=step_size,
+        operator = parse_degradation(probe, mask)
+        methods[task] = method or default_method(operator)
+        check_restoration(methods[task], None, sigma_y, operator, step_size=step_size,
                           iterations=iterations, particles=particles, restarts=restarts)
     check_outdir(outdir, overwrite)
     pipe = LatentPipeline.from_pretrained(model, device=device)
-    settings = {"model": os.fspath(model), "method": method, "sigma_y": sigma_y, "num_prompts": num_prompts,
+    settings = {"model": os.fspath(model), "method": method or "default", "sigma_y": sigma_y, "num_prompts": num_prompts,
                 "seed": seed, "steps": steps, "cfg": cfg, "step_size": step_size, "iterations": iterations,
                 "particles": particles, "restarts": restarts, "size": EDIT_SIZE}
     report = {"settings": settings, "tasks": {}}
@@ -151,7 +153,7 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
             rows = slice(start, start + batch_size)
             op = PixelMask(operator.mask[rows]) if isinstance(operator, PixelMask) else operator
             tick = time.perf_counter()
-            out = pipe.restore((y[rows] + 1) / 2, captions[rows], degradation=op, method=method, sigma_y=sigma_y,
+            out = pipe.restore((y[rows] + 1) / 2, captions[rows], degradation=op, method=methods[task], sigma_y=sigma_y,
                                step_size=step_size, iterations=iterations, particles=particles, restarts=restarts,
                                seed=seed + start,
                                guidance_scale=cfg,
@@ -159,11 +161,11 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
             seconds += time.perf_counter() - tick
             restored.append(out.images * 2 - 1)
         restored = torch.cat(restored)
-        rows = {method: restored, "txt2img (caption only)": txt2img} | baselines(operator, y, truth)
+        rows = {methods[task]: restored, "txt2img (caption only)": txt2img} | baselines(operator, y, truth)
         for name, images in {"truth": truth, "measurement": (y.clamp(-1, 1)), **rows}.items():
             _save(folder, name.split(" ")[0], images)
         scored = {name: measures(images, truth, y, operator, captions, kinds) for name, images in rows.items()}
-        result = {"rows": scored, "seconds_per_image": round(seconds / num_prompts, 3)}
+        result = {"method": methods[task], "rows": scored, "seconds_per_image": round(seconds / num_prompts, 3)}
         write_report(result, os.path.join(folder, "report.json"))
         report["tasks"][task] = result
     write_report(report, os.path.join(outdir, "report.json"))
@@ -173,8 +175,8 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
 def format_restore(report: dict) -> str:
     """Each task's rows as a table: PSNR, SSIM, pass rate and residual; then the restored rows' per-kind pass rates."""
     lines = []
-    method = report["settings"]["method"]
     for task, result in report["tasks"].items():
+        method = result.get("method", report["settings"]["method"])  # reports before exemplar: one method
         lines.append(f"{task} (σ_y {report['settings']['sigma_y']:g}; {result['seconds_per_image']} s per image)")
         lines.append(f"  {'':26}{'PSNR':>8}{'SSIM':>8}{'pass':>8}{'residual':>10}")
         for name, row in result["rows"].items():
