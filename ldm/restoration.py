@@ -1,8 +1,8 @@
 """Inverse problems with the diffusion prior: restore x from a measurement y = A(x) + n, n ~ N(0, σ_y² I).
 
-The model is not retrained; the measurement enters the sampler as a per-step correction, as editing's
-known region does (`ldm.editing`). Three methods: hard data consistency (`DataConsistency`, the default,
-see its docstring), and:
+The model is not retrained. In three methods the measurement enters the sampler as a per-step correction,
+as editing's known region does (`ldm.editing`): hard data consistency (`DataConsistency`, the default,
+see its docstring), and the two below; the fourth, exemplar (gray's default), colours y from a sample.
 
 Reconstruction guidance in latent space (`ReconstructionGuidance`; DPS, Chung et al. 2023, "Diffusion
 Posterior Sampling for General Noisy Inverse Problems", Alg. 1 and 2; through the decoder as in their

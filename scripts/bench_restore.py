@@ -37,11 +37,14 @@ def cost(method: str, repeats: int) -> dict:
     calls = {
         "txt2img": lambda s: pipe("a red circle", seed=s, progress=False),
         "consistency": lambda s: pipe.restore(y, "a red circle", degradation="downsample:4", seed=s, progress=False),
+        "exemplar (gray, the default)": lambda s: pipe.restore(torch.rand(1, 64, 64), "a red circle",
+                                                               degradation="gray", seed=s, progress=False),
         "consistency (gray, from noise, K=1)": lambda s: pipe.restore(torch.rand(1, 64, 64), "a red circle",
-                                                                      degradation="gray", particles=1, restarts=0,
-                                                                      seed=s, progress=False),
+                                                                      degradation="gray", method="consistency",
+                                                                      particles=1, restarts=0, seed=s, progress=False),
         "consistency (gray: K=4, 1 restart)": lambda s: pipe.restore(torch.rand(1, 64, 64), "a red circle",
-                                                                     degradation="gray", seed=s, progress=False),
+                                                                     degradation="gray", method="consistency", seed=s,
+                                                                     progress=False),
         "guidance": lambda s: pipe.restore(y, "a red circle", degradation="downsample:4", method="guidance", seed=s,
                                            progress=False),
         "smc K=4": lambda s: pipe.restore(torch.rand(3, 64, 64), "a red circle", degradation="mask",
@@ -96,8 +99,8 @@ def main() -> None:
     if args.cost_of:
         print(json.dumps(cost(args.cost_of, args.repeats)))
         return
-    methods = ["txt2img", "consistency", "consistency (gray, from noise, K=1)", "consistency (gray: K=4, 1 restart)",
-               "guidance", "smc K=4"]
+    methods = ["txt2img", "consistency", "exemplar (gray, the default)", "consistency (gray, from noise, K=1)",
+               "consistency (gray: K=4, 1 restart)", "guidance", "smc K=4"]
     costs = {}
     for m in methods:
         done = subprocess.run([sys.executable, __file__, "--out", args.out, "--cost-of", m, "--repeats",
