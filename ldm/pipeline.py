@@ -1181,11 +1181,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         settings |= {"smc": {"Particles": K}, "guidance": {"Step size": step},
                      "consistency": {"Step size": step, "Iterations": iterations} | ({"Particles": K} if K > 1 else {})
                      | ({"Restarts": restarts} if restarts else {})}[method]
-        parameters = []
-        for text, r in zip(texts, residuals):
-            lines = text.split("\n")
-            lines[-1] += "".join(f", {k}: {_number(v) if isinstance(v, float) else v}" for k, v in settings.items())
-            parameters.append("\n".join(lines) + f", Measurement residual: {r:.4f}")
+        parameters = _with_restoration(texts, settings, residuals)
         images = images if output_type == "pt" else self.to_images(images * 2 - 1, output_type)
         return LatentPipelineOutput(images, seeds, written, out.negative_prompts[::K], parameters, residuals)
 
@@ -1206,11 +1202,7 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             residuals = residual_rms(measured, operator(images * 2 - 1), operator).tolist()
         settings = {"Restoration": "exemplar", "Degradation": operator.name, "Sigma y": sigma_y} | (
             {"Particles": K} if K > 1 else {})
-        parameters = []
-        for text, r in zip(out.parameters[::K], residuals):
-            lines = text.split("\n")
-            lines[-1] += "".join(f", {k}: {_number(v) if isinstance(v, float) else v}" for k, v in settings.items())
-            parameters.append("\n".join(lines) + f", Measurement residual: {r:.4f}")
+        parameters = _with_restoration(out.parameters[::K], settings, residuals)
         images = images if output_type == "pt" else self.to_images(images * 2 - 1, output_type)
         return LatentPipelineOutput(images, seeds, written, out.negative_prompts[::K], parameters, residuals)
 
@@ -1218,6 +1210,16 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
 _WORD = re.compile(r"[^\W_]+")
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _with_restoration(texts: Sequence[str], settings: dict, residuals: Sequence[float]) -> list[str]:
+    """Each image's PNG parameters with the restoration's settings and its measurement residual appended."""
+    parameters = []
+    for text, r in zip(texts, residuals):
+        lines = text.split("\n")
+        lines[-1] += "".join(f", {k}: {_number(v) if isinstance(v, float) else v}" for k, v in settings.items())
+        parameters.append("\n".join(lines) + f", Measurement residual: {r:.4f}")
+    return parameters
 
 
 EMBEDDED = "(prompt_embeds)"  # the prompt's text in the PNG parameters when only its embeddings were given

@@ -34,7 +34,7 @@ The output's luma is y's (smoothed like the lookup when σ_y > 0: the noise is n
 the measurement by construction; the prior supplies only what y lacks, the colours, and where the
 caption's colours have distinct lumas that is enough. Of K exemplars the one whose luma histogram best
 covers y's is kept (`coverage`). It is gray's default: on held-out scenes it beat the sampler-based
-methods on every measure at a fiftieth of their cost (docs/restoration.md).
+methods on every measure at under a fortieth of their cost (docs/restoration.md).
 
 The degradations are small linear operators on images in [−1, 1] (B, 3, H, W) with their adjoints
 and pseudo-inverses; a Python user may pass any differentiable callable instead (`Operator`).
@@ -85,7 +85,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 EXEMPLAR_BANDWIDTH = 0.01  # the luma kernel's standard deviation, [−1, 1] units
 EXEMPLAR_SMOOTHING = 0.7  # px: the Gaussian smoothing of y for the lookup (and of the output's luma if σ_y > 0)
 EXEMPLAR_MEDIAN = 3  # px: the window of the chroma's median
-EXEMPLAR_LUMA_TOLERANCE = 0.1  # the median takes the window's pixels whose (smoothed) luma is this near the centre's
+EXEMPLAR_LUMA_TOLERANCE = 0.1  # the median's pixels: those whose smoothed luma is this near the centre's
 EXEMPLAR_BINS = 256  # the luma table's bins over [−1, 1]
 
 
@@ -321,7 +321,8 @@ def check_restoration(method: str, sampler: str | None, sigma_y, operator: Opera
     given = {"step_size": step_size, "iterations": iterations, "particles": particles, "restarts": restarts,
              "strength": strength}
     takes = {"consistency": ("step_size", "iterations", "particles", "restarts", "strength"),
-             "guidance": ("step_size", "strength"), "smc": ("particles", "strength"), "exemplar": ("particles",)}[method]
+             "guidance": ("step_size", "strength"), "smc": ("particles", "strength"),
+             "exemplar": ("particles",)}[method]
     stray = [name for name, value in given.items() if value is not None and name not in takes]
     if stray:
         raise ValueError(f"{' and '.join(stray)} {'is' if len(stray) == 1 else 'are'} not a setting of method {method} "

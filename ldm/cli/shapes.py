@@ -62,8 +62,9 @@ def build_parser() -> ArgumentParser:
     e.add_argument("--degradations", default=None, metavar="D1,D2,...",
                    help="restore: the degradations (default: downsample:4,blur:2,gray,random-mask:0.7; random-mask:P "
                         "drops a share P of the pixels, drawn per scene)")
-    e.add_argument("--method", default=None, help="restore: consistency, guidance, smc or exemplar (default: exemplar for gray, else "
-                   "consistency)")
+    e.add_argument("--method", default=None,
+                   help="restore: consistency, guidance, smc or exemplar (default: exemplar for gray, "
+                        "else consistency)")
     e.add_argument("--sigma-y", type=float, default=None,
                    help="restore: the measurement noise, in [0, 1] pixel units (default: 0.02)")
     e.add_argument("--step-size", type=float, default=None, help="restore: as ldm-restore's (default: the method's)")

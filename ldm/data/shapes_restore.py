@@ -135,9 +135,9 @@ def evaluate_restore(model: str, outdir: str, *, tasks=RESTORE_TASKS, method: st
                           iterations=iterations, particles=particles, restarts=restarts)
     check_outdir(outdir, overwrite)
     pipe = LatentPipeline.from_pretrained(model, device=device)
-    settings = {"model": os.fspath(model), "method": method or "default", "sigma_y": sigma_y, "num_prompts": num_prompts,
-                "seed": seed, "steps": steps, "cfg": cfg, "step_size": step_size, "iterations": iterations,
-                "particles": particles, "restarts": restarts, "size": EDIT_SIZE}
+    settings = {"model": os.fspath(model), "method": method or "default", "sigma_y": sigma_y,
+                "num_prompts": num_prompts, "seed": seed, "steps": steps, "cfg": cfg, "step_size": step_size,
+                "iterations": iterations, "particles": particles, "restarts": restarts, "size": EDIT_SIZE}
     report = {"settings": settings, "tasks": {}}
     txt2img = None
     for task in tasks:
