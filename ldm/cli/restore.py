@@ -22,8 +22,8 @@ from ldm.sampling import DEFAULT_STEPS
 COST = ("Cost per 64x64 image on a 2-core CPU with the default model (docs/restoration.md): txt2img 0.35 s, "
         "exemplar the same; "
         "consistency 1.3 s from a first estimate, 4.6 s from noise (10 decoder forward+backward passes a step, no "
-        "U-Net backward), 14.5 s for gray at its defaults (4 particles, one restart); guidance 1.0 s (a U-Net and "
-        "decoder backward every step, their activations kept); smc "
+        "U-Net backward), 14.5 s for consistency on gray (4 particles, one restart); guidance 1.0 s (a U-Net "
+        "and decoder backward every step, their activations kept); smc "
         "K particles in one batch, K times txt2img's work and activations.")
 
 
