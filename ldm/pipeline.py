@@ -1138,6 +1138,12 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
             raise ValueError(f"method smc replaces whole latent cells ({f}x{f} px); this mask leaves no cell wholly "
                              "known (a scattered pixel mask?): use method consistency or guidance")
         K = particles or default_particles(method, operator)
+        if method == "exemplar":
+            return self._restore_by_exemplar(y, written, operator, sigma_y, K, check_seeds(seed, len(written)),
+                                             negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                             num_inference_steps=num_inference_steps, height=height, width=width,
+                                             sampler=sampler, batch_size=batch_size, output_type=output_type,
+                                             progress=progress)
         restarts = default_restarts(method, operator) if restarts is None else restarts
         step = float(DEFAULT_STEP_SIZE.get(method, 0.0) if step_size is None else step_size)
         iterations = iterations or DEFAULT_ITERATIONS
@@ -1145,12 +1151,6 @@ class LatentPipeline(StableDiffusionLoraLoaderMixin):
         if strength is None:  # the method's, and at least one step of few
             strength = max(default_strength(method, operator), 1 / steps) if isinstance(steps, int) else 1.0
         check_strength(strength, steps)
-        if method == "exemplar":
-            return self._restore_by_exemplar(y, written, operator, sigma_y, K, check_seeds(seed, len(written)),
-                                             negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                                             num_inference_steps=num_inference_steps, height=height, width=width,
-                                             sampler=sampler, batch_size=batch_size, output_type=output_type,
-                                             progress=progress)
         if restarts and isinstance(steps, int) and int(steps * RESTART_STRENGTH) < 1:
             raise ValueError(f"a restart runs the last {RESTART_STRENGTH:g} of the steps, none of {steps}: raise "
                              "num_inference_steps or set restarts to 0")

@@ -44,6 +44,7 @@ in [0, 1] maps to [−1, 1] as the image does. σ_y is in [0, 1] pixel units (0.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -171,10 +172,7 @@ class Blur(Operator):
         self.kernel = kernel / kernel.sum()  # (2r + 1,): separable
 
     def __call__(self, x):
-        c, r = x.shape[1], self.radius
-        k = self.kernel.to(x.device, x.dtype)
-        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="circular"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-        return F.conv2d(F.pad(x, (0, 0, r, r), mode="circular"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+        return separable_blur(x, self.kernel.to(x.device, x.dtype), "circular")
 
     def adjoint(self, y):
         return self(y)
@@ -440,19 +438,32 @@ def initial_estimate(operator: Operator, y: torch.Tensor, sigma_y: float) -> tor
                      "of; leave strength unset")
 
 
+def separable_blur(x: torch.Tensor, taps: torch.Tensor, mode: str) -> torch.Tensor:
+    """x (B, C, H, W) convolved with the symmetric 1-D kernel `taps` along rows, then columns, its edges padded
+    by `mode` ("circular": Blur's; "replicate": `smooth`'s)."""
+    c, r = x.shape[1], len(taps) // 2
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), taps.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), taps.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
 def smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """A Gaussian blur of σ px with the edges replicated (not Blur's circular ones); σ 0: x itself."""
     if sigma <= 0:
         return x
     r = math.ceil(3 * sigma)
     taps = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
-    taps, c = taps / taps.sum(), x.shape[1]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), taps.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    return separable_blur(x, taps / taps.sum(), "replicate")
 
 
 def _bins(luma: torch.Tensor) -> torch.Tensor:
     return ((luma.clamp(-1, 1) + 1) / 2 * (EXEMPLAR_BINS - 1)).round().long()
+
+
+@functools.lru_cache(maxsize=4)
+def _luma_kernel(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bins' centres (EXEMPLAR_BINS,) and the Gaussian kernel between them (bins, bins), float64."""
+    centres = torch.linspace(-1, 1, EXEMPLAR_BINS, dtype=torch.float64, device=device)
+    return centres, torch.exp(-0.5 * ((centres[:, None] - centres[None]) / EXEMPLAR_BANDWIDTH) ** 2)
 
 
 def luma_table(exemplar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,8 +476,7 @@ def luma_table(exemplar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     index = _bins(luma).flatten()
     counts = torch.bincount(index, minlength=EXEMPLAR_BINS).double()
     sums = torch.zeros(EXEMPLAR_BINS, 3, dtype=torch.float64, device=x.device).index_add_(0, index, chroma)
-    centres = torch.linspace(-1, 1, EXEMPLAR_BINS, dtype=torch.float64, device=x.device)
-    kernel = torch.exp(-0.5 * ((centres[:, None] - centres[None]) / EXEMPLAR_BANDWIDTH) ** 2)
+    centres, kernel = _luma_kernel(x.device)
     near, weighted = kernel @ counts, kernel @ sums
     populated = counts.nonzero()[:, 0]
     nearest = populated[(centres[:, None] - centres[populated][None]).abs().argmin(1)]
